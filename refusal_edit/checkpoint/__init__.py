@@ -1,0 +1,1 @@
+"""Checkpoint I/O: safetensors shards, index files, atomic output directories, model cards."""

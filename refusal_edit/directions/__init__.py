@@ -1,0 +1,1 @@
+"""Refusal directions: candidate generation, scoring, selection and artifacts."""

@@ -1,0 +1,88 @@
+"""Candidate directions: difference in means at every (post-instruction position, layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from refusal_edit.activations import MeanActivations, mean_activations
+from refusal_edit.console import console
+from refusal_edit.directions.scoring import refusal_scores
+from refusal_edit.forward import PromptBatch
+from refusal_edit.prompts.template import ChatFormat
+
+
+@dataclass
+class CandidateSet:
+    """mean(harmful) - mean(harmless): [n_positions, n_layers + 1, hidden], float64.
+
+    Position index p in 0..n_positions-1 stands for token -(n_positions - p); layer index l is the
+    residual stream entering layer l (l == n_layers: after the last layer).
+    """
+
+    mean_diff: torch.Tensor
+    harmful: MeanActivations
+    harmless: MeanActivations
+    filtered: bool
+
+    @property
+    def n_positions(self) -> int:
+        return self.mean_diff.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return self.mean_diff.shape[1] - 1
+
+    def vector(self, pos: int, layer: int) -> torch.Tensor:
+        """Raw mean-difference vector (float32) at negative position `pos` and `layer`."""
+        return self.mean_diff[self.n_positions + pos, layer].float()
+
+
+def generate_candidates(
+    model,
+    tokenizer,
+    fmt: ChatFormat,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_ids: Sequence[int],
+    batch_size: int = 16,
+    filter_train: bool = True,
+    min_kept: int = 8,
+) -> CandidateSet:
+    """Mean activations of harmful and harmless training prompts and their difference.
+
+    With `filter_train` (the paper's default) only harmful prompts the model refuses (refusal score > 0)
+    and harmless prompts it answers (score < 0) count; if fewer than `min_kept` survive on either side,
+    the unfiltered means are used and that is reported.
+    """
+    n_pos = fmt.n_positions
+
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        return refusal_scores(logits, refusal_ids)
+
+    harm = mean_activations(
+        model,
+        PromptBatch(tokenizer, fmt.format_all(list(harmful)), batch_size, keep_last=n_pos),
+        n_pos,
+        score,
+        lambda s: s > 0,
+        "harmful activations",
+    )
+    safe = mean_activations(
+        model,
+        PromptBatch(tokenizer, fmt.format_all(list(harmless)), batch_size, keep_last=n_pos),
+        n_pos,
+        score,
+        lambda s: s < 0,
+        "harmless activations",
+    )
+    use_filter = filter_train and harm.count_kept >= min_kept and safe.count_kept >= min_kept
+    if filter_train and not use_filter:
+        console.print(
+            f"[yellow]train filter kept {harm.count_kept} harmful / {safe.count_kept} harmless prompts "
+            f"(< {min_kept}); using unfiltered means[/yellow]"
+        )
+    diff = harm.mean(use_filter) - safe.mean(use_filter)
+    return CandidateSet(diff, harm, safe, use_filter)

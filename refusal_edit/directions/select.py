@@ -1,0 +1,225 @@
+"""Select the refusal direction among the candidates, by the paper's criteria on validation prompts.
+
+For a candidate r at (position, layer):
+- bypass: mean refusal score on harmful val prompts with r ablated from every residual writer;
+- induce: mean refusal score on harmless val prompts with the raw vector added at its layer's input;
+- kl: mean KL(base || ablated) of the last-position distribution on harmless val prompts.
+Candidates with NaN scores, in the last `prune_layer_fraction` of layers, with kl > `kl_threshold` or
+induce < `induce_threshold` are discarded; the lowest bypass wins.
+
+`exhaustive` scores every candidate on full sequences (the reference, as in the paper's code).
+`fast` (the default) ranks candidates by a proxy computed from a single forward and backward pass,
+evaluates only the best few in full, and reuses the shared chat-template prefix (see `proxy`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from refusal_edit.console import track
+from refusal_edit.directions.candidates import CandidateSet
+from refusal_edit.directions.scoring import kl_divergence, refusal_scores
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.forward import PromptBatch
+from refusal_edit.interventions import ablation, addition
+
+
+@dataclass
+class SelectionSettings:
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    prune_layer_fraction: float = 0.2
+    top_k: int = 8
+    batch_size: int = 32
+
+    def max_layer(self, n_layers: int) -> int:
+        """Candidates at layers >= this are discarded (the paper's int(L * (1 - fraction)))."""
+        return int(n_layers * (1.0 - self.prune_layer_fraction))
+
+
+@dataclass
+class Candidate:
+    position: int  # negative token index, -n .. -1
+    layer: int
+    bypass: float | None = None
+    induce: float | None = None
+    kl: float | None = None
+    proxy: float | None = None
+    discarded: str | None = None  # why it cannot be selected, None if eligible
+
+    @property
+    def evaluated(self) -> bool:
+        return self.bypass is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Selection:
+    method: str
+    chosen: Candidate
+    candidates: list[Candidate]
+    base: dict[str, float]
+    seconds: float
+    evaluated: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Scorer:
+    """Scores candidates on fixed validation batches; base-model numbers are computed once."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        harmful_val: Sequence[str],
+        harmless_val: Sequence[str],
+        refusal_ids: Sequence[int],
+        cands: CandidateSet,
+        batch_size: int = 32,
+        share_prefix: bool = True,
+    ) -> None:
+        self.model = model
+        self.cands = cands
+        self.refusal_ids = list(refusal_ids)
+        self.harmful = PromptBatch(tokenizer, harmful_val, batch_size, share_prefix=share_prefix)
+        self.harmless = PromptBatch(tokenizer, harmless_val, batch_size, share_prefix=share_prefix)
+        self.base_harmless_logits = self.harmless.run(model)
+        self.base_harmless = float(self._score(self.base_harmless_logits).mean())
+        self.base_harmful = float(self.harmful.run(model, reduce=self._score).mean())
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        return refusal_scores(logits, self.refusal_ids)
+
+    def bypass(self, pos: int, layer: int) -> float:
+        with ablation(self.model, self.cands.vector(pos, layer)):
+            return float(self.harmful.run(self.model, reduce=self._score).mean())
+
+    def kl(self, pos: int, layer: int) -> float:
+        with ablation(self.model, self.cands.vector(pos, layer)):
+            logits = self.harmless.run(self.model)
+        return float(kl_divergence(self.base_harmless_logits, logits).mean())
+
+    def induce(self, pos: int, layer: int) -> float:
+        with addition(self.model, self.cands.vector(pos, layer), layer):
+            return float(self.harmless.run(self.model, reduce=self._score).mean())
+
+    def degenerate(self, cand: Candidate) -> bool:
+        """Candidates that are (numerically) zero, e.g. layer 0 at a fixed template token."""
+        v = self.cands.vector(cand.position, cand.layer)
+        return not torch.isfinite(v).all() or float(v.norm()) <= 1e-6 * float(self.cands.mean_diff.float().norm())
+
+    def full(self, cand: Candidate) -> Candidate:
+        if self.degenerate(cand):
+            cand.bypass = cand.kl = cand.induce = math.nan
+            return cand
+        cand.bypass = self.bypass(cand.position, cand.layer)
+        cand.kl = self.kl(cand.position, cand.layer)
+        cand.induce = self.induce(cand.position, cand.layer)
+        return cand
+
+    def base(self) -> dict[str, float]:
+        return {"harmful_refusal_score": self.base_harmful, "harmless_refusal_score": self.base_harmless}
+
+
+def judge(cand: Candidate, settings: SelectionSettings, n_layers: int) -> Candidate:
+    """Set `discarded` by the paper's filters (NaN, late layer, KL, induce)."""
+    values = (cand.bypass, cand.induce, cand.kl)
+    if cand.layer >= settings.max_layer(n_layers):
+        cand.discarded = "late layer"
+    elif any(v is None for v in values):
+        cand.discarded = "not evaluated"
+    elif any(math.isnan(v) for v in values):  # type: ignore[arg-type]
+        cand.discarded = "nan"
+    elif cand.kl > settings.kl_threshold:  # type: ignore[operator]
+        cand.discarded = "kl"
+    elif cand.induce < settings.induce_threshold:  # type: ignore[operator]
+        cand.discarded = "induce"
+    else:
+        cand.discarded = None
+    return cand
+
+
+def pick(cands: list[Candidate]) -> Candidate:
+    eligible = [c for c in cands if c.discarded is None]
+    if not eligible:
+        reasons: dict[str, int] = {}
+        for c in cands:
+            reasons[c.discarded or "?"] = reasons.get(c.discarded or "?", 0) + 1
+        summary = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        raise RefusalEditError(
+            f"every candidate was filtered out ({summary}); try --kl-threshold, --induce-threshold or more prompts"
+        )
+    return min(eligible, key=lambda c: c.bypass)  # type: ignore[arg-type,return-value]
+
+
+def all_candidates(cands: CandidateSet) -> list[Candidate]:
+    return [
+        Candidate(-(cands.n_positions - p), layer) for p in range(cands.n_positions) for layer in range(cands.n_layers)
+    ]
+
+
+def select_exhaustive(scorer: Scorer, settings: SelectionSettings) -> Selection:
+    """Score every (position, layer) candidate in full: the paper's procedure, used as the reference."""
+    start = time.perf_counter()
+    cands = all_candidates(scorer.cands)
+    for c in track(cands, "scoring all candidates"):
+        scorer.full(c)
+        judge(c, settings, scorer.cands.n_layers)
+    chosen = pick(cands)
+    return Selection("exhaustive", chosen, cands, scorer.base(), time.perf_counter() - start, len(cands))
+
+
+def select_fast(
+    scorer: Scorer,
+    settings: SelectionSettings,
+    tokenizer,
+    harmful_val: Sequence[str],
+    max_rounds: int = 4,
+) -> Selection:
+    """Rank candidates by the attribution proxy, score only the best `top_k` exactly (more if all fail)."""
+    from refusal_edit.directions.proxy import attribution_bypass
+
+    start = time.perf_counter()
+    n_layers = scorer.cands.n_layers
+    cands = all_candidates(scorer.cands)
+    for c in cands:
+        judge(c, settings, n_layers)  # marks late layers now; the rest are "not evaluated" until scored
+    pool = [c for c in cands if c.discarded != "late layer" and not scorer.degenerate(c)]
+    for c in cands:
+        if c.discarded != "late layer" and c not in pool:
+            c.discarded = "nan"
+    if not pool:
+        raise RefusalEditError("no candidate direction left before the late layers")
+    vectors = torch.stack([scorer.cands.vector(c.position, c.layer) for c in pool])
+    units = torch.nn.functional.normalize(vectors, dim=-1)
+    proxy_start = time.perf_counter()
+    estimates, _ = attribution_bypass(
+        scorer.model, tokenizer, harmful_val, units, scorer.refusal_ids, batch_size=max(1, settings.batch_size // 4)
+    )
+    proxy_seconds = time.perf_counter() - proxy_start
+    for c, e in zip(pool, estimates.tolist(), strict=True):
+        c.proxy = e
+    ranked = sorted(pool, key=lambda c: c.proxy)  # type: ignore[arg-type,return-value]
+    evaluated: list[Candidate] = []
+    k = max(1, settings.top_k)
+    for round_ in range(max_rounds):
+        batch = ranked[round_ * k : (round_ + 1) * k]
+        if not batch:
+            break
+        for c in track(batch, f"scoring top candidates ({round_ + 1})"):
+            scorer.full(c)
+            judge(c, settings, n_layers)
+            evaluated.append(c)
+        if any(c.discarded is None for c in evaluated):
+            break
+    chosen = pick(evaluated)
+    details = {"proxy_seconds": proxy_seconds, "top_k": k, "proxy_rank_of_chosen": ranked.index(chosen) + 1}
+    return Selection("fast", chosen, cands, scorer.base(), time.perf_counter() - start, len(evaluated), details)

@@ -1,0 +1,1 @@
+"""Evaluation: refusal rates, KL divergences, loss, reports."""
