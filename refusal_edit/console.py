@@ -20,7 +20,8 @@ from rich.progress import (
 T = TypeVar("T")
 
 # Progress and tables go to stderr so that `--json` output on stdout stays machine-readable.
-console = Console(stderr=True, highlight=False)
+# Logs and pipes get 120 columns instead of rich's default 80, so paths and tables do not wrap.
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
 
 def quiet() -> bool:

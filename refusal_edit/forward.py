@@ -86,8 +86,17 @@ class PromptBatch:
         p = len(self.prefix)
         return p + sum(len(s) - p for s in self.ids)
 
-    def _view(self, rows: list[int], device: torch.device) -> BatchView:
-        p = len(self.prefix)
+    def prefix_len(self, model: nn.Module) -> int:
+        """Length of the prefix to reuse with this model (0 where a sliding window would drop it)."""
+        from refusal_edit.arch import text_config
+
+        window = getattr(text_config(model.config), "sliding_window", None)
+        if window and max(len(s) for s in self.ids) > window:
+            return 0
+        return len(self.prefix)
+
+    def view(self, rows: list[int], device: torch.device, p: int = 0) -> BatchView:
+        """Rows as a left-padded batch of the tokens after the first `p` (the reused prefix)."""
         suffixes = [self.ids[i][p:] for i in rows]
         width = max(len(s) for s in suffixes)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -112,7 +121,7 @@ class PromptBatch:
         not kept for every prompt.
         """
         device = model_device(model)
-        p = len(self.prefix)
+        p = self.prefix_len(model)
         cache = None
         if p:
             prefix_ids = torch.tensor([self.prefix], dtype=torch.long, device=device)
@@ -126,7 +135,7 @@ class PromptBatch:
         results: list[torch.Tensor | None] = [None] * len(self.ids)
         batches = self.batches if description is None else track(self.batches, description)
         for rows in batches:
-            view = self._view(rows, device)
+            view = self.view(rows, device, p)
             n = len(rows)
             positions = (view.attention_mask.cumsum(-1) - 1).clamp(min=0) + p
             mask = view.attention_mask
@@ -139,8 +148,8 @@ class PromptBatch:
                 input_ids=view.input_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                **{cache_kwarg(model): past},
                 use_cache=past is not None,
+                **{cache_kwarg(model): past},
                 logits_to_keep=1,
             )
             logits = out.logits[:, -1, :].float()

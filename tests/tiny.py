@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 HIDDEN = 32
-VOCAB = 96
+VOCAB = 128
 
 BASE = dict(
     vocab_size=VOCAB,
@@ -82,14 +82,50 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
     config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
 
-def save(model, path: Path) -> Path:
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?'\"-()/")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|system|>you are a tiny test model.<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A character-level tokenizer (lower-cased) with a chat template and a default system prompt."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIALS[4:],
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+def save(model, path: Path, with_tokenizer: bool = True) -> Path:
+    """Save a tiny model (and the tiny tokenizer) as an ordinary HF directory."""
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
     model.save_pretrained(path)
+    if with_tokenizer:
+        tokenizer().save_pretrained(path)
     return path
 
 

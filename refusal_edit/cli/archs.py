@@ -19,9 +19,9 @@ def archs() -> None:
         writers = sorted({r.pattern.split("\\.")[-2] if "\\." in r.pattern else r.pattern for r in spec.tensors})
         routes = {site: [r for r in spec.bias_routes if r.site == site] for site in ("input", "attn")}
 
-        def describe(rs) -> str:
+        def describe(rs: list, site: str) -> str:
             if not rs:
-                return "layer 0 only" if rs is routes["input"] else "-"
+                return "layer 0 only" if site == "input" else "-"
             r = rs[0]
             text = f"{r.target}.bias" + (f" ({r.flag})" if r.flag else "")
             return text + (f" as {r.relabel}" if r.relabel else "")
@@ -30,7 +30,7 @@ def archs() -> None:
             spec.model_type,
             ", ".join(writers),
             "yes" if spec.post_norms else "",
-            describe(routes["input"]),
-            describe(routes["attn"]),
+            describe(routes["input"], "input"),
+            describe(routes["attn"], "attn"),
         )
     console.print(table)

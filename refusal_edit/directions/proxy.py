@@ -72,7 +72,7 @@ def attribution_bypass(
         p.requires_grad_(False)
     try:
         for rows in track(batch.batches, "proxy scores"):
-            view = batch._view(rows, device)
+            view = batch.view(rows, device)
             saved.clear()
             with torch.enable_grad():
                 positions = (view.attention_mask.cumsum(-1) - 1).clamp(min=0)

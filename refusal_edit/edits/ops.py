@@ -47,7 +47,8 @@ class ProjectFirstDim(ChunkTransform):
         self.acc: torch.Tensor | None = None  # float64 u^T W
 
     def observe(self, start: int, stop: int, chunk: torch.Tensor) -> None:
-        part = torch.tensordot(self.u[start:stop].double(), chunk.double(), dims=1)
+        # float32 products within a chunk, float64 across chunks: exact enough, and no float64 copy.
+        part = torch.tensordot(self.u[start:stop], chunk, dims=1).double()
         self.acc = part if self.acc is None else self.acc + part
 
     def apply(self, start: int, stop: int, chunk: torch.Tensor) -> torch.Tensor:

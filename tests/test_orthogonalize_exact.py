@@ -1,0 +1,129 @@
+"""Exactness of the weight edit on every supported architecture (the product's core promise).
+
+For each architecture a tiny random model (norms and biases perturbed) is edited through the CLI, loaded
+with stock transformers, and compared in float32 against the *original* model with hooks that project
+the direction off every residual writer's output (before the post-projection norm on sandwich-norm
+architectures, against normalize(g * r)).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_direction
+from tiny import CONFIGS, build, save, token_batch
+from transformers import AutoModelForCausalLM
+
+from refusal_edit.anatomy import anatomy
+from refusal_edit.arch import ARCHITECTURES
+from refusal_edit.interventions import ablation, addition
+
+ARCHS = sorted(CONFIGS)
+TOL = 1e-4
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def residual_stream(model, x):
+    """Every residual-stream state before the final norm: each layer's input and the final norm's input."""
+    anat = anatomy(model)
+    states = []
+
+    def grab(_m, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in [*anat.layers, anat.final_norm]]
+    try:
+        with torch.no_grad():
+            logits = model(x).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, states
+
+
+def test_every_table_entry_is_tested():
+    assert set(ARCHS) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_ablation_matches_hooked_original(model_type, tmp_path, cli):
+    model = build(model_type)
+    src = save(model, tmp_path / "model")
+    d = make_direction(tmp_path / "direction.safetensors")
+    x = token_batch()
+    with torch.no_grad(), ablation(model, d.direction):
+        reference = model(x).logits
+    with torch.no_grad():
+        original = model(x).logits
+
+    res = cli("orthogonalize", src, "--direction", tmp_path / "direction.safetensors", "--out", tmp_path / "out")
+    assert res.code == 0, res.text
+    edited = load(tmp_path / "out")
+    logits, states = residual_stream(edited, x)
+
+    assert (logits - reference).abs().max().item() <= TOL
+    assert (logits - original).abs().max().item() > 1e-2  # the edit really changed the model
+    r = d.direction
+    assert max((h @ r).abs().max().item() for h in states) <= TOL
+    # Architectures whose output head is tied are untied: the original matrix becomes the head.
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    if model.config.tie_word_embeddings:
+        assert cfg["tie_word_embeddings"] is False
+        assert torch.equal(edited.get_output_embeddings().weight, model.get_input_embeddings().weight)
+
+
+ADD_CASES = [(t, layer, site) for t in ARCHS for layer, site in ((0, "input"), (2, "input"), (1, "attn"))]
+
+
+def routes(model_type: str, site: str) -> bool:
+    return any(r.site == site for r in ARCHITECTURES[model_type].bias_routes)
+
+
+@pytest.mark.parametrize(("model_type", "layer", "site"), ADD_CASES)
+def test_add_matches_hooked_original_or_says_why_not(model_type, layer, site, tmp_path, cli):
+    model = build(model_type)
+    src = save(model, tmp_path / "model")
+    d = make_direction(tmp_path / "direction.safetensors")
+    out = tmp_path / "out"
+    args = ["orthogonalize", src, "--direction", tmp_path / "direction.safetensors", "--out", out]
+    res = cli(*args, "--mode", "add", "--coeff", "1.5", "--layer", str(layer), "--site", site)
+    supported = (layer == 0 and site == "input") or routes(model_type, site)
+    if not supported:
+        assert res.code == 1
+        assert "cannot bake an addition" in res.err and "alternatives" in res.err
+        assert not out.exists()
+        return
+    assert res.code == 0, res.text
+    x = token_batch()
+    with torch.no_grad(), addition(model, d.mean_diff, layer, coeff=1.5, site=site):
+        reference = model(x).logits
+    with torch.no_grad():
+        original = model(x).logits
+        logits = load(out)(x).logits
+    assert (logits - reference).abs().max().item() <= TOL
+    assert (logits - original).abs().max().item() > 1e-2
+
+
+def test_relabelled_qwen2_is_llama_with_explicit_zero_biases(tmp_path, cli):
+    src = save(build("qwen2"), tmp_path / "model")
+    make_direction(tmp_path / "d.safetensors")
+    res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--out", tmp_path / "o", "--mode", "add")
+    assert res.code == 0, res.text
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["mlp_bias"] is True and cfg["attention_bias"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as fh:
+        names = set(fh.keys())
+        assert torch.count_nonzero(fh.get_tensor("model.layers.0.self_attn.o_proj.bias")) == 0
+        assert torch.count_nonzero(fh.get_tensor("model.layers.0.mlp.gate_proj.bias")) == 0
+        assert torch.count_nonzero(fh.get_tensor("model.layers.1.mlp.down_proj.bias")) > 0  # layer 2 input
+    for layer in range(3):
+        for m in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            assert f"model.layers.{layer}.{m}.bias" in names
