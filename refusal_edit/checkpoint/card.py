@@ -6,11 +6,31 @@ the Hub indexes (`base_model`, `base_model_relation`, tags).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from refusal_edit.errors import RefusalEditError
+
 RECORD = "refusal_edit.json"
+
+
+def read_record(folder: str | Path, required: bool = False) -> dict[str, Any] | None:
+    """The edit record of a checkpoint folder; None when absent (a clear error when required or corrupt)."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        if required:
+            raise RefusalEditError(f"{folder} has no {RECORD} (the record written by refusal-edit orthogonalize)")
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RefusalEditError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise RefusalEditError(f"{path} must hold a JSON object")
+    return record
 
 
 def card_metadata(record: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,25 @@ class DirectionFile:
         value = self.metadata.get("position")
         return int(value) if value not in (None, "") else None
 
+    def edit_vector(
+        self, mode: str, coeff: float = 1.0, layer: int | None = None, unit: bool = False, option: str = "--mode"
+    ) -> tuple[torch.Tensor, int | None]:
+        """What an edit of `mode` uses, and where: the unit direction for `ablate` (all layers); for `add`
+        the raw mean difference (the unit direction with `unit`) at the recorded layer unless `layer` says
+        otherwise. `option` names the CLI flag in error messages. The caller applies `coeff`."""
+        if mode == "ablate":
+            if coeff != 1.0:
+                raise RefusalEditError(f"--coeff applies to {option} add; ablation removes the direction completely")
+            return self.direction, None
+        if mode != "add":
+            raise RefusalEditError(f"unknown {option.lstrip('-')} {mode!r} (ablate, add)")
+        layer = self.layer if layer is None else layer
+        if layer is None:
+            raise RefusalEditError(f"{option} add needs --layer (the direction file records none)")
+        if not unit and self.mean_diff is None:
+            raise RefusalEditError("the direction file has no mean_diff; pass --unit to add the unit direction")
+        return (self.direction if unit else self.mean_diff), layer  # type: ignore[return-value]
+
 
 def save_direction(path: Path, mean_diff: torch.Tensor, metadata: dict[str, Any]) -> Path:
     """Write `direction` (unit, float32) and `mean_diff` with string metadata."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading.model import LoadedModel
 from refusal_edit.prompts.sets import PromptSet
 from refusal_edit.prompts.template import ChatFormat
+from refusal_edit.provenance import versions
 
 
 @dataclass
@@ -48,20 +48,6 @@ def _split(ps: PromptSet, name: str, n: int | None) -> PromptSet:
     if len(part) == 0:
         raise RefusalEditError(f"{ps.source}: the {name} split is empty")
     return part
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-    import torch
-    import transformers
-
-    return {
-        "refusal_edit": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def run_extract(
@@ -161,7 +147,7 @@ def run_extract(
         "base": selection.base,
         "chosen": {**chosen.to_json(), "position_token": labels[chosen.position]},
         "timings": timings,
-        "versions": _versions(),
+        "versions": versions(),
     }
     metadata = {
         "layer": str(chosen.layer),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from refusal_edit import __version__
-from refusal_edit.checkpoint.card import RECORD, render_card
+from refusal_edit.checkpoint.card import RECORD, read_record, render_card
 from refusal_edit.checkpoint.layout import open_checkpoint
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.edits.plan import EditPlan, plan_ablation, plan_addition
@@ -62,27 +62,12 @@ def orthogonalize(
 ) -> EditResult:
     """Edit the checkpoint in `model_dir` and write a standalone model to `out` (see the CLI help)."""
     ckpt = open_checkpoint(Path(model_dir))
+    vector, layer = direction.edit_vector(mode, coeff, layer, unit, "--mode")
     if mode == "ablate":
-        if coeff != 1.0:
-            raise RefusalEditError("--coeff applies to --mode add; ablation removes the direction completely")
-        plan = plan_ablation(ckpt, direction.direction, keep_tied=keep_tied)
-    elif mode == "add":
-        layer = direction.layer if layer is None else layer
-        if layer is None:
-            raise RefusalEditError("--mode add needs --layer (the direction file records none)")
-        if not unit and direction.mean_diff is None:
-            raise RefusalEditError("the direction file has no mean_diff; pass --unit to add the unit direction")
-        vector = direction.direction if unit else direction.mean_diff
-        plan = plan_addition(ckpt, coeff * vector, layer, site=site, keep_tied=keep_tied)  # type: ignore[operator]
+        plan = plan_ablation(ckpt, vector, keep_tied=keep_tied)
     else:
-        raise RefusalEditError(f"unknown mode {mode!r} (ablate, add)")
-
-    previous = None
-    if (ckpt.root / RECORD).is_file():
-        try:
-            previous = json.loads((ckpt.root / RECORD).read_text())
-        except ValueError:
-            previous = None
+        plan = plan_addition(ckpt, coeff * vector, layer, site=site, keep_tied=keep_tied)  # type: ignore[arg-type]
+    previous = read_record(ckpt.root)
     record: dict[str, Any] = {
         "tool": "refusal-edit",
         "tool_version": __version__,

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from refusal_edit.checkpoint.card import RECORD, render_card
+from refusal_edit.checkpoint.card import RECORD, read_record, render_card
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.metrics import RefusalStats
 from refusal_edit.evaluation.run import KINDS, EvalReport
@@ -212,14 +212,8 @@ def record_evaluation(checkpoint: Path, report: EvalReport) -> Path:
     Each file is replaced atomically, so an interrupted run leaves the old record, never half a file.
     """
     path = Path(checkpoint) / RECORD
-    if not path.is_file():
-        raise RefusalEditError(f"--record needs a refusal-edit checkpoint: {checkpoint} has no {RECORD}")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RefusalEditError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(record, dict):
-        raise RefusalEditError(f"{path} is not a refusal-edit record (expected a JSON object)")
+    record = read_record(checkpoint, required=True)
+    assert record is not None
     record["evaluation"] = _finite(report.summary())
     _atomic_write(path, json.dumps(record, indent=2) + "\n")
     _atomic_write(Path(checkpoint) / "README.md", render_card(record))

@@ -12,7 +12,6 @@ tokenizer, and the edited model must have the same vocabulary.
 from __future__ import annotations
 
 import datetime as dt
-import platform
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from refusal_edit import __version__
+from refusal_edit.checkpoint.card import read_record
 from refusal_edit.console import track
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.errors import RefusalEditError
@@ -40,6 +40,7 @@ from refusal_edit.generation import Generated, generate
 from refusal_edit.interventions import Intervention
 from refusal_edit.loading.model import LoadedModel, ModelSource, load_model, resolve_source
 from refusal_edit.prompts import ChatFormat, PromptSet, chat_format, load_prompts
+from refusal_edit.provenance import versions
 
 SIDES = ("base", "edited")
 KINDS = ("harmful", "harmless")
@@ -157,19 +158,10 @@ def intervention_from_direction(
     unit: bool = False,
 ) -> Intervention:
     """The hook twin of `orthogonalize`: ablate the unit direction, or add `coeff * mean_diff` at its layer."""
+    vector, at = direction.edit_vector(kind, coeff, layer, unit, "--intervention")
     if kind == "ablate":
-        if coeff != 1.0:
-            raise RefusalEditError("--coeff applies to --intervention add; ablation removes the direction completely")
-        return Intervention("ablate", direction.direction)
-    if kind != "add":
-        raise RefusalEditError(f"unknown intervention {kind!r} (ablate, add)")
-    layer = direction.layer if layer is None else layer
-    if layer is None:
-        raise RefusalEditError("--intervention add needs --layer (the direction file records none)")
-    if not unit and direction.mean_diff is None:
-        raise RefusalEditError("the direction file has no mean_diff; pass --unit to add the unit direction")
-    vector = direction.direction if unit else direction.mean_diff
-    return Intervention("add", vector, layer=layer, coeff=coeff, site=site)  # type: ignore[arg-type]
+        return Intervention("ablate", vector)
+    return Intervention("add", vector, layer=at, coeff=coeff, site=site)
 
 
 def _vocab_size(model: Any) -> int:
@@ -307,28 +299,12 @@ def _pick_samples(
     return out
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "refusal_edit": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _edited_record(hf_dir: Path) -> dict[str, Any] | None:
-    import json
-
-    from refusal_edit.checkpoint.card import RECORD
-
-    path = hf_dir / RECORD
-    if not path.is_file():
-        return None
     try:
-        rec = json.loads(path.read_text())
-    except ValueError:
+        rec = read_record(hf_dir)
+    except RefusalEditError:
+        return None
+    if rec is None:
         return None
     keys = ("mode", "coeff", "layer", "site", "direction_sha256", "direction_layer", "base_model")
     return {k: rec.get(k) for k in keys}
@@ -465,7 +441,7 @@ def evaluate(
         refusal=stats,
         divergence=divergence,
         samples=_pick_samples(sets, gens, stats, settings.samples),
-        versions=_versions(),
+        versions=versions(),
         timings={k: round(v, 3) for k, v in timings.items()},
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )

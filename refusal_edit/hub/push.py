@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
 import re
 import socket
@@ -25,7 +24,7 @@ import yaml
 
 from refusal_edit import __version__
 from refusal_edit.checkpoint.atomic import TMP_MARK
-from refusal_edit.checkpoint.card import RECORD, card_metadata, render_card
+from refusal_edit.checkpoint.card import RECORD, card_metadata, read_record, render_card
 from refusal_edit.checkpoint.layout import FOREIGN_WEIGHTS, INDEX, open_checkpoint
 from refusal_edit.errors import RefusalEditError
 
@@ -228,17 +227,11 @@ def check_folder(path: Path) -> UploadPlan:
         raise RefusalEditError(f"incomplete model folder {root}: missing tokenizer_config.json")
     if not any((root / name).is_file() for name in TOKENIZER_FILES):
         raise RefusalEditError(f"incomplete model folder {root}: missing tokenizer (tokenizer.json or tokenizer.model)")
-    record_path = root / RECORD
-    if not record_path.is_file():
+    record = read_record(root)
+    if record is None:
         raise RefusalEditError(
             f"incomplete model folder {root}: missing {RECORD} (the edit record written by orthogonalize)"
         )
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RefusalEditError(f"{RECORD} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise RefusalEditError(f"{RECORD} must hold a JSON object")
 
     card_path = root / CARD
     generated = not card_path.is_file()
