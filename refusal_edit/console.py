@@ -25,8 +25,8 @@ console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty(
 
 
 def quiet() -> bool:
-    """Progress bars are hidden under pytest or when REFUSAL_EDIT_QUIET is set (CI logs stay readable)."""
-    return bool(os.environ.get("REFUSAL_EDIT_QUIET")) or "pytest" in sys.modules
+    """Progress bars are hidden off a terminal, under pytest, or with REFUSAL_EDIT_QUIET (logs stay readable)."""
+    return bool(os.environ.get("REFUSAL_EDIT_QUIET")) or "pytest" in sys.modules or not console.is_terminal
 
 
 def progress() -> Progress:

@@ -33,10 +33,12 @@ def extract(
     n_val: int = typer.Option(32, help="Validation prompts per side for selection."),
     batch_size: int = typer.Option(16, help="Forward batch size."),
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Score every candidate in full (reference)."),
-    top_k: int = typer.Option(8, help="Candidates scored in full after the proxy ranking."),
-    kl_threshold: float = typer.Option(0.1, help="Discard candidates with KL above this."),
-    induce_threshold: float = typer.Option(0.0, help="Discard candidates whose induce score is below this."),
-    prune_layers: float = typer.Option(0.2, help="Discard candidates in this last fraction of layers."),
+    top_k: int | None = typer.Option(None, help="Candidates scored in full after the proxy ranking [8]."),
+    kl_threshold: float | None = typer.Option(None, help="Discard candidates with KL above this [0.1]."),
+    induce_threshold: float | None = typer.Option(
+        None, help="Discard candidates whose induce score is below this [0.0]."
+    ),
+    prune_layers: float | None = typer.Option(None, help="Discard candidates in this last fraction of layers [0.2]."),
     refusal_tokens: str | None = typer.Option(
         None, help="Comma-separated refusal starts (default: derived from the model's own refusals)."
     ),
@@ -66,18 +68,24 @@ def extract(
         filter_train=not no_filter,
         exhaustive=exhaustive,
         refusal_tokens=[t for t in refusal_tokens.split(",") if t] if refusal_tokens else None,
-        selection=SelectionSettings(
-            kl_threshold=kl_threshold,
-            induce_threshold=induce_threshold,
-            prune_layer_fraction=prune_layers,
-            top_k=top_k,
-            batch_size=max(batch_size, 1),
+        # Built-in defaults (the paper's), then the recipe's overrides, then the command line.
+        selection=SelectionSettings.merged(
+            {"batch_size": max(batch_size, 1)},
+            recipe.select if recipe else None,
+            {
+                "kl_threshold": kl_threshold,
+                "induce_threshold": induce_threshold,
+                "prune_layer_fraction": prune_layers,
+                "top_k": top_k,
+            },
         ),
     )
     target = out or default_out(source.name)
+    sel_cfg = settings.selection
     console.print(
         f"model {source.name} ({lm.dtype}, {lm.device}); template: {fmt.describe()['template']}, "
-        f"system prompt: {fmt.describe()['system_prompt']!r}"
+        f"system prompt: {fmt.describe()['system_prompt']!r}; filters: KL <= {sel_cfg.kl_threshold}, "
+        f"induce >= {sel_cfg.induce_threshold}, layers < {sel_cfg.max_layer(lm.model.config.num_hidden_layers)}"
     )
     result = run_extract(lm, fmt, harmful_set, harmless_set, settings, target, force=force)
     sel = result.selection

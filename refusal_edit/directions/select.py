@@ -32,11 +32,24 @@ from refusal_edit.interventions import ablation, addition
 
 @dataclass
 class SelectionSettings:
+    """The paper's filters (defaults are its values) and how much of the fast path to score exactly."""
+
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     prune_layer_fraction: float = 0.2
     top_k: int = 8
     batch_size: int = 32
+
+    @classmethod
+    def merged(cls, *layers: dict[str, Any] | None) -> SelectionSettings:
+        """Defaults, overridden by each mapping in turn (recipe, then command line); None values skip."""
+        values: dict[str, Any] = {}
+        names = {f for f in cls.__dataclass_fields__}
+        for layer in layers:
+            for key, value in (layer or {}).items():
+                if value is not None and key in names:
+                    values[key] = value
+        return cls(**values)
 
     def max_layer(self, n_layers: int) -> int:
         """Candidates at layers >= this are discarded (the paper's int(L * (1 - fraction)))."""
@@ -130,34 +143,45 @@ class Scorer:
 
 
 def judge(cand: Candidate, settings: SelectionSettings, n_layers: int) -> Candidate:
-    """Set `discarded` by the paper's filters (NaN, late layer, KL, induce)."""
-    values = (cand.bypass, cand.induce, cand.kl)
+    """Set `discarded` by the paper's filters (late layer, NaN, KL, induce); scores not computed yet
+    leave the candidate "not evaluated" unless a computed one already rules it out."""
+    values = [v for v in (cand.bypass, cand.induce, cand.kl) if v is not None]
     if cand.layer >= settings.max_layer(n_layers):
         cand.discarded = "late layer"
-    elif any(v is None for v in values):
-        cand.discarded = "not evaluated"
-    elif any(math.isnan(v) for v in values):  # type: ignore[arg-type]
+    elif any(math.isnan(v) for v in values):
         cand.discarded = "nan"
-    elif cand.kl > settings.kl_threshold:  # type: ignore[operator]
+    elif cand.kl is not None and cand.kl > settings.kl_threshold:
         cand.discarded = "kl"
-    elif cand.induce < settings.induce_threshold:  # type: ignore[operator]
+    elif cand.induce is not None and cand.induce < settings.induce_threshold:
         cand.discarded = "induce"
+    elif len(values) < 3:
+        cand.discarded = "not evaluated"
     else:
         cand.discarded = None
     return cand
 
 
 def pick(cands: list[Candidate]) -> Candidate:
+    """Lowest bypass among eligible candidates; if none is eligible, say what would admit the best ones."""
     eligible = [c for c in cands if c.discarded is None]
-    if not eligible:
-        reasons: dict[str, int] = {}
-        for c in cands:
-            reasons[c.discarded or "?"] = reasons.get(c.discarded or "?", 0) + 1
-        summary = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-        raise RefusalEditError(
-            f"every candidate was filtered out ({summary}); try --kl-threshold, --induce-threshold or more prompts"
-        )
-    return min(eligible, key=lambda c: c.bypass)  # type: ignore[arg-type,return-value]
+    if eligible:
+        return min(eligible, key=lambda c: c.bypass)  # type: ignore[arg-type,return-value]
+    reasons: dict[str, int] = {}
+    for c in cands:
+        reasons[c.discarded or "?"] = reasons.get(c.discarded or "?", 0) + 1
+    summary = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+    scored = sorted(
+        (c for c in cands if c.discarded in ("kl", "induce") and c.bypass is not None and not math.isnan(c.bypass)),
+        key=lambda c: c.bypass,  # type: ignore[arg-type,return-value]
+    )
+    hints = []
+    for c in scored[:3]:
+        need = [f"--kl-threshold {c.kl:.3g}"] if c.kl is not None else []
+        if c.induce is not None:
+            need.append(f"--induce-threshold {math.floor(c.induce * 100) / 100:.2f}")
+        hints.append(f"layer {c.layer} position {c.position} (bypass {c.bypass:.2f}) needs {' '.join(need)}")
+    hint = ("; closest: " + "; ".join(hints)) if hints else "; try more prompts"
+    raise RefusalEditError(f"every candidate was filtered out ({summary}){hint}")
 
 
 def all_candidates(cands: CandidateSet) -> list[Candidate]:
@@ -184,7 +208,8 @@ def select_fast(
     harmful_val: Sequence[str],
     max_rounds: int = 4,
 ) -> Selection:
-    """Rank candidates by the attribution proxy, score only the best `top_k` exactly (more if all fail)."""
+    """Rank candidates by the attribution proxy and score only the best `top_k` exactly (the next `top_k`
+    if none of them passes the filters, up to `max_rounds` times)."""
     from refusal_edit.directions.proxy import attribution_bypass
 
     start = time.perf_counter()
@@ -208,18 +233,35 @@ def select_fast(
     for c, e in zip(pool, estimates.tolist(), strict=True):
         c.proxy = e
     ranked = sorted(pool, key=lambda c: c.proxy)  # type: ignore[arg-type,return-value]
+    # Exact scores for the best-ranked k: bypass first (one pass each); then KL and induce in order of
+    # bypass until one passes the filters - that one is the lowest bypass among the eligible, exactly as
+    # if all three scores had been computed for all k.
     evaluated: list[Candidate] = []
     k = max(1, settings.top_k)
+    chosen = None
     for round_ in range(max_rounds):
         batch = ranked[round_ * k : (round_ + 1) * k]
         if not batch:
             break
-        for c in track(batch, f"scoring top candidates ({round_ + 1})"):
-            scorer.full(c)
-            judge(c, settings, n_layers)
+        for c in track(batch, f"bypass of the top candidates ({round_ + 1})"):
+            c.bypass = scorer.bypass(c.position, c.layer)
             evaluated.append(c)
-        if any(c.discarded is None for c in evaluated):
+        for c in sorted(evaluated, key=lambda c: c.bypass):  # type: ignore[arg-type,return-value]
+            if c.kl is None:
+                c.kl = scorer.kl(c.position, c.layer)
+                if c.kl <= settings.kl_threshold:
+                    c.induce = scorer.induce(c.position, c.layer)
+            judge(c, settings, n_layers)
+            if c.discarded is None:
+                chosen = c
+                break
+        if chosen is not None:
             break
-    chosen = pick(evaluated)
+    if chosen is None:  # nothing passed: complete the best few so the error can say what would admit them
+        for c in sorted(evaluated, key=lambda c: c.bypass)[:3]:  # type: ignore[arg-type,return-value]
+            if c.induce is None:
+                c.induce = scorer.induce(c.position, c.layer)
+            judge(c, settings, n_layers)
+        chosen = pick(evaluated)
     details = {"proxy_seconds": proxy_seconds, "top_k": k, "proxy_rank_of_chosen": ranked.index(chosen) + 1}
     return Selection("fast", chosen, cands, scorer.base(), time.perf_counter() - start, len(evaluated), details)
