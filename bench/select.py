@@ -13,9 +13,14 @@ Targets (issue 2): default time <= exhaustive / 10 and bypass within 10 % of the
 
 from __future__ import annotations
 
+import os
+import sys
+
+# This script shares its name with the standard library's `select` module: keep bench/ off the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path

@@ -84,7 +84,7 @@ def attribution_bypass(
                 ).logits[:, -1, :]
                 score = refusal_scores(logits.float(), refusal_ids)
                 score.sum().backward()
-            base_total += float(score.sum())
+            base_total += float(score.detach().sum())
             mask = view.attention_mask.unsqueeze(-1).float()
             for i, (_, gain, _) in enumerate(writers):
                 out = saved[i]
