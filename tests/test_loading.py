@@ -103,7 +103,7 @@ def test_directory_sources_and_errors(tiny_dir, tmp_path):
     s = resolve_source(str(src))
     assert s.kind == "dir" and s.hf_dir == src and s.name == "model"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RefusalEditError, match="no config.json"):
+    with pytest.raises(RefusalEditError, match=r"no config\.json"):
         resolve_source(str(tmp_path / "empty"))
     pickles = tmp_path / "pickles"
     pickles.mkdir()

@@ -176,7 +176,7 @@ def pick(cands: list[Candidate]) -> Candidate:
     )
     hints = []
     for c in scored[:3]:
-        need = [f"--kl-threshold {c.kl:.3g}"] if c.kl is not None else []
+        need = [f"--kl-threshold {math.ceil(c.kl * 1000) / 1000:g}"] if c.kl is not None else []
         if c.induce is not None:
             need.append(f"--induce-threshold {math.floor(c.induce * 100) / 100:.2f}")
         hints.append(f"layer {c.layer} position {c.position} (bypass {c.bypass:.2f}) needs {' '.join(need)}")
