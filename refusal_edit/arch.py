@@ -94,6 +94,7 @@ class ArchSpec:
     residual_scale: Callable[[Any], float] = _one  # writer output is multiplied by this before the add
     bias_routes: tuple[BiasRoute, ...] = ()
     experts_attrs: tuple[str, ...] = ()  # config attributes holding the number of routed experts
+    config_aliases: tuple[tuple[str, str], ...] = ()  # (standard name, this model's config.json key)
     notes: str = ""
 
     def post_norm_name(self, layer: int, site: Site) -> str | None:
@@ -173,6 +174,7 @@ _SPECS = (
         layers="h",
         attn="attn",
         embeddings=("wte", "wpe"),
+        config_aliases=(("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer")),
         final_norm="ln_f",
         bias_routes=(BiasRoute(None, "mlp.c_proj", site="input"), BiasRoute(None, "attn.c_proj", site="attn")),
     ),

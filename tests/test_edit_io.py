@@ -96,6 +96,18 @@ def test_keep_tied_is_an_announced_approximation(tiny_dir, tmp_path, cli):
     assert (approx - exact_logits).abs().max().item() > 1e-3  # the tied head differs from the exact edit
 
 
+def test_config_defaults_come_from_transformers_when_config_json_omits_them(tiny_dir, tmp_path, cli):
+    src = tiny_dir("gemma")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["tie_word_embeddings"]  # Gemma's class default is True: the head must still be untied
+    (src / "config.json").write_text(json.dumps(cfg))
+    res = orth(cli, src, tmp_path)
+    assert res.code == 0, res.text
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as fh:
+        assert "lm_head.weight" in fh.keys()
+
+
 def test_sharded_checkpoint_mirrors_shards_and_updates_index(tmp_path, cli):
     model = build("gemma")
     src = tmp_path / "model"
@@ -260,11 +272,11 @@ def test_failure_mid_write_leaves_nothing(tiny_dir, tmp_path, cli, monkeypatch):
     calls = {"n": 0}
     original = safetensors_io.ShardWriter.write_chunk
 
-    def flaky(self, chunk):
+    def flaky(self, name, chunk):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        return original(self, chunk)
+        return original(self, name, chunk)
 
     monkeypatch.setattr(safetensors_io.ShardWriter, "write_chunk", flaky)
     res = orth(cli, src, tmp_path)

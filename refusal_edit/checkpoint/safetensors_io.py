@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -180,72 +180,75 @@ class OutTensor:
 
 
 class ShardWriter:
-    """Writes a safetensors file whose header is fixed up front; tensors are then streamed in order."""
+    """A safetensors file whose header is fixed up front; tensor bytes are then written at their offsets.
+
+    Positioned writes (`pwrite`, `copy_file_range` with explicit offsets) let tensors be written in any
+    order and from two threads at once: byte copies of unchanged tensors proceed in the kernel while the
+    edited ones are computed. `verify` checks that every tensor received exactly its byte count.
+    """
 
     def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> None:
         header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
-        self.order = [t.name for t in tensors]
-        self.sizes = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
         for t in tensors:
             header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            self.sizes[t.name] = t.nbytes
+            self.offsets[t.name] = (offset, t.nbytes)
             offset += t.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self.path = path
-        self.fh: BinaryIO = path.open("wb")
-        self.fh.write(struct.pack("<Q", len(blob)))
-        self.fh.write(blob)
-        self.next = 0
-        self.written = 0
+        self.data_start = 8 + len(blob)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pwrite_all(struct.pack("<Q", len(blob)) + blob, 0)
+        self.written = dict.fromkeys(self.offsets, 0)
 
-    def _expect(self, name: str) -> None:
-        if self.next >= len(self.order) or self.order[self.next] != name:
-            raise RuntimeError(f"tensor {name} written out of order")
+    def _pwrite_all(self, data: bytes | memoryview, pos: int) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], pos + done)
 
-    def begin(self, name: str) -> None:
-        self._expect(name)
-        self.written = 0
+    def _position(self, name: str, length: int) -> int:
+        begin, size = self.offsets[name]
+        done = self.written[name]
+        if done + length > size:
+            raise RuntimeError(f"{name}: more bytes than its header says")
+        self.written[name] = done + length
+        return self.data_start + begin + done
 
-    def write_chunk(self, chunk: torch.Tensor) -> None:
+    def write_chunk(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next chunk (in the output dtype) of tensor `name`."""
         data = chunk.contiguous()
         if data.dtype == torch.bfloat16:
             data = data.view(torch.int16)
-        mv = memoryview(data.numpy()).cast("B")
-        self.fh.write(mv)
-        self.written += len(mv)
+        view = memoryview(data.numpy()).cast("B")
+        self._pwrite_all(view, self._position(name, len(view)))
 
-    def copy_bytes(self, src_fd: int, offset: int, length: int) -> None:
-        self.fh.flush()
-        out_fd = self.fh.fileno()
-        pos = self.fh.tell()
+    def copy_bytes(self, name: str, src_fd: int, offset: int, length: int) -> None:
+        """Copy a whole unchanged tensor from another file, in the kernel where the filesystem can."""
+        pos = self._position(name, length)
         done = 0
         while done < length:
             try:
-                n = os.copy_file_range(src_fd, out_fd, length - done, offset + done, pos + done)
+                n = os.copy_file_range(src_fd, self.fd, length - done, offset + done, pos + done)
             except OSError:
                 n = 0
             if n <= 0:  # filesystems without copy_file_range: plain reads
-                os.lseek(out_fd, pos + done, os.SEEK_SET)
                 while done < length:
                     block = os.pread(src_fd, min(CHUNK_BYTES, length - done), offset + done)
                     if not block:
                         raise RefusalEditError("unexpected end of file while copying a tensor")
-                    os.write(out_fd, block)
+                    self._pwrite_all(block, pos + done)
                     done += len(block)
                 break
             done += n
-        self.fh.seek(pos + length)
-        self.written += length
-
-    def end(self, name: str) -> None:
-        if self.written != self.sizes[name]:
-            raise RuntimeError(f"{name}: wrote {self.written} bytes, expected {self.sizes[name]}")
-        self.next += 1
 
     def close(self) -> None:
-        if self.next != len(self.order):
-            self.fh.close()
-            raise RuntimeError(f"{self.path.name}: {len(self.order) - self.next} tensors were not written")
-        self.fh.close()
+        os.close(self.fd)
+
+    def verify(self) -> None:
+        """Every tensor received exactly the bytes its header announces (a bug otherwise)."""
+        missing = [n for n, (_, size) in self.offsets.items() if self.written[n] != size]
+        if missing:
+            raise RuntimeError(f"{self.path.name}: {len(missing)} tensors incomplete, e.g. {missing[0]}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 
 import typer
@@ -17,13 +19,17 @@ app = typer.Typer(
 
 
 def quiet_libraries() -> None:
-    """Keep third-party chatter (load reports, deprecations) off the terminal."""
+    """Keep third-party chatter (load reports, deprecations, progress bars) off the terminal.
+
+    Environment variables rather than imports: commands that never need transformers (orthogonalize,
+    push) should not pay for importing it.
+    """
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass

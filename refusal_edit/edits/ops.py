@@ -8,6 +8,7 @@ Which axis holds the residual stream differs by layout, hence one class per layo
 - `ProjectExperts`: fused experts [E, H, I], each expert a Linear: chunks hold whole experts.
 - `AddLastDim` / `AddFirstDim`: add a residual vector to every row (embedding) or to a bias.
 Future variants (norm-preserving, projected) are further classes with the same two methods.
+Chunks are private float32 buffers, so updates are done in place (fused rank-1 updates: no temporaries).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class ProjectLastDim(ChunkTransform):
         self.u = u.float()
 
     def apply(self, start: int, stop: int, chunk: torch.Tensor) -> torch.Tensor:
-        return chunk - (chunk @ self.u).unsqueeze(-1) * self.u
+        rows = chunk.reshape(-1, chunk.shape[-1])
+        rows.addr_(rows @ self.u, self.u, alpha=-1)
+        return chunk
 
 
 class ProjectFirstDim(ChunkTransform):
@@ -53,8 +56,11 @@ class ProjectFirstDim(ChunkTransform):
 
     def apply(self, start: int, stop: int, chunk: torch.Tensor) -> torch.Tensor:
         assert self.acc is not None, "observe() must see every chunk first"
-        u = self.u[start:stop].reshape(-1, *([1] * (chunk.dim() - 1)))
-        return chunk - u * self.acc.float()
+        u, acc = self.u[start:stop], self.acc.float()
+        if chunk.dim() == 1:  # a bias: acc is the scalar u . b
+            return chunk.sub_(u * acc)
+        chunk.reshape(chunk.shape[0], -1).addr_(u, acc.reshape(-1), alpha=-1)
+        return chunk
 
 
 class ProjectExperts(ChunkTransform):
@@ -65,7 +71,7 @@ class ProjectExperts(ChunkTransform):
 
     def apply(self, start: int, stop: int, chunk: torch.Tensor) -> torch.Tensor:
         a = torch.einsum("h,ehi->ei", self.u, chunk)
-        return chunk - self.u[None, :, None] * a[:, None, :]
+        return chunk.baddbmm_(self.u.reshape(1, -1, 1).expand(chunk.shape[0], -1, 1), a.unsqueeze(1), alpha=-1)
 
 
 class AddLastDim(ChunkTransform):
@@ -75,7 +81,7 @@ class AddLastDim(ChunkTransform):
         self.v = v.float()
 
     def apply(self, start: int, stop: int, chunk: torch.Tensor) -> torch.Tensor:
-        return chunk + self.v
+        return chunk.add_(self.v)
 
 
 class AddFirstDim(ChunkTransform):
@@ -85,4 +91,4 @@ class AddFirstDim(ChunkTransform):
         self.v = v.float()
 
     def apply(self, start: int, stop: int, chunk: torch.Tensor) -> torch.Tensor:
-        return chunk + self.v[start:stop]
+        return chunk.add_(self.v[start:stop])

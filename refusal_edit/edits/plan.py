@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,20 +56,43 @@ class EditPlan:
         self.counts[label] = self.counts.get(label, 0) + 1
 
 
+class ConfigView:
+    """The text config as config.json states it; a key the file leaves out is answered by transformers'
+    resolved config (the class default, e.g. Gemma's `tie_word_embeddings=True`), loaded only then.
+
+    Loading transformers' config machinery takes over a second, most of a small edit's run time, and
+    config.json files written by `save_pretrained` state every key.
+    """
+
+    def __init__(self, data: dict[str, Any], root: Path, aliases: dict[str, str]) -> None:
+        self._data, self._root, self._aliases, self._full = data, root, aliases, None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        for key in (self._aliases.get(name, name), name):
+            if key in self._data:
+                return self._data[key]
+        if self._full is None:
+            from transformers import AutoConfig
+
+            from refusal_edit.arch import text_config
+
+            try:
+                self._full = text_config(AutoConfig.from_pretrained(str(self._root)))
+            except Exception as exc:
+                raise RefusalEditError(f"cannot read config.json: {exc}") from exc
+        return getattr(self._full, name)
+
+
 def resolved_config(ckpt: Checkpoint) -> Any:
-    """The text config with transformers' defaults filled in (e.g. `tie_word_embeddings`)."""
-    from transformers import AutoConfig
-
-    from refusal_edit.arch import text_config
-
+    """The text config of the checkpoint (see `ConfigView`); quantized and unsupported models are errors."""
     if ckpt.config.get("quantization_config"):
         method = ckpt.config["quantization_config"].get("quant_method", "?")
         raise RefusalEditError(f"quantized checkpoints ({method}) cannot be edited; use the unquantized model")
-    get_spec(text_config_type(ckpt.config))
-    try:
-        return text_config(AutoConfig.from_pretrained(str(ckpt.root)))
-    except Exception as exc:
-        raise RefusalEditError(f"cannot read config.json: {exc}") from exc
+    spec = get_spec(text_config_type(ckpt.config))
+    data = ckpt.config.get("text_config") or ckpt.config
+    return ConfigView({"model_type": spec.model_type, **data}, ckpt.root, dict(spec.config_aliases))
 
 
 def text_config_type(config: dict[str, Any]) -> str | None:

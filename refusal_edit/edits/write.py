@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ from refusal_edit.checkpoint.safetensors_io import (
     CODE_OF,
     DTYPES,
     OutTensor,
-    ShardHeader,
     ShardWriter,
     TensorInfo,
     TensorReader,
@@ -99,39 +99,47 @@ def _layout(ckpt: Checkpoint, plan: EditPlan, dtype: str, max_shard_bytes: int |
     return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": c for i, c in enumerate(chunks)}
 
 
-def _write_item(
-    writer: ShardWriter, item: _Item, readers: dict[Path, TensorReader], headers: dict[Path, ShardHeader]
-) -> bool:
-    """Write one tensor; returns True when it was edited or converted (not a byte copy)."""
-    writer.begin(item.name)
+FLOAT_CACHE_BYTES = 256 << 20  # two-pass edits keep their float32 chunks between passes up to this size
+
+
+def _is_copy(item: _Item) -> bool:
+    return item.source is not None and item.transform is None and item.out.dtype == item.source[1].dtype
+
+
+def _copy_items(writer: ShardWriter, items: list[_Item], readers: dict[Path, TensorReader], advance) -> None:
+    for item in items:
+        path, info = item.source  # type: ignore[misc]
+        reader = readers[path]
+        writer.copy_bytes(item.name, reader.fd, reader.header.data_start + info.begin, info.nbytes)
+        advance(item.out.nbytes)
+
+
+def _edit_item(writer: ShardWriter, item: _Item, readers: dict[Path, TensorReader]) -> None:
+    """Compute one tensor chunk by chunk in float32 and write it in the output dtype."""
     target = DTYPES[item.out.dtype]
+    t = item.transform
     if item.source is None:
         zeros = torch.zeros(item.out.shape, dtype=torch.float32)
-        if item.transform is not None:
-            zeros = item.transform.apply(0, item.out.shape[0], zeros)
-        writer.write_chunk(zeros.to(target))
-        writer.end(item.name)
-        return True
+        if t is not None:
+            zeros = t.apply(0, item.out.shape[0], zeros)
+        writer.write_chunk(item.name, zeros.to(target))
+        return
     path, info = item.source
-    if path not in readers:
-        readers[path] = TensorReader(headers[path])
     reader = readers[path]
-    if item.transform is None and item.out.dtype == info.dtype:
-        writer.copy_bytes(reader.fd, reader.header.data_start + info.begin, info.nbytes)
-        writer.end(item.name)
-        return False
     ranges = chunk_rows(info)
-    t = item.transform
+    cached: list[torch.Tensor] | None = None
     if t is not None and t.needs_pass:
+        cached = [] if info.numel * 4 <= FLOAT_CACHE_BYTES else None
         for start, stop in ranges:
-            t.observe(start, stop, reader.rows(info, start, stop).float())
-    for start, stop in ranges:
-        chunk = reader.rows(info, start, stop)
+            chunk = reader.rows(info, start, stop).float()
+            t.observe(start, stop, chunk)
+            if cached is not None:
+                cached.append(chunk)
+    for i, (start, stop) in enumerate(ranges):
+        chunk = cached[i] if cached is not None else reader.rows(info, start, stop)
         if t is not None:
             chunk = t.apply(start, stop, chunk.float())
-        writer.write_chunk(chunk.to(target))
-    writer.end(item.name)
-    return True
+        writer.write_chunk(item.name, chunk.to(target))
 
 
 def write_checkpoint(
@@ -156,23 +164,40 @@ def write_checkpoint(
     total = sum(i.out.nbytes for items in groups.values() for i in items)
     stats = {"edited": 0, "copied": 0, "created": 0}
     with atomic_dir(Path(out), force=force) as tmp:
-        readers: dict[Path, TensorReader] = {}
+        readers = {path: TensorReader(header) for path, header in headers.items()}
+        writers: list[ShardWriter] = []
         try:
-            with progress() as bar:
+            with progress() as bar, ThreadPoolExecutor(max_workers=1) as pool:
                 task = bar.add_task("writing shards", total=total)
+
+                def advance(n: int) -> None:
+                    bar.advance(task, n)
+
+                jobs = []
                 for shard_name, items in groups.items():
-                    writer = ShardWriter(tmp / shard_name, [i.out for i in items], {"format": "pt"})
-                    for item in items:
-                        changed = _write_item(writer, item, readers, headers)
-                        if item.name not in existing:
-                            stats["created"] += 1
-                        elif changed:
-                            stats["edited"] += 1
-                        else:
-                            stats["copied"] += 1
-                        bar.advance(task, item.out.nbytes)
-                    writer.close()
+                    writers.append(ShardWriter(tmp / shard_name, [i.out for i in items], {"format": "pt"}))
+                    jobs.append((writers[-1], items))
+                # Unchanged tensors of every shard are copied by the kernel in the background while the
+                # edited ones are computed here: the two overlap across shard boundaries too.
+                copies = pool.submit(
+                    lambda: [_copy_items(w, [i for i in items if _is_copy(i)], readers, advance) for w, items in jobs]
+                )
+                try:
+                    for writer, items in jobs:
+                        for item in items:
+                            if _is_copy(item):
+                                stats["copied"] += 1
+                                continue
+                            _edit_item(writer, item, readers)
+                            advance(item.out.nbytes)
+                            stats["created" if item.name not in existing else "edited"] += 1
+                finally:
+                    copies.result()
+            for w in writers:
+                w.verify()
         finally:
+            for w in writers:
+                w.close()
             for r in readers.values():
                 r.close()
         if len(groups) > 1 or ckpt.index is not None:
