@@ -112,14 +112,19 @@ class ArchSpec:
         return None
 
 
-def _llama_like(o_proj: str = "self_attn.o_proj", down: str = "mlp.down_proj") -> tuple[TensorRule, ...]:
-    return (
-        TensorRule(r"embed_tokens\.weight", "embedding", "embedding"),
-        TensorRule(rf"layers\.(?P<layer>\d+)\.{re.escape(o_proj)}\.weight", "linear", "attn"),
-        TensorRule(rf"layers\.(?P<layer>\d+)\.{re.escape(o_proj)}\.bias", "bias", "attn"),
-        TensorRule(rf"layers\.(?P<layer>\d+)\.{re.escape(down)}\.weight", "linear", "mlp"),
-        TensorRule(rf"layers\.(?P<layer>\d+)\.{re.escape(down)}\.bias", "bias", "mlp"),
-    )
+def _writer_rules(
+    embeddings: tuple[str, ...], attn: str, mlp: str, layers: str = "layers", kind: TensorKind = "linear"
+) -> tuple[TensorRule, ...]:
+    """Embeddings, then each layer's attention and MLP output projections with their biases."""
+    rules = [TensorRule(rf"{re.escape(e)}\.weight", "embedding", "embedding") for e in embeddings]
+    for site, module in (("attn", attn), ("mlp", mlp)):
+        prefix = rf"{layers}\.(?P<layer>\d+)\.{re.escape(module)}"
+        rules += [TensorRule(rf"{prefix}\.weight", kind, site), TensorRule(rf"{prefix}\.bias", "bias", site)]  # type: ignore[arg-type]
+    return tuple(rules)
+
+
+def _llama_like() -> tuple[TensorRule, ...]:
+    return _writer_rules(("embed_tokens",), "self_attn.o_proj", "mlp.down_proj")
 
 
 _MOE_QWEN = (
@@ -163,14 +168,7 @@ _SPECS = (
     ArchSpec("phi3", _llama_like()),
     ArchSpec(
         "gpt2",
-        (
-            TensorRule(r"wte\.weight", "embedding", "embedding"),
-            TensorRule(r"wpe\.weight", "embedding", "embedding"),
-            TensorRule(r"h\.(?P<layer>\d+)\.attn\.c_proj\.weight", "conv1d", "attn"),
-            TensorRule(r"h\.(?P<layer>\d+)\.attn\.c_proj\.bias", "bias", "attn"),
-            TensorRule(r"h\.(?P<layer>\d+)\.mlp\.c_proj\.weight", "conv1d", "mlp"),
-            TensorRule(r"h\.(?P<layer>\d+)\.mlp\.c_proj\.bias", "bias", "mlp"),
-        ),
+        _writer_rules(("wte", "wpe"), "attn.c_proj", "mlp.c_proj", layers="h", kind="conv1d"),
         layers="h",
         attn="attn",
         embeddings=("wte", "wpe"),
@@ -180,13 +178,7 @@ _SPECS = (
     ),
     ArchSpec(
         "gpt_neox",
-        (
-            TensorRule(r"embed_in\.weight", "embedding", "embedding"),
-            TensorRule(r"layers\.(?P<layer>\d+)\.attention\.dense\.weight", "linear", "attn"),
-            TensorRule(r"layers\.(?P<layer>\d+)\.attention\.dense\.bias", "bias", "attn"),
-            TensorRule(r"layers\.(?P<layer>\d+)\.mlp\.dense_4h_to_h\.weight", "linear", "mlp"),
-            TensorRule(r"layers\.(?P<layer>\d+)\.mlp\.dense_4h_to_h\.bias", "bias", "mlp"),
-        ),
+        _writer_rules(("embed_in",), "attention.dense", "mlp.dense_4h_to_h"),
         attn="attention",
         embeddings=("embed_in",),
         final_norm="final_layer_norm",

@@ -34,7 +34,7 @@ def evaluate(
     harmless: str | None = typer.Option(None, help="Harmless prompts (default: the built-in test split)."),
     n: int = typer.Option(100, "--n", help="Prompts per set (category-balanced first n)."),
     max_new_tokens: int = typer.Option(64, help="Greedy tokens generated per prompt."),
-    batch_size: int = typer.Option(16, help="Generation / forward batch size."),
+    batch_size: int = typer.Option(32, help="Generation batch size (teacher forcing is capped by memory)."),
     samples: int = typer.Option(5, help="Sample responses shown side by side (harmful first, then harmless)."),
     markers: Path | None = typer.Option(None, "--markers", help="Refusal markers file, one per line."),
     out: Path | None = typer.Option(None, "--out", help="Report directory (default runs/<base>/eval-<edit>/)."),

@@ -52,7 +52,7 @@ class EvalSettings:
 
     n: int | None = 100
     max_new_tokens: int = 64
-    batch_size: int = 16
+    batch_size: int = 32
     samples: int = 5
 
     def check(self) -> None:
@@ -229,6 +229,16 @@ def _tail_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int) -
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
     return out.logits[:, -keep:, :].float()
+
+
+TEACHER_FORCED_BYTES = 2 << 30  # float32 logits of both models for one teacher-forced batch
+
+
+def _teacher_forced_batch(settings: EvalSettings, vocab: int) -> int:
+    """Generation likes large batches (CPU decoding reads every weight per step); teacher forcing keeps
+    [batch, max_new_tokens + 1, vocab] logits of two models, so its batch is capped by memory."""
+    per_row = 2 * 4 * vocab * (settings.max_new_tokens + 1)
+    return max(1, min(settings.batch_size, TEACHER_FORCED_BYTES // per_row))
 
 
 def teacher_forced(
@@ -425,7 +435,7 @@ def evaluate(
         texts["harmless"],
         [g.token_ids for g in gens["base"]["harmless"]],
         intervention=intervention,
-        batch_size=settings.batch_size,
+        batch_size=_teacher_forced_batch(settings, len(base_lm.tokenizer)),
     )
     divergence = aggregate(rows)
     timings["teacher_forced_s"] = time.perf_counter() - t1

@@ -28,18 +28,6 @@ from refusal_edit.checkpoint.card import RECORD, card_metadata, read_record, ren
 from refusal_edit.checkpoint.layout import FOREIGN_WEIGHTS, INDEX, open_checkpoint
 from refusal_edit.errors import RefusalEditError
 
-__all__ = [
-    "NO_TOKEN",
-    "PushResult",
-    "UploadFile",
-    "UploadPlan",
-    "check_folder",
-    "push_folder",
-    "resolve_endpoint",
-    "resolve_token",
-    "validate_card",
-]
-
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CARD = "README.md"
 NO_TOKEN = "no Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`"
