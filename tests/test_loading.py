@@ -143,3 +143,11 @@ def test_dtype_device_and_architecture_checks(tiny_dir, tmp_path):
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "falcon"}))
     with pytest.raises(RefusalEditError, match="unsupported architecture 'falcon'"):
         load_model(str(src))
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path, cli):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    res = cli("extract", "some-org/some-model", "--out", tmp_path / "run")
+    assert res.code == 1
+    assert "cannot download some-org/some-model from the Hub" in res.err
