@@ -7,7 +7,7 @@ process's peak RSS against the target 2 x largest tensor + 0.5 GiB.
 The same checkpoint is then written again in four times as many shards, to show that RSS does not grow
 with the number of shards.
 
-    python bench/edit.py [--layers 10] [--shard-gb 1.0] [--workdir /tmp/refusal-edit-bench] [--keep]
+    python bench/edit.py [--layers 10] [--shard-gb 1.0] [--repeat 3] [--settle 5] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -95,13 +96,17 @@ def build_checkpoint(root: Path, layers: int, shard_bytes: int) -> tuple[int, in
     return total, largest
 
 
-def rss_of(cmd: list[str]) -> tuple[float, float]:
+def rss_of(cmd: list[str], settle: float) -> tuple[float, float]:
     """(seconds until the output is on disk, peak RSS of the command) for one run.
 
     Each run starts with no dirty pages (`sync` first) and its time includes its own `sync`, so neither
     side is charged for the other's write-back; a fresh interpreter makes the RSS this command's alone.
+    Then `settle` seconds of rest: on a VM that hands freed memory back to the host (after about 2 s), a
+    command started right after the previous output was deleted writes into still-mapped pages and runs
+    up to 1.6x faster, so without the pause the order of the commands decides the ratio.
     """
     os.sync()
+    time.sleep(settle)
     probe = (
         "import os, resource, subprocess, sys, time; t = time.perf_counter(); "
         "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); os.sync(); "
@@ -119,6 +124,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/refusal-edit-bench"))
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each command (the median is shown)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds of rest before each timed run")
     args = ap.parse_args()
     exe = str(Path(sys.executable).with_name("refusal-edit"))
     work = args.workdir
@@ -137,10 +143,11 @@ def main() -> None:
         shards = len(list(src.glob("*.safetensors")))
         copy_times, edit_times, edit_rss = [], [], 0.0
         for _ in range(args.repeat):  # alternate copy and edit so drifts in disk speed hit both
-            copy_times.append(rss_of(["cp", "-r", str(src), str(work / "copy")])[0])
+            copy_times.append(rss_of(["cp", "-r", str(src), str(work / "copy")], args.settle)[0])
             shutil.rmtree(work / "copy")
             seconds, rss = rss_of(
-                [exe, "orthogonalize", str(src), "--direction", str(direction), "--out", str(work / "out")]
+                [exe, "orthogonalize", str(src), "--direction", str(direction), "--out", str(work / "out")],
+                args.settle,
             )
             edit_times.append(seconds)
             edit_rss = max(edit_rss, rss)

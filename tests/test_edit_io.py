@@ -305,3 +305,35 @@ def test_add_without_mean_diff_needs_unit(tiny_dir, tmp_path, cli):
     assert res.code == 0, res.text
     record = json.loads((tmp_path / "out" / "refusal_edit.json").read_text())
     assert record["layer"] == 1 and record["unit"] is True
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_chunks_without_the_float_cache_give_the_same_tensors(arch, dtype, tmp_path, cli, monkeypatch):
+    """Every streaming path (whole-tensor float cache, two passes from disk, reused buffers of many
+    chunk sizes, dtype conversion) writes the same tensors."""
+    import refusal_edit.edits.write as write
+    from refusal_edit.checkpoint.safetensors_io import chunk_rows
+
+    model = build(arch)  # row-wise (embeddings, GPT-2 Conv1D) and two-pass column-wise (Linear, biases) edits
+    src = tmp_path / "model"
+    model.to(dtype).save_pretrained(src)
+    for extra, name in (((), "out"), (("--dtype", "float16"), "out16")):
+        assert orth(cli, src, tmp_path, *extra, out=name).code == 0
+        monkeypatch.setattr(write, "FLOAT_CACHE_BYTES", 0)
+        monkeypatch.setattr(write, "chunk_rows", lambda info: chunk_rows(info, 700))  # odd row counts
+        assert orth(cli, src, tmp_path, *extra, out=name + "-small").code == 0
+        monkeypatch.undo()
+        a_dir, b_dir = tmp_path / name, tmp_path / (name + "-small")
+        assert (a_dir / "config.json").read_bytes() == (b_dir / "config.json").read_bytes()
+        with (
+            safe_open(str(a_dir / "model.safetensors"), "pt") as a,
+            safe_open(str(b_dir / "model.safetensors"), "pt") as b,
+        ):
+            assert list(a.keys()) == list(b.keys())
+            for k in a.keys():
+                ta, tb = a.get_tensor(k), b.get_tensor(k)
+                assert ta.dtype == tb.dtype == (torch.float16 if extra else dtype), k
+                # Sums over other chunkings round differently in float32: at most one step of the output dtype.
+                rtol = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[ta.dtype]
+                assert torch.allclose(ta.float(), tb.float(), rtol=rtol, atol=1e-6), k

@@ -53,6 +53,9 @@ ITEMSIZE = {
 }
 
 CHUNK_BYTES = 64 << 20  # float32 bytes of one working chunk
+# pwrite in slices of this size: one call per 32 MB chunk was 2x slower end to end (measured with the
+# kernel copy of unchanged tensors running beside it); 0.25-2 MB slices all perform alike.
+WRITE_SLICE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -134,24 +137,31 @@ class TensorReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along dim 0, in the stored dtype (a fresh tensor)."""
+    def rows(self, info: TensorInfo, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) along dim 0, in the stored dtype.
+
+        With `buffer` (a flat uint8 tensor at least that large) the bytes land in it and the result is a
+        view of it: reusing one buffer avoids faulting in fresh pages for every chunk, which costs more
+        than the edit itself. Without, the result is a fresh tensor.
+        """
         if info.dtype not in DTYPES:
             raise RefusalEditError(f"tensor {info.name} has unsupported dtype {info.dtype}")
         row_shape = info.shape[1:]
         row_bytes = math.prod(row_shape) * ITEMSIZE[info.dtype] if info.shape else info.nbytes
         offset = self.header.data_start + info.begin + start * row_bytes
         length = (stop - start) * row_bytes if info.shape else info.nbytes
-        buf = bytearray(length)
-        view = memoryview(buf)
+        shape = (stop - start, *row_shape) if info.shape else ()
+        if not length:
+            return torch.empty(shape, dtype=DTYPES[info.dtype])
+        raw = buffer[:length] if buffer is not None else torch.empty(length, dtype=torch.uint8)
+        view = memoryview(raw.numpy()).cast("B")
         got = 0
         while got < length:
             n = os.preadv(self.fd, [view[got:]], offset + got)
             if n <= 0:
                 raise RefusalEditError(f"unexpected end of file reading {info.name} from {self.header.path.name}")
             got += n
-        flat = torch.frombuffer(buf, dtype=DTYPES[info.dtype]) if length else torch.empty(0, dtype=DTYPES[info.dtype])
-        return flat.reshape((stop - start, *row_shape) if info.shape else ())
+        return raw.view(DTYPES[info.dtype]).reshape(shape)
 
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         return self.rows(info, 0, info.shape[0] if info.shape else 0)
@@ -207,7 +217,7 @@ class ShardWriter:
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
-            done += os.pwrite(self.fd, view[done:], pos + done)
+            done += os.pwrite(self.fd, view[done : done + WRITE_SLICE], pos + done)
 
     def _position(self, name: str, length: int) -> int:
         begin, size = self.offsets[name]

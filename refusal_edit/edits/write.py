@@ -9,6 +9,7 @@ whole directory is built beside `out` and renamed at the end; the input is only 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from refusal_edit.checkpoint.layout import INDEX, Checkpoint
 from refusal_edit.checkpoint.safetensors_io import (
     CODE_OF,
     DTYPES,
+    ITEMSIZE,
     OutTensor,
     ShardWriter,
     TensorInfo,
@@ -102,6 +104,29 @@ def _layout(ckpt: Checkpoint, plan: EditPlan, dtype: str, max_shard_bytes: int |
 FLOAT_CACHE_BYTES = 256 << 20  # two-pass edits keep their float32 chunks between passes up to this size
 
 
+class Workspace:
+    """Flat byte buffers reused for every chunk of every tensor, grown to the largest request.
+
+    Fresh chunk-sized allocations are returned to the OS when freed and fault in new zeroed pages on
+    the next use; on a bf16 checkpoint that page-fault traffic took longer than reading, converting,
+    editing and writing combined. Three roles: raw stored bytes, float32 work, output-dtype bytes.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, nbytes: int) -> torch.Tensor:
+        buf = self._buffers.get(role)
+        if buf is None or buf.numel() < nbytes:
+            self._buffers.pop(role, None)
+            buf = self._buffers[role] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes]
+
+    def typed(self, role: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        return self.get(role, n * dtype.itemsize).view(dtype).reshape(shape)
+
+
 def _is_copy(item: _Item) -> bool:
     return item.source is not None and item.transform is None and item.out.dtype == item.source[1].dtype
 
@@ -114,7 +139,24 @@ def _copy_items(writer: ShardWriter, items: list[_Item], readers: dict[Path, Ten
         advance(item.out.nbytes)
 
 
-def _edit_item(writer: ShardWriter, item: _Item, readers: dict[Path, TensorReader]) -> None:
+def _read_float(
+    reader: TensorReader, info: TensorInfo, rows: tuple[int, int], dest: torch.Tensor, ws: Workspace
+) -> torch.Tensor:
+    """Rows [start, stop) converted to float32 into `dest` (read in place when already float32)."""
+    start, stop = rows
+    if info.dtype == "F32":
+        return reader.rows(info, start, stop, dest.view(-1).view(torch.uint8))
+    stored = reader.rows(info, start, stop, ws.get("raw", dest.numel() * ITEMSIZE[info.dtype]))
+    return dest.copy_(stored)
+
+
+def _write_cast(writer: ShardWriter, name: str, chunk: torch.Tensor, target: torch.dtype, ws: Workspace) -> None:
+    if chunk.dtype != target:
+        chunk = ws.typed("out", target, tuple(chunk.shape)).copy_(chunk)
+    writer.write_chunk(name, chunk)
+
+
+def _edit_item(writer: ShardWriter, item: _Item, readers: dict[Path, TensorReader], ws: Workspace) -> None:
     """Compute one tensor chunk by chunk in float32 and write it in the output dtype."""
     target = DTYPES[item.out.dtype]
     t = item.transform
@@ -127,19 +169,29 @@ def _edit_item(writer: ShardWriter, item: _Item, readers: dict[Path, TensorReade
     path, info = item.source
     reader = readers[path]
     ranges = chunk_rows(info)
-    cached: list[torch.Tensor] | None = None
-    if t is not None and t.needs_pass:
-        cached = [] if info.numel * 4 <= FLOAT_CACHE_BYTES else None
+
+    def shape_of(rows: tuple[int, int]) -> tuple[int, ...]:
+        return (rows[1] - rows[0], *info.shape[1:]) if info.shape else ()
+
+    if t is None:  # a dtype change only: convert straight from the stored bytes
+        for rows in ranges:
+            raw = ws.get("raw", math.prod(shape_of(rows)) * ITEMSIZE[info.dtype])
+            _write_cast(writer, item.name, reader.rows(info, *rows, raw), target, ws)
+        return
+    if t.needs_pass and info.numel * 4 <= FLOAT_CACHE_BYTES:
+        # Both passes over one float32 copy of the whole tensor: each byte is read and converted once.
+        whole = ws.typed("float", torch.float32, info.shape)
         for start, stop in ranges:
-            chunk = reader.rows(info, start, stop).float()
-            t.observe(start, stop, chunk)
-            if cached is not None:
-                cached.append(chunk)
-    for i, (start, stop) in enumerate(ranges):
-        chunk = cached[i] if cached is not None else reader.rows(info, start, stop)
-        if t is not None:
-            chunk = t.apply(start, stop, chunk.float())
-        writer.write_chunk(item.name, chunk.to(target))
+            t.observe(start, stop, _read_float(reader, info, (start, stop), whole[start:stop], ws))
+        for start, stop in ranges:
+            _write_cast(writer, item.name, t.apply(start, stop, whole[start:stop]), target, ws)
+        return
+    if t.needs_pass:
+        for rows in ranges:
+            t.observe(*rows, _read_float(reader, info, rows, ws.typed("float", torch.float32, shape_of(rows)), ws))
+    for rows in ranges:
+        chunk = _read_float(reader, info, rows, ws.typed("float", torch.float32, shape_of(rows)), ws)
+        _write_cast(writer, item.name, t.apply(*rows, chunk), target, ws)
 
 
 def write_checkpoint(
@@ -165,6 +217,7 @@ def write_checkpoint(
     stats = {"edited": 0, "copied": 0, "created": 0}
     with atomic_dir(Path(out), force=force) as tmp:
         readers = {path: TensorReader(header) for path, header in headers.items()}
+        ws = Workspace()
         writers: list[ShardWriter] = []
         try:
             with progress() as bar, ThreadPoolExecutor(max_workers=1) as pool:
@@ -188,7 +241,7 @@ def write_checkpoint(
                             if _is_copy(item):
                                 stats["copied"] += 1
                                 continue
-                            _edit_item(writer, item, readers)
+                            _edit_item(writer, item, readers, ws)
                             advance(item.out.nbytes)
                             stats["created" if item.name not in existing else "edited"] += 1
                 finally:
