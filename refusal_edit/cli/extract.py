@@ -105,3 +105,10 @@ def extract(
     )
     console.print(table)
     console.print(f"selection took {sel.seconds:.1f} s; artifacts in {result.out}")
+    known = recipe.result if recipe else {}
+    if "layer" in known and "position" in known:
+        same = (known["layer"], known["position"]) == (c.layer, c.position)
+        console.print(
+            f"recipe's measured result: layer {known['layer']}, position {known['position']}"
+            + (" (the same candidate)" if same else " (differs: other prompts, settings or library versions)")
+        )
