@@ -36,7 +36,8 @@ def plot_scores(
             ]
             if pts:
                 xs, ys = zip(*sorted(pts), strict=True)
-                ax.plot(xs, ys, marker="o", markersize=3, label=f"{pos} {labels[p]!r}")
+                # One colour per position in every panel (panels show different subsets of positions).
+                ax.plot(xs, ys, marker="o", markersize=3, color=f"C{p}", label=f"{pos} {labels[p]!r}")
         chosen = selection.chosen
         value = getattr(chosen, key)
         if value is not None:
@@ -44,8 +45,9 @@ def plot_scores(
         if threshold is not None:
             ax.axhline(getattr(settings, threshold), color="grey", linestyle="--", linewidth=1)
         ax.axvline(settings.max_layer(n_layers) - 0.5, color="grey", linestyle=":", linewidth=1)
-        if key == "kl":
-            ax.set_yscale("symlog", linthresh=1e-3)
+        values = [getattr(c, key) for c in selection.candidates if getattr(c, key) is not None]
+        if key == "kl" and values and max(values) > 100 * max(min(values), 1e-3):
+            ax.set_yscale("symlog", linthresh=1e-3)  # exhaustive runs span decades; a few points do not
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer")
     axes[0][0].legend(fontsize=7)
