@@ -78,6 +78,13 @@ class TensorInfo:
     def is_float(self) -> bool:
         return self.dtype in FLOAT_CODES
 
+    def row_span(self, start: int, stop: int) -> tuple[int, int]:
+        """(offset from `begin`, byte length) of rows [start, stop) along dim 0 (the whole of a scalar)."""
+        if not self.shape:
+            return 0, self.nbytes
+        row_bytes = math.prod(self.shape[1:]) * ITEMSIZE[self.dtype]
+        return start * row_bytes, (stop - start) * row_bytes
+
 
 @dataclass
 class ShardHeader:
@@ -146,11 +153,9 @@ class TensorReader:
         """
         if info.dtype not in DTYPES:
             raise RefusalEditError(f"tensor {info.name} has unsupported dtype {info.dtype}")
-        row_shape = info.shape[1:]
-        row_bytes = math.prod(row_shape) * ITEMSIZE[info.dtype] if info.shape else info.nbytes
-        offset = self.header.data_start + info.begin + start * row_bytes
-        length = (stop - start) * row_bytes if info.shape else info.nbytes
-        shape = (stop - start, *row_shape) if info.shape else ()
+        skip, length = info.row_span(start, stop)
+        offset = self.header.data_start + info.begin + skip
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
         if not length:
             return torch.empty(shape, dtype=DTYPES[info.dtype])
         raw = buffer[:length] if buffer is not None else torch.empty(length, dtype=torch.uint8)

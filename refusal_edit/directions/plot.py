@@ -45,9 +45,10 @@ def plot_scores(
         if threshold is not None:
             ax.axhline(getattr(settings, threshold), color="grey", linestyle="--", linewidth=1)
         ax.axvline(settings.max_layer(n_layers) - 0.5, color="grey", linestyle=":", linewidth=1)
-        values = [getattr(c, key) for c in selection.candidates if getattr(c, key) is not None]
-        if key == "kl" and values and max(values) > 100 * max(min(values), 1e-3):
-            ax.set_yscale("symlog", linthresh=1e-3)  # exhaustive runs span decades; a few points do not
+        if key == "kl":  # exhaustive runs span decades (symlog); a few scored points read better linear
+            kls = [c.kl for c in selection.candidates if c.kl is not None]
+            if kls and max(kls) > 100 * max(min(kls), 1e-3):
+                ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer")
     axes[0][0].legend(fontsize=7)

@@ -25,7 +25,6 @@ from refusal_edit.checkpoint.layout import INDEX, Checkpoint
 from refusal_edit.checkpoint.safetensors_io import (
     CODE_OF,
     DTYPES,
-    ITEMSIZE,
     OutTensor,
     ShardWriter,
     TensorInfo,
@@ -139,15 +138,18 @@ def _copy_items(writer: ShardWriter, items: list[_Item], readers: dict[Path, Ten
         advance(item.out.nbytes)
 
 
+def _stored(reader: TensorReader, info: TensorInfo, rows: tuple[int, int], ws: Workspace) -> torch.Tensor:
+    """Rows [start, stop) in the stored dtype, read into the workspace's raw buffer."""
+    return reader.rows(info, *rows, ws.get("raw", info.row_span(*rows)[1]))
+
+
 def _read_float(
     reader: TensorReader, info: TensorInfo, rows: tuple[int, int], dest: torch.Tensor, ws: Workspace
 ) -> torch.Tensor:
     """Rows [start, stop) converted to float32 into `dest` (read in place when already float32)."""
-    start, stop = rows
     if info.dtype == "F32":
-        return reader.rows(info, start, stop, dest.view(-1).view(torch.uint8))
-    stored = reader.rows(info, start, stop, ws.get("raw", dest.numel() * ITEMSIZE[info.dtype]))
-    return dest.copy_(stored)
+        return reader.rows(info, *rows, dest.view(-1).view(torch.uint8))
+    return dest.copy_(_stored(reader, info, rows, ws))
 
 
 def _write_cast(writer: ShardWriter, name: str, chunk: torch.Tensor, target: torch.dtype, ws: Workspace) -> None:
@@ -170,13 +172,13 @@ def _edit_item(writer: ShardWriter, item: _Item, readers: dict[Path, TensorReade
     reader = readers[path]
     ranges = chunk_rows(info)
 
-    def shape_of(rows: tuple[int, int]) -> tuple[int, ...]:
-        return (rows[1] - rows[0], *info.shape[1:]) if info.shape else ()
+    def work(rows: tuple[int, int]) -> torch.Tensor:
+        """The float32 work buffer for rows [start, stop)."""
+        return ws.typed("float", torch.float32, (rows[1] - rows[0], *info.shape[1:]) if info.shape else ())
 
     if t is None:  # a dtype change only: convert straight from the stored bytes
         for rows in ranges:
-            raw = ws.get("raw", math.prod(shape_of(rows)) * ITEMSIZE[info.dtype])
-            _write_cast(writer, item.name, reader.rows(info, *rows, raw), target, ws)
+            _write_cast(writer, item.name, _stored(reader, info, rows, ws), target, ws)
         return
     if t.needs_pass and info.numel * 4 <= FLOAT_CACHE_BYTES:
         # Both passes over one float32 copy of the whole tensor: each byte is read and converted once.
@@ -188,10 +190,9 @@ def _edit_item(writer: ShardWriter, item: _Item, readers: dict[Path, TensorReade
         return
     if t.needs_pass:
         for rows in ranges:
-            t.observe(*rows, _read_float(reader, info, rows, ws.typed("float", torch.float32, shape_of(rows)), ws))
+            t.observe(*rows, _read_float(reader, info, rows, work(rows), ws))
     for rows in ranges:
-        chunk = _read_float(reader, info, rows, ws.typed("float", torch.float32, shape_of(rows)), ws)
-        _write_cast(writer, item.name, t.apply(*rows, chunk), target, ws)
+        _write_cast(writer, item.name, t.apply(*rows, _read_float(reader, info, rows, work(rows), ws)), target, ws)
 
 
 def write_checkpoint(
