@@ -85,3 +85,32 @@ def test_model_without_chat_template(tmp_path, cli):
     (tmp_path / "t.jinja").write_text("{% for m in messages %}q: {{ m['content'] }}{% endfor %} a:")
     res = cli("extract", src, "--out", tmp_path / "run", "--template", tmp_path / "t.jinja", *FAST, *PERMISSIVE)
     assert res.code == 0, res.text
+
+
+def test_extract_compares_its_pick_with_the_recipes_measured_result(tiny_dir, tmp_path, cli, monkeypatch):
+    import refusal_edit.loading as loading
+    from refusal_edit.recipes import Recipe
+
+    src = tiny_dir("qwen2")
+    result: dict = {}
+    real = loading.resolve_source
+
+    def with_recipe(spec, *args, **kwargs):
+        source = real(spec, *args, **kwargs)
+        source.recipe = Recipe(name="toy", path=tmp_path / "toy.toml", result=result)
+        return source
+
+    monkeypatch.setattr(loading, "resolve_source", with_recipe)
+    res = cli("extract", src, "--out", tmp_path / "run1", *FAST, *PERMISSIVE)
+    assert res.code == 0, res.text
+    assert "recipe's measured result" not in res.err  # the recipe records none yet
+    d = load_direction(tmp_path / "run1" / "direction.safetensors")
+
+    result.update(layer=d.layer, position=d.position)
+    res = cli("extract", src, "--out", tmp_path / "run2", *FAST, *PERMISSIVE)
+    assert f"recipe's measured result: layer {d.layer}, position {d.position} (the same candidate)" in res.err
+
+    result.update(layer=99)
+    res = cli("extract", src, "--out", tmp_path / "run3", *FAST, *PERMISSIVE)
+    assert res.code == 0, res.text
+    assert f"recipe's measured result: layer 99, position {d.position} (differs:" in res.err
