@@ -4,6 +4,10 @@ A forward pre-hook on every decoder layer (and on the final norm) reads the resi
 at the last `n_positions` tokens. Rows can be kept or dropped per prompt by a predicate on the last
 position's logits (the paper keeps harmful prompts the model refuses and harmless ones it answers);
 the unfiltered mean is accumulated at the same time so nothing has to run twice.
+
+Each hook copies its slice to the CPU in float64 at once, whatever device accelerate put that layer on
+(GPU, CPU, or disk-offloaded and run on the main device), so the sums never depend on the placement; only
+the batch in flight is held, never per-prompt activations.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def mean_activations(
         acts = torch.stack(captured, dim=2)  # [B, pos, layer, H]
         if not torch.isfinite(acts).all():
             bad = (~torch.isfinite(acts)).nonzero()[0].tolist()
-            raise RefusalEditError(f"non-finite activations at layer {bad[2]} (dtype overflow? try --dtype float32)")
+            raise RefusalEditError(f"non-finite activations at layer {bad[2]} (dtype overflow? try `dtype` float32)")
         mask = keep(score(logits)).cpu()
         sum_all.add_(acts.sum(0))
         sum_kept.add_(acts[mask].sum(0))

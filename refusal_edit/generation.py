@@ -1,14 +1,14 @@
-"""Greedy generation in batches (left padding, rich progress), shared by selection and evaluation."""
+"""Greedy generation in batches (the batching engine's left padding and pad-id rule), shared by
+refusal-token derivation and evaluation."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from refusal_edit.console import track
-from refusal_edit.forward import model_device
+from refusal_edit.forward import left_pad, length_batches, model_device, pad_id, run_batches
 
 
 @dataclass
@@ -26,34 +26,44 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     description: str | None = "generating",
+    skip_special_tokens: bool = True,
+    before_batch: Callable[[list[int]], None] | None = None,
 ) -> list[Generated]:
-    """Greedy continuations of already chat-formatted `texts`, in the original order."""
+    """Greedy continuations of already chat-formatted `texts`, in the original order.
+
+    `skip_special_tokens=False` keeps special tokens in the text (reasoning delimiters such as `<think>`
+    that a judge must see to split the reasoning off). `before_batch(rows)` is told which rows (indices into
+    `texts`, in batch order) the next batch holds, e.g. for hooks that treat rows differently."""
     device = model_device(model)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # Batches by character length: the batches (and so the figures measured with them) stay as they were.
+    batches = length_batches([len(t) for t in texts], batch_size)
     out: list[Generated | None] = [None] * len(texts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos = model.generation_config.eos_token_id
-    it = batches if description is None else track(batches, description)
-    for rows in it:
-        enc = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False).to(
-            device
-        )
+
+    def step(rows: list[int]) -> None:
+        if before_batch is not None:
+            before_batch(rows)
+        input_ids, mask = left_pad([prompt_ids[i] for i in rows], pad)
         gen = model.generate(
-            **enc,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             temperature=None,
             top_p=None,
             top_k=None,
-            pad_token_id=pad_id,
+            pad_token_id=pad,
             eos_token_id=eos,
         )
-        new = gen[:, enc["input_ids"].shape[1] :].cpu()
-        stops = set(eos if isinstance(eos, list) else [eos]) | {pad_id}
+        new = gen[:, input_ids.shape[1] :].cpu()
+        stops = set(eos if isinstance(eos, list) else [eos]) | {pad}
         for j, i in enumerate(rows):
             ids = new[j].tolist()
             cut = next((k for k, t in enumerate(ids) if t in stops), len(ids))
             ids = ids[:cut]
-            out[i] = Generated(texts[i], tokenizer.decode(ids, skip_special_tokens=True), ids)
+            out[i] = Generated(texts[i], tokenizer.decode(ids, skip_special_tokens=skip_special_tokens), ids)
+
+    run_batches(model, batches, step, description)  # backs off once on out-of-memory (see forward)
     return out  # type: ignore[return-value]

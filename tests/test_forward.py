@@ -9,9 +9,9 @@ import torch
 from tiny import build, tokenizer
 
 from refusal_edit.activations import mean_activations
-from refusal_edit.directions.scoring import kl_divergence, refusal_scores
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.forward import PromptBatch, common_prefix
+from refusal_edit.judging.scores import kl_divergence, refusal_scores
 from refusal_edit.prompts import chat_format
 
 PROMPTS = ["hi", "how do i bake bread?", "tell me a story about a cat", "why?", "list three colours please"]

@@ -1,102 +1,161 @@
-"""The model card (README.md) of an edited checkpoint, rendered from its `refusal_edit.json` record.
+"""The model card (README.md) of an edited checkpoint, rendered from its edit record, and its checks.
 
 The card states plainly what the edit does to the model's safety behaviour; its YAML metadata is what
-the Hub indexes (`base_model`, `base_model_relation`, tags).
+the Hub indexes (`base_model`, `base_model_relation`, tags). Metadata is written and parsed with
+huggingface_hub's `ModelCardData` / `ModelCard`.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from refusal_edit.checkpoint.record import RECORD, EditRecord, hub_model_id
 from refusal_edit.errors import RefusalEditError
 
-RECORD = "refusal_edit.json"
+CARD = "README.md"
+__all__ = ["CARD", "RECORD", "card_metadata", "render_card", "validate_card"]
 
 
-def read_record(folder: str | Path, required: bool = False) -> dict[str, Any] | None:
-    """The edit record of a checkpoint folder; None when absent (a clear error when required or corrupt)."""
-    path = Path(folder) / RECORD
-    if not path.is_file():
-        if required:
-            raise RefusalEditError(f"{folder} has no {RECORD} (the record written by refusal-edit orthogonalize)")
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RefusalEditError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise RefusalEditError(f"{path} must hold a JSON object")
-    return record
+def _card_data(r: EditRecord) -> Any:
+    from huggingface_hub import ModelCardData
 
-
-def card_metadata(record: dict[str, Any]) -> dict[str, Any]:
-    abliterated = record.get("mode") == "ablate" or float(record.get("coeff", 1.0)) < 0
-    return {
-        "base_model": record.get("base_model") or record.get("source_model", {}).get("name", "unknown"),
-        "base_model_relation": "finetune",
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["refusal-edit", "abliterated" if abliterated else "refusal-amplified"],
-    }
-
-
-def _effect(record: dict[str, Any]) -> str:
-    mode = record.get("mode")
-    coeff = float(record.get("coeff", 1.0))
-    if mode == "ablate":
-        return (
-            "**Safety warning.** The refusal direction was removed from every matrix that writes into the "
-            "residual stream. This model is designed to stop refusing: it will follow harmful requests that "
-            "the base model declines. Its other behaviour is close to, but not exactly, the base model's."
-        )
-    if coeff < 0:
-        return (
-            f"**Safety warning.** {-coeff:g} x the refusal vector is subtracted from the residual stream at "
-            f"layer {record.get('layer')}. This suppresses refusals: the model will follow harmful requests "
-            "that the base model declines."
-        )
-    return (
-        f"{coeff:g} x the refusal vector is added to the residual stream at layer {record.get('layer')}. This "
-        "amplifies refusal: the model refuses more, including many harmless requests."
+    return ModelCardData(
+        base_model=r.base_model,
+        base_model_relation="finetune" if r.base_model else None,
+        library_name="gguf" if r.format == "gguf" else "transformers",
+        pipeline_tag="text-generation",
+        tags=[r.tool, "abliterated" if r.removes_refusal else "refusal-amplified"],
     )
 
 
-def render_card(record: dict[str, Any]) -> str:
-    meta = yaml.safe_dump(card_metadata(record), sort_keys=False).strip()
-    evaluation = record.get("evaluation")
+def card_metadata(record: EditRecord) -> dict[str, Any]:
+    """The YAML metadata of the card; no `base_model` when the record does not know it."""
+    return _card_data(record).to_dict()
+
+
+def _effect(r: EditRecord) -> str:
+    if r.mode in ("ablate", "spec"):
+        how = "every matrix" if r.mode == "ablate" else "the matrices (as the spec below describes)"
+        return (
+            f"**Safety warning.** The refusal direction was removed from {how} that write into the residual "
+            "stream. This model is designed to stop refusing: it will follow harmful requests that the base "
+            "model declines. Its other behaviour is close to, but not exactly, the base model's."
+        )
+    if r.coeff < 0:
+        return (
+            f"**Safety warning.** {-r.coeff:g} x the refusal vector is subtracted from the residual stream at "
+            f"layer {r.layer}. This suppresses refusals: the model will follow harmful requests that the base "
+            "model declines."
+        )
+    return (
+        f"{r.coeff:g} x the refusal vector is added to the residual stream at layer {r.layer}. This amplifies "
+        "refusal: the model refuses more, including many harmless requests."
+    )
+
+
+def _spec_lines(spec: dict[str, Any]) -> list[str]:
+    """The edit variant in words, and the numbers `tune` confirmed for it (validation prompts)."""
+    from refusal_edit.edits.spec import EditSpec
+    from refusal_edit.errors import RefusalEditError
+
+    edit = spec.get("edit")
+    try:
+        words = EditSpec.from_json(edit).describe()
+    except RefusalEditError:
+        words = json.dumps(edit, sort_keys=True)
+    lines = [f"- edit variant: {words}"]
+    if spec.get("front"):
+        lines.append(f"- chosen from a `refusal-edit tune` front: point `{spec.get('point')}`")
+    confirmed = spec.get("confirmed")
+    if isinstance(confirmed, dict):
+        lines.append(
+            "- confirmed by tune on {p} harmful validation prompts: {r:.0%} refused, {d:.0%} degenerate; "
+            "first-token KL {f:.4f}, multi-token KL {m} (nats, {k} harmless prompts)".format(
+                p=confirmed.get("prompts"),
+                r=confirmed.get("refusal_rate", 0.0),
+                d=confirmed.get("degenerate_rate", 0.0),
+                f=confirmed.get("first_token_kl", 0.0),
+                m="-" if confirmed.get("multi_token_kl") is None else f"{confirmed['multi_token_kl']:.4f}",
+                k=confirmed.get("kl_prompts", "?"),
+            )
+        )
+    lines.append(f"- spec: `{json.dumps(edit, sort_keys=True)}`")
+    return lines
+
+
+def render_card(r: EditRecord) -> str:
+    meta = _card_data(r).to_yaml()
+    base = f"`{r.base_model}`" if r.base_model else "a base model that was not recorded"
     lines = [
         "---",
         meta,
         "---",
         "",
-        f"# {record.get('name') or 'Refusal-edited model'}",
+        f"# {r.name or 'Refusal-edited model'}",
         "",
-        f"Edited from `{card_metadata(record)['base_model']}` with "
-        f"[refusal-edit](https://github.com/refusal-edit/refusal-edit) {record.get('tool_version', '')}.",
+        f"Edited from {base} with [refusal-edit](https://github.com/refusal-edit/refusal-edit) {r.tool_version}.",
         "",
-        _effect(record),
+        _effect(r),
         "",
         "Intended for interpretability and safety research (e.g. studying how refusal is represented). "
         "Do not deploy it where its outputs can cause harm.",
         "",
         "## What was done",
         "",
-        f"- mode: `{record.get('mode')}`"
-        + (f", coefficient {record.get('coeff')}" if record.get("mode") == "add" else ""),
-        f"- direction: layer {record.get('direction_layer')}, position {record.get('direction_position')}, "
-        f"sha256 `{str(record.get('direction_sha256', ''))[:16]}...`",
+        f"- mode: `{r.mode}`" + (f", coefficient {r.coeff}" if r.mode == "add" else ""),
+        f"- direction: layer {r.direction_layer}, position {r.direction_position}, "
+        f"sha256 `{(r.direction_sha256 or '')[:16]}...`",
     ]
-    for note in record.get("notes", []):
-        lines.append(f"- {note}")
-    if evaluation:
-        lines += ["", "## Measured", ""]
-        for key, value in evaluation.items():
-            lines.append(f"- {key}: {value}")
+    if r.spec:
+        lines += _spec_lines(r.spec)
+    # The spec lines already put the variant in words; its plan note says the same.
+    lines += [f"- {note}" for note in r.notes if not (r.spec and note.startswith("edit: "))]
+    if r.evaluation:
+        lines += ["", "## Measured", ""] + [f"- {key}: {value}" for key, value in r.evaluation.items()]
     else:
         lines += ["", "No evaluation has been recorded for this checkpoint (`refusal-edit evaluate` measures it)."]
-    lines += ["", "The full record of the edit is in `refusal_edit.json`.", ""]
+    lines += ["", f"The full record of the edit is in `{RECORD}`.", ""]
     return "\n".join(lines)
+
+
+def validate_card(text: str, record: EditRecord) -> dict[str, Any]:
+    """Parse a card's YAML metadata and require what the Hub indexes for an edited model.
+
+    `base_model` links the edit to its parent, and the edit's tag (`abliterated` / `refusal-amplified`)
+    is how the Hub labels what the model does to safety behaviour: a card without them is refused.
+    """
+    from huggingface_hub import ModelCard
+
+    try:
+        meta = ModelCard(text.removeprefix("\ufeff"), ignore_metadata_errors=False).data.to_dict()
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 2})" if where is not None else ""
+        raise RefusalEditError(f"{CARD} metadata is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    except ValueError as exc:
+        raise RefusalEditError(f"{CARD} metadata is not a YAML mapping: {exc}") from None
+    if not meta:
+        raise RefusalEditError(
+            f"{CARD} has no YAML metadata block (--- ... --- at the top); delete it to have one generated from {RECORD}"
+        )
+    expected = {"base_model": None, "base_model_relation": None, **card_metadata(record)}
+    missing = [k for k in expected if meta.get(k) in (None, "", [])]
+    if missing:
+        raise RefusalEditError(f"{CARD} metadata lacks {', '.join(missing)} (expected e.g. {missing[0]}: ...)")
+    bases = meta["base_model"] if isinstance(meta["base_model"], list) else [meta["base_model"]]
+    for base in bases:
+        if hub_model_id(base) is None:
+            raise RefusalEditError(
+                f"{CARD} metadata: base_model {base!r} is not a Hub model id (ORG/NAME); fix it in {CARD} "
+                "or re-run orthogonalize with the base model's Hub id"
+            )
+    tags = meta["tags"]
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise RefusalEditError(f"{CARD} metadata: tags must be a list of strings")
+    lacking = [t for t in expected["tags"] if t not in tags]
+    if lacking:
+        raise RefusalEditError(f"{CARD} metadata: tags must include {', '.join(lacking)} (what this edit does)")
+    return meta

@@ -1,7 +1,10 @@
-"""The `refusal-edit` command line: a thin Typer layer over the library.
+"""The `refusal-edit` command line: a thin Typer layer over the workflows.
 
-Each command lives in its own module and registers itself on `app`; `main` turns a
-`RefusalEditError` into one red line and exit code 1.
+Each command lives in its own module and registers itself on `app`. `main` runs Typer in its standalone
+mode, so usage errors (unknown option or command, missing argument, bad value, bare `refusal-edit`) get
+Typer's usage message and exit code 2. A `RefusalEditError` becomes one red line and exit code 1, with
+the library's parameter names turned into this command's flags. Ctrl-C and SIGTERM unwind (atomic
+output removes its temporary files on the way) and exit 130 / 143 with a message.
 """
 
 from __future__ import annotations
@@ -9,30 +12,39 @@ from __future__ import annotations
 import os
 import sys
 
-from refusal_edit.cli import archs, evaluate, extract, fetch, orthogonalize, push  # noqa: F401  (registration)
-from refusal_edit.cli.app import app
-from refusal_edit.console import console
+from rich.markup import escape
+
+from refusal_edit.cli import (  # noqa: F401  (each module registers its command)
+    archs,
+    evaluate,
+    export_cvec,
+    extract,
+    fetch,
+    orthogonalize,
+    push,
+    tune,
+)
+from refusal_edit.cli.app import app, flag_names, in_flags
+from refusal_edit.console import err
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.interrupt import Terminated, sigterm_raises
+
+INTERRUPTED = 130  # what Typer exits with on Ctrl-C (KeyboardInterrupt)
 
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        with sigterm_raises():
+            app(prog_name="refusal-edit")
     except RefusalEditError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        message = in_flags(str(exc), flag_names(sys.argv[1:]))
+        err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+    except Terminated as exc:
+        err.print("[bold red]terminated[/bold red] (SIGTERM): stopped before the end", soft_wrap=True)
+        sys.exit(128 + exc.signum)
+    except SystemExit as exc:  # Typer turns Ctrl-C into exit code 130, silently
+        if exc.code == INTERRUPTED:
+            err.print("[bold red]interrupted[/bold red] (Ctrl-C): stopped before the end", soft_wrap=True)
         raise

@@ -8,107 +8,136 @@ import typer
 from rich.table import Table
 
 from refusal_edit.cli.app import app, quiet_libraries
-from refusal_edit.console import console
-
-
-def default_out(name: str) -> Path:
-    return Path("runs") / name.replace("/", "--")
+from refusal_edit.cli.options import (
+    BATCH_SIZE,
+    DEVICE,
+    DTYPE,
+    FORCE,
+    MAX_MEMORY,
+    MODEL_HELP,
+    OFFLOAD_DIR,
+    REPLACE_ANY,
+    SYSTEM_PROMPT,
+    TEMPLATE,
+    TEMPLATE_KWARGS,
+)
+from refusal_edit.console import err, show
 
 
 @app.command()
 def extract(
-    model: str = typer.Argument(..., help="HF directory, .gguf file, recipe name/.toml, or Hub id."),
-    out: Path | None = typer.Option(None, "--out", help="Artifact directory (default runs/<model>/)."),
-    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: float32 on CPU)."),
-    device: str = typer.Option("cpu", help="cpu|cuda|auto (auto uses accelerate's device map)."),
-    system_prompt: str | None = typer.Option(
-        None, "--system-prompt", help="System prompt; default: the chat template's own default."
+    model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
+    out: Path | None = typer.Option(
+        None, "--out", help="Artifact directory.", show_default="runs/<model>/direction", metavar="<dir>"
     ),
-    template: Path | None = typer.Option(None, "--template", help="Jinja chat template for models without one."),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    max_memory: str | None = MAX_MEMORY,
+    offload_dir: Path | None = OFFLOAD_DIR,
+    system_prompt: str | None = SYSTEM_PROMPT,
+    template: Path | None = TEMPLATE,
+    template_kwargs: list[str] | None = TEMPLATE_KWARGS,
     harmful: str | None = typer.Option(
-        None, help="Harmful prompts: builtin:harmful, a file, or hf:NAME[@SPLIT][#COL]."
+        None,
+        help="Harmful prompts: builtin:harmful, a file, or hf:NAME[@SPLIT][#COL].",
+        show_default="the recipe's, else builtin:harmful",
     ),
-    harmless: str | None = typer.Option(None, help="Harmless prompts (same forms)."),
-    n_train: int | None = typer.Option(None, help="Training prompts per side (default: all)."),
+    harmless: str | None = typer.Option(
+        None, help="Harmless prompts (same forms).", show_default="the recipe's, else builtin:harmless"
+    ),
+    n_train: int | None = typer.Option(None, help="Training prompts per side.", show_default="all"),
     n_val: int = typer.Option(32, help="Validation prompts per side for selection."),
-    batch_size: int = typer.Option(16, help="Forward batch size."),
+    batch_size: str = BATCH_SIZE,
     exhaustive: bool = typer.Option(False, "--exhaustive", help="Score every candidate in full (reference)."),
-    top_k: int | None = typer.Option(None, help="Candidates scored in full after the proxy ranking [8]."),
-    kl_threshold: float | None = typer.Option(None, help="Discard candidates with KL above this [0.1]."),
-    induce_threshold: float | None = typer.Option(
-        None, help="Discard candidates whose induce score is below this [0.0]."
+    top_k: int | None = typer.Option(
+        None, help="Candidates scored in full after the proxy ranking.", show_default="8, or the recipe's"
     ),
-    prune_layers: float | None = typer.Option(None, help="Discard candidates in this last fraction of layers [0.2]."),
+    kl_threshold: float | None = typer.Option(
+        None, help="Discard candidates with KL (nats) above this.", show_default="0.1, or the recipe's"
+    ),
+    induce_threshold: float | None = typer.Option(
+        None, help="Discard candidates whose induce score is below this.", show_default="0.0, or the recipe's"
+    ),
+    prune_layers: float | None = typer.Option(
+        None,
+        help="Discard candidates in this last fraction of layers, in [0, 1).",
+        show_default="0.2, or the recipe's",
+    ),
     refusal_tokens: str | None = typer.Option(
-        None, help="Comma-separated refusal starts (default: derived from the model's own refusals)."
+        None, help="Comma-separated refusal starts.", show_default="derived from the model's own refusals"
     ),
     no_filter: bool = typer.Option(False, "--no-filter", help="Keep every training prompt (no refusal filter)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Fail when no candidate passes the filters; without it they are relaxed, and the run says so.",
+    ),
+    force: bool = FORCE,
+    replace_any: bool = REPLACE_ANY,
 ) -> None:
     """Find the refusal direction: difference in means at every layer and post-instruction position,
     then select by the paper's bypass / induce / KL criteria on validation prompts."""
     quiet_libraries()
-    from refusal_edit.directions.extract import ExtractSettings, run_extract
-    from refusal_edit.directions.select import SelectionSettings
-    from refusal_edit.loading import load_model, resolve_source
-    from refusal_edit.prompts import chat_format, load_prompts
+    from refusal_edit.prompts.template import parse_template_kwargs
+    from refusal_edit.workflows import extraction as workflow
 
-    source = resolve_source(model, dtype)
-    recipe = source.recipe
-    system = system_prompt if system_prompt is not None else (recipe.system_prompt if recipe else None)
-    harmful_src = harmful or (recipe.harmful if recipe else "builtin:harmful")
-    harmless_src = harmless or (recipe.harmless if recipe else "builtin:harmless")
-    harmful_set, harmless_set = load_prompts(harmful_src), load_prompts(harmless_src)
-    lm = load_model(source, dtype=dtype, device=device)
-    fmt = chat_format(lm.tokenizer, system=system, template_file=template)
-    settings = ExtractSettings(
+    job = workflow.prepare(
+        model,
+        out,
+        dtype=dtype,
+        device=device,
+        system_prompt=system_prompt,
+        template=template,
+        template_kwargs=parse_template_kwargs(template_kwargs),
+        harmful=harmful,
+        harmless=harmless,
         n_train=n_train,
         n_val=n_val,
         batch_size=batch_size,
-        filter_train=not no_filter,
         exhaustive=exhaustive,
         refusal_tokens=[t for t in refusal_tokens.split(",") if t] if refusal_tokens else None,
-        # Built-in defaults (the paper's), then the recipe's overrides, then the command line.
-        selection=SelectionSettings.merged(
-            {"batch_size": max(batch_size, 1)},
-            recipe.select if recipe else None,
-            {
-                "kl_threshold": kl_threshold,
-                "induce_threshold": induce_threshold,
-                "prune_layer_fraction": prune_layers,
-                "top_k": top_k,
-            },
-        ),
+        filter_train=not no_filter,
+        selection={
+            "kl_threshold": kl_threshold,
+            "induce_threshold": induce_threshold,
+            "prune_layer_fraction": prune_layers,
+            "top_k": top_k,
+            "strict": strict or None,
+        },
+        force=force,
+        replace_any=replace_any,
+        max_memory=max_memory,
+        offload_dir=offload_dir,
     )
-    target = out or default_out(source.name)
-    sel_cfg = settings.selection
-    console.print(
-        f"model {source.name} ({lm.dtype}, {lm.device}); template: {fmt.describe()['template']}, "
-        f"system prompt: {fmt.describe()['system_prompt']!r}; filters: KL <= {sel_cfg.kl_threshold}, "
-        f"induce >= {sel_cfg.induce_threshold}, layers < {sel_cfg.max_layer(lm.model.config.num_hidden_layers)}"
-    )
-    result = run_extract(lm, fmt, harmful_set, harmless_set, settings, target, force=force)
-    sel = result.selection
+    err.print(job.describe(), soft_wrap=True)
+    done = job.run()
+    sel = done.selection
     table = Table(title=f"selected refusal direction ({sel.method}, {sel.evaluated} candidates scored)")
-    for col in ("layer", "position", "token", "bypass", "induce", "KL", "base harmful", "base harmless"):
+    for col in ("layer", "position", "token", "bypass", "induce", "KL (nats)", "base harmful", "base harmless"):
         table.add_column(col, justify="right")
     c = sel.chosen
     table.add_row(
         str(c.layer),
         str(c.position),
-        repr(result.run["chosen"]["position_token"]),
+        repr(done.run["chosen"]["position_token"]),
         f"{c.bypass:.3f}",
         f"{c.induce:.3f}",
         f"{c.kl:.4f}",
         f"{sel.base['harmful_refusal_score']:.3f}",
         f"{sel.base['harmless_refusal_score']:.3f}",
     )
-    console.print(table)
-    console.print(f"selection took {sel.seconds:.1f} s; artifacts in {result.out}")
+    show(table)
+    if sel.details.get("relaxed"):
+        from refusal_edit.directions.select import describe_relaxation
+
+        err.print(f"[yellow]note:[/yellow] {describe_relaxation(sel.details['relaxed'])} (recorded in run.json)")
+    err.print(f"selection took {sel.seconds:.1f} s; artifacts in {done.out}", soft_wrap=True)
+    recipe = job.source.recipe
     known = recipe.result if recipe else {}
     if "layer" in known and "position" in known:
         same = (known["layer"], known["position"]) == (c.layer, c.position)
-        console.print(
+        err.print(
             f"recipe's measured result: layer {known['layer']}, position {known['position']}"
-            + (" (the same candidate)" if same else " (differs: other prompts, settings or library versions)")
+            + (" (the same candidate)" if same else " (differs: other prompts, settings or library versions)"),
+            soft_wrap=True,
         )

@@ -9,8 +9,8 @@ import torch
 
 from refusal_edit.activations import MeanActivations, mean_activations
 from refusal_edit.console import console
-from refusal_edit.directions.scoring import refusal_scores
 from refusal_edit.forward import PromptBatch
+from refusal_edit.judging.scores import refusal_scores
 from refusal_edit.prompts.template import ChatFormat
 
 

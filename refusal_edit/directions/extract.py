@@ -1,46 +1,75 @@
-"""The `extract` pipeline: refusal tokens -> candidates -> selection -> artifacts with full provenance."""
+"""The `extract` pipeline: refusal tokens -> candidates -> selection, on a loaded model.
+
+Writing the artifacts (direction, candidates, provenance, plot) is the workflow's:
+`refusal_edit.workflows.extraction`.
+"""
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
-from refusal_edit import __version__
-from refusal_edit.checkpoint.atomic import atomic_dir
 from refusal_edit.console import console
-from refusal_edit.directions.artifacts import save_direction
 from refusal_edit.directions.candidates import CandidateSet, generate_candidates
 from refusal_edit.directions.refusal_tokens import RefusalTokens, derive_refusal_tokens, user_refusal_tokens
-from refusal_edit.directions.select import Scorer, Selection, SelectionSettings, select_exhaustive, select_fast
+from refusal_edit.directions.select import (
+    Candidate,
+    Scorer,
+    Selection,
+    SelectionSettings,
+    select_exhaustive,
+    select_fast,
+)
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading.model import LoadedModel
 from refusal_edit.prompts.sets import PromptSet
 from refusal_edit.prompts.template import ChatFormat
-from refusal_edit.provenance import versions
 
 
 @dataclass
 class ExtractSettings:
     n_train: int | None = None  # None: every training prompt
     n_val: int = 32
-    batch_size: int = 16
+    batch_size: int = 32
     filter_train: bool = True
     exhaustive: bool = False
     refusal_tokens: list[str] | None = None  # user override, e.g. ["I", "As"]
     refusal_probe: int = 32  # prompts per side generated to derive refusal tokens
     selection: SelectionSettings = field(default_factory=SelectionSettings)
 
+    def check(self) -> None:
+        if self.n_train is not None and self.n_train < 1:
+            raise RefusalEditError("`n_train` must be at least 1")
+        if self.n_val < 1:
+            raise RefusalEditError("`n_val` must be at least 1")
+        if self.batch_size < 1:
+            raise RefusalEditError("`batch_size` must be at least 1")
+        if self.refusal_probe < 1:
+            raise RefusalEditError("`refusal_probe` must be at least 1")
+        self.selection.check()
+
 
 @dataclass
 class ExtractResult:
-    out: Path
+    """What the pipeline found: the selection (with every candidate's scores), the refusal tokens, the
+    candidate means, the prompt splits it used and how long each step took. Writing it is the workflow's
+    (`refusal_edit.workflows.extraction.save_extraction`)."""
+
     selection: Selection
     refusal_tokens: RefusalTokens
     candidates: CandidateSet
-    run: dict[str, Any]
+    prompts: dict[str, PromptSet]  # harmful_train, harmless_train, harmful_val, harmless_val
+    position_labels: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.selection.chosen
+
+    @property
+    def mean_diff(self):
+        """The chosen candidate's raw difference-in-means vector (float32 [hidden])."""
+        return self.candidates.vector(self.chosen.position, self.chosen.layer)
 
 
 def _split(ps: PromptSet, name: str, n: int | None) -> PromptSet:
@@ -50,22 +79,32 @@ def _split(ps: PromptSet, name: str, n: int | None) -> PromptSet:
     return part
 
 
-def run_extract(
+def split_prompts(
+    harmful: PromptSet, harmless: PromptSet, settings: ExtractSettings
+) -> tuple[PromptSet, PromptSet, PromptSet, PromptSet]:
+    """(harmful train, harmless train, harmful val, harmless val) as extraction uses them; an empty split is
+    an error (a workflow calls this before loading the model, so a too-small file fails at once)."""
+    return (
+        _split(harmful, "train", settings.n_train),
+        _split(harmless, "train", settings.n_train),
+        _split(harmful, "val", settings.n_val),
+        _split(harmless, "val", settings.n_val),
+    )
+
+
+def find_direction(
     lm: LoadedModel,
     fmt: ChatFormat,
     harmful: PromptSet,
     harmless: PromptSet,
-    settings: ExtractSettings,
-    out: Path,
-    force: bool = False,
+    settings: ExtractSettings | None = None,
 ) -> ExtractResult:
-    """Find and select the refusal direction of `lm`; write the artifacts to `out` atomically."""
-    if Path(out).exists() and not force:
-        raise RefusalEditError(f"output exists: {out} (pass --force to replace it)")
+    """Find and select the refusal direction of `lm` from the train and val splits of the prompt sets."""
+    settings = settings or ExtractSettings()
+    settings.check()
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    h_train, s_train = _split(harmful, "train", settings.n_train), _split(harmless, "train", settings.n_train)
-    h_val, s_val = _split(harmful, "val", settings.n_val), _split(harmless, "val", settings.n_val)
+    h_train, s_train, h_val, s_val = split_prompts(harmful, harmless, settings)
     model, tok = lm.model, lm.tokenizer
 
     if settings.refusal_tokens:
@@ -113,71 +152,5 @@ def run_extract(
     else:
         selection = select_fast(scorer, settings.selection, tok, h_texts)
     timings["selection"] = time.perf_counter() - t
-
-    chosen = selection.chosen
-    labels = fmt.position_labels()
-    run = {
-        "tool": "refusal-edit",
-        "model": lm.source.describe(),
-        "dtype": lm.dtype,
-        "device": lm.device,
-        "chat_format": fmt.describe(),
-        "prompts": {
-            "harmful_train": h_train.describe(),
-            "harmless_train": s_train.describe(),
-            "harmful_val": h_val.describe(),
-            "harmless_val": s_val.describe(),
-        },
-        "train_filter": {
-            "enabled": settings.filter_train,
-            "applied": cands.filtered,
-            "harmful_kept": cands.harmful.count_kept,
-            "harmless_kept": cands.harmless.count_kept,
-        },
-        "refusal_tokens": tokens.describe(),
-        "settings": {k: v for k, v in asdict(settings).items() if k != "selection"},
-        "selection_settings": asdict(settings.selection),
-        "selection": {
-            "method": selection.method,
-            "evaluated": selection.evaluated,
-            "candidates": len(selection.candidates),
-            "seconds": selection.seconds,
-            **selection.details,
-        },
-        "base": selection.base,
-        "chosen": {**chosen.to_json(), "position_token": labels[chosen.position]},
-        "timings": timings,
-        "versions": versions(),
-    }
-    metadata = {
-        "layer": str(chosen.layer),
-        "position": str(chosen.position),
-        "position_token": labels[chosen.position],
-        "model": lm.source.name,
-        "model_sha256": lm.source.sha256 or "",
-        "bypass": f"{chosen.bypass:.6f}",
-        "induce": f"{chosen.induce:.6f}",
-        "kl": f"{chosen.kl:.6f}",
-        "refusal_tokens": json.dumps(tokens.strings),
-        "system_prompt": run["chat_format"]["system_prompt"],
-        "tool_version": __version__,
-    }
-    with atomic_dir(Path(out), force=force) as tmp:
-        save_direction(tmp / "direction.safetensors", cands.vector(chosen.position, chosen.layer), metadata)
-        (tmp / "candidates.json").write_text(
-            json.dumps(
-                {
-                    "position_tokens": labels,
-                    "n_layers": cands.n_layers,
-                    "method": selection.method,
-                    "candidates": [c.to_json() for c in selection.candidates],
-                },
-                indent=1,
-            )
-            + "\n"
-        )
-        (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-        from refusal_edit.directions.plot import plot_scores
-
-        plot_scores(selection, labels, cands.n_layers, tmp / "scores.png", settings.selection)
-    return ExtractResult(Path(out), selection, tokens, cands, run)
+    prompts = {"harmful_train": h_train, "harmless_train": s_train, "harmful_val": h_val, "harmless_val": s_val}
+    return ExtractResult(selection, tokens, cands, prompts, fmt.position_labels(), timings)

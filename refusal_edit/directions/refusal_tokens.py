@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from refusal_edit.evaluation.markers import REFUSAL_MARKERS, is_refusal
 from refusal_edit.generation import generate
+from refusal_edit.judging.markers import REFUSAL_MARKERS, is_refusal
 from refusal_edit.prompts.template import ChatFormat
 
 FALLBACK_STARTS = ("I", "As", "Sorry", "I'm", "I cannot")

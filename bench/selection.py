@@ -6,21 +6,16 @@ sequences, as the paper's code does; the default ranks candidates by a first-ord
 the best few and reuses the chat template's shared prefix. Prints both times, their ratio, both chosen
 candidates and how far the default's bypass score is from the exhaustive best.
 
-    python bench/select.py [--model qwen2.5-coder-0.5b-instruct] [--json bench/select.json]
+    python bench/selection.py [--model qwen2.5-coder-0.5b-instruct] [--json bench/selection.json]
 
 Targets (issue 2): default time <= exhaustive / 10 and bypass within 10 % of the exhaustive best.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This script shares its name with the standard library's `select` module: keep bench/ off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,14 +35,15 @@ def main() -> None:
     from refusal_edit.cli.app import quiet_libraries
     from refusal_edit.directions.candidates import generate_candidates
     from refusal_edit.directions.refusal_tokens import derive_refusal_tokens
-    from refusal_edit.directions.select import Scorer, SelectionSettings, select_exhaustive, select_fast
-    from refusal_edit.loading import load_model, resolve_source
+    from refusal_edit.directions.select import Scorer, select_exhaustive, select_fast
+    from refusal_edit.loading import load_model
     from refusal_edit.prompts import builtin, chat_format
+    from refusal_edit.workflows import sources
 
     quiet_libraries()
-    source = resolve_source(args.model)
+    source = sources.resolve_model(args.model)
     lm = load_model(source)
-    fmt = chat_format(lm.tokenizer, system=source.recipe.system_prompt if source.recipe else None)
+    fmt = chat_format(lm.tokenizer, system=sources.system_prompt(source, None))
     harmful, harmless = builtin("harmful"), builtin("harmless")
     h_train, s_train = harmful.split("train"), harmless.split("train")
     h_val = fmt.format_all(harmful.split("val").sample(args.n_val).instructions)
@@ -64,9 +60,7 @@ def main() -> None:
     shared = time.perf_counter() - start
     print(f"shared steps (refusal tokens {tokens.strings}, candidates): {shared:.0f} s")
 
-    settings = SelectionSettings.merged(
-        {"batch_size": args.batch_size}, source.recipe.select if source.recipe else None
-    )
+    settings = sources.selection_settings(source, args.batch_size, {})
     print(f"filters: KL <= {settings.kl_threshold}, induce >= {settings.induce_threshold}")
     fast = select_fast(
         Scorer(lm.model, lm.tokenizer, h_val, s_val, tokens.ids, cands, args.batch_size, share_prefix=True),

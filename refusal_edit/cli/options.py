@@ -1,0 +1,66 @@
+"""Options several commands share, declared once: the same name, help and default everywhere.
+
+Defaults are written one way: `[default: X]` for a fixed value, `[default: (what decides it)]` where a
+recipe or the model decides (Click's notation for a described default).
+"""
+
+from __future__ import annotations
+
+import typer
+
+MODEL_HELP = "HF directory, .gguf file, recipe name or .toml file, or Hub id (ORG/NAME)."
+
+DTYPE = typer.Option(
+    "auto",
+    help="Load dtype: auto|float32|bfloat16|float16 (auto: float32 on CPU, bfloat16 when float32 would not fit; "
+    "the checkpoint's own on GPU).",
+)
+DEVICE = typer.Option(
+    "cpu", help="cpu|cuda|auto (auto: accelerate places the layers over the GPUs there are, then the CPU, then disk)."
+)
+BATCH_SIZE = typer.Option(
+    "32", help="Prompts per forward / generation batch, or auto: the largest that fits in free memory."
+)
+MAX_MEMORY = typer.Option(
+    None,
+    "--max-memory",
+    help="With --device auto: memory for weights per device, accelerate's syntax (cpu=16GiB,cuda:0=70GiB); "
+    "devices not named get none, the rest goes to disk.",
+    show_default="the free memory",
+    metavar="<dev=size,...>",
+)
+OFFLOAD_DIR = typer.Option(
+    None,
+    "--offload-dir",
+    help="With --device auto: folder for offloaded weights that must be rewritten (safetensors weights are read "
+    "in place).",
+    show_default="<cache>/offload",
+    metavar="<dir>",
+)
+SYSTEM_PROMPT = typer.Option(
+    None, "--system-prompt", help="System prompt.", show_default="the recipe's, else the chat template's own"
+)
+TEMPLATE = typer.Option(
+    None,
+    "--template",
+    help="Jinja chat template for models without one.",
+    show_default="the tokenizer's",
+    metavar="<file>",
+)
+MODE = typer.Option(
+    "ablate", "--mode", help="ablate: remove the direction from every residual writer; add: add a vector."
+)
+COEFF = typer.Option(1.0, help="add: multiple of the vector (+1 induces refusal, -1 bypasses).")
+LAYER = typer.Option(None, help="add: the layer.", show_default="the direction's layer")
+SITE = typer.Option(None, help="add: input (of --layer) or attn (after --layer's attention).", show_default="input")
+UNIT = typer.Option(False, "--unit", help="add: add the unit direction instead of mean_diff.")
+FORCE = typer.Option(False, "--force", help="Replace an existing output (a previous output of this tool).")
+REPLACE_ANY = typer.Option(
+    False, "--replace-any", help="With --force: replace an existing folder even if refusal-edit did not write it."
+)
+TEMPLATE_KWARGS = typer.Option(
+    None,
+    "--template-kwargs",
+    help="Chat-template keyword arguments K=V (repeatable), e.g. enable_thinking=false; recorded.",
+    metavar="K=V",
+)

@@ -1,0 +1,249 @@
+"""What a push of a model folder would send, decided entirely offline.
+
+The folder must be a complete model (config, weights with their index, tokenizer, a valid edit record)
+and its card must carry the metadata the Hub indexes; a missing card is rendered from the record and
+kept in memory (the user's folder is never written to). Only regular files inside the folder go up.
+Symbolic links are skipped whatever they point to (a link to /etc/shadow must never be uploaded), and
+so are caches, unfinished output, OS junk, hidden files, unedited weights in other formats, and anything
+holding pickled data. Pickles are found by content, not by name: they run code when loaded and can
+carry any suffix (`.pkl`, `.pth.tar`, `.bin.bak`), inside a zip (torch.save), a numpy object array or a
+compressed stream.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import io
+import lzma
+import os
+import pickletools
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from refusal_edit.checkpoint.atomic import TMP_MARK
+from refusal_edit.checkpoint.card import CARD, render_card, validate_card
+from refusal_edit.checkpoint.layout import FOREIGN_WEIGHTS, INDEX, open_checkpoint
+from refusal_edit.checkpoint.record import RECORD, EditRecord
+from refusal_edit.errors import RefusalEditError
+
+CACHE_DIRS = frozenset({"__pycache__", ".cache", ".ipynb_checkpoints", ".huggingface", ".git"})
+OS_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX", ".Spotlight-V100", ".Trashes"})
+PARTIAL_SUFFIXES = (".lock", ".tmp", ".part", ".partial", ".incomplete", ".swp", ".pyc", "~")
+WINDOW = 1 << 20  # bytes of a file (or decompressed stream) inspected for pickled data
+MEMBER_WINDOW = 1 << 16  # bytes of each archive member: at most MAX_MEMBERS of them are decompressed
+MAX_MEMBERS = 1024  # a bigger archive is not inspected, and not published
+
+PICKLE = "pickled data (runs code when loaded): never published"
+# Any one of these is a usable tokenizer next to tokenizer_config.json (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
+def _inflate(stream: BinaryIO) -> BinaryIO:
+    """The start of a raw zlib stream (joblib's compressed pickles), decompressed."""
+    return io.BytesIO(zlib.decompressobj().decompress(stream.read(WINDOW), WINDOW))
+
+
+_ZLIB = tuple((b"\x78" + b, _inflate) for b in (b"\x01", b"\x5e", b"\x9c", b"\xda"))
+_COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open), *_ZLIB)
+
+
+@dataclass
+class UploadFile:
+    """One file of the commit: read from `source`, or `content` generated in memory (never written locally)."""
+
+    path_in_repo: str
+    size: int
+    source: Path | None = None
+    content: bytes | None = None
+
+    @property
+    def generated(self) -> bool:
+        return self.source is None
+
+    def digest(self, name: str, header: bytes = b"") -> str:
+        """hashlib `name` of `header` + the bytes (sha256: the Hub's LFS id; sha1 of "blob N\\0": git's)."""
+        h = hashlib.new(name, header)
+        if self.content is not None:
+            h.update(self.content)
+        else:
+            with open(self.source, "rb") as fh:  # type: ignore[arg-type]
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+
+@dataclass
+class UploadPlan:
+    """What a push of `root` would send."""
+
+    root: Path
+    files: list[UploadFile]
+    skipped: list[tuple[str, str]]  # (path relative to root, why it stays local)
+    record: EditRecord
+    card: str
+    card_generated: bool
+    metadata: dict[str, Any]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def names(self) -> list[str]:
+        return [f.path_in_repo for f in self.files]
+
+
+def check_folder(path: Path) -> UploadPlan:
+    """Decide what a push of `path` sends; raise a one-line error if the folder is not a whole model."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise RefusalEditError(f"model folder not found: {root}")
+    ckpt = open_checkpoint(root)  # config.json, weights, index and every shard header (truncation included)
+    shards = {s.path.name for s in ckpt.shards}
+    unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.name not in shards)
+    if unlisted:
+        raise RefusalEditError(f"{unlisted[0]} in {root} is not part of the checkpoint ({INDEX} does not list it)")
+    for name, what in (("tokenizer_config.json", "tokenizer_config.json"), (RECORD, f"{RECORD} (the edit record)")):
+        if not (root / name).is_file():
+            raise RefusalEditError(f"incomplete model folder {root}: missing {what}")
+    if not any((root / name).is_file() for name in TOKENIZER_FILES):
+        raise RefusalEditError(f"incomplete model folder {root}: missing tokenizer (tokenizer.json or tokenizer.model)")
+    record = EditRecord.load(root, required=True)
+    assert record is not None
+
+    generated = not (root / CARD).is_file()
+    if generated and record.base_model is None:
+        raise RefusalEditError(
+            f"{RECORD} does not name the base model: re-run orthogonalize with the base model's Hub id, "
+            f"or write a {CARD} whose metadata names it (base_model: ORG/NAME)"
+        )
+    try:
+        card = render_card(record) if generated else (root / CARD).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RefusalEditError(f"{CARD} is not UTF-8 text") from None
+    metadata = validate_card(card, record)
+
+    keep, skipped = walk(root, trusted=frozenset(shards))
+    files = [UploadFile(p.relative_to(root.resolve()).as_posix(), p.stat().st_size, source=p) for p in keep]
+    why = dict(skipped)
+    needed = ["config.json", RECORD, "tokenizer_config.json", *sorted(shards), *([INDEX] if ckpt.index else [])]
+    for name in [*needed, *([] if generated else [CARD]), *TOKENIZER_FILES]:
+        if name in why:
+            raise RefusalEditError(f"{name} in {root} cannot be published: {why[name]}")
+    if generated:
+        data = card.encode("utf-8")
+        files = sorted([*files, UploadFile(CARD, len(data), content=data)], key=lambda f: f.path_in_repo)
+    return UploadPlan(root, files, skipped, record, card, generated, metadata)
+
+
+def stray_reason(name: str, is_dir: bool) -> str | None:
+    """Why a file or directory must not be published by its name, or None if it may belong to the model."""
+    if TMP_MARK in name:
+        return "temporary output of an unfinished write"
+    if name in CACHE_DIRS:
+        return "cache or version-control directory"
+    if name in OS_JUNK or name.startswith("._"):
+        return "OS metadata"
+    if name.startswith("."):
+        return "hidden"
+    if not is_dir and name.endswith(PARTIAL_SUFFIXES):
+        return "lock, temporary or partial file"
+    if not is_dir and name.lower().endswith(FOREIGN_WEIGHTS):
+        return "non-safetensors weights (unedited or pickled): never published"
+    return None
+
+
+def _starts_pickle(head: bytes) -> bool:
+    """Whether `head` (the first bytes of a stream) is pickle opcodes: a complete pickle, or a binary
+    one (protocol 2+) that parses for several opcodes up to the end of what was read."""
+    ops = 0
+    try:
+        for op, _, _ in pickletools.genops(io.BytesIO(head)):
+            ops += 1
+            if op.name == "STOP":
+                return ops > 1
+    except ValueError:  # a byte that is no opcode, or the window ended inside the stream
+        pass
+    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and ops >= 3
+
+
+def _sniff(stream: BinaryIO, depth: int = 0, window: int = WINDOW) -> str | None:
+    head = stream.read(window)
+    if _starts_pickle(head):
+        return PICKLE
+    if head.startswith(b"\x93NUMPY") and b"'|O'" in head[:1024]:
+        return "numpy array of pickled objects: never published"
+    if depth >= 2:
+        return None
+    for magic, opener in _COMPRESSED:
+        if head.startswith(magic):
+            stream.seek(0)
+            try:
+                return _sniff(opener(stream), depth + 1)  # type: ignore[arg-type]
+            except (OSError, EOFError, lzma.LZMAError, zlib.error):
+                return None  # not a readable stream of that kind: its bytes are what they are
+    if head.startswith(b"PK\x03\x04"):
+        stream.seek(0)
+        try:
+            with zipfile.ZipFile(stream) as zf:
+                members = zf.infolist()
+                if len(members) > MAX_MEMBERS:
+                    return f"archive of more than {MAX_MEMBERS} files: not inspected, never published"
+                for m in members:
+                    with zf.open(m) as member:
+                        if m.filename.endswith(".pkl") or _sniff(member, depth + 1, MEMBER_WINDOW):  # type: ignore[arg-type]
+                            return f"zip archive holding pickled data ({m.filename}): never published"
+        except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError, EOFError) as exc:
+            return f"zip archive that cannot be inspected ({exc}): never published"
+    return None
+
+
+def pickle_reason(path: Path) -> str | None:
+    """Why `path` must not be published because of what it holds (pickled data), or None."""
+    try:
+        with open(path, "rb") as fh:
+            return _sniff(fh)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+
+
+def walk(root: Path, trusted: frozenset[str] = frozenset()) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to publish and skipped entries `(relative path, why)`, both in a stable order.
+
+    Stray and symlinked directories are pruned whole. `trusted` names (relative paths) were already
+    validated as safetensors and are not inspected for pickles.
+    """
+    root = Path(root).resolve()
+    keep: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(root)
+        pruned = []
+        for d in sorted(dirnames):
+            why = stray_reason(d, is_dir=True) or ("symbolic link" if (here / d).is_symlink() else None)
+            if why is None:
+                pruned.append(d)
+            else:
+                skipped.append(((rel_dir / d).as_posix() + "/", why))
+        dirnames[:] = pruned
+        for f in sorted(filenames):
+            p, rel = here / f, (rel_dir / f).as_posix()
+            why = stray_reason(f, is_dir=False)
+            if why is None and p.is_symlink():
+                why = "symbolic link (links are never followed)"
+            elif why is None and (not p.is_file() or not p.resolve().is_relative_to(root)):
+                why = "not a regular file inside the folder"
+            elif why is None and rel not in trusted:
+                why = pickle_reason(p)
+            if why is None:
+                keep.append(p)
+            else:
+                skipped.append((rel, why))
+    keep.sort(key=lambda p: p.relative_to(root).as_posix())
+    skipped.sort()
+    return keep, skipped
