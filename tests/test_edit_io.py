@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import struct
 
 import pytest
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from tiny import build, save, token_batch
 from transformers import AutoModelForCausalLM
 
+from refusal_edit.checkpoint import safetensors_io
 from refusal_edit.checkpoint.atomic import TMP_MARK
 from refusal_edit.interventions import ablation
 
@@ -204,9 +207,9 @@ def test_bfloat16_checkpoint_stays_bfloat16_and_matches_float32_edit(tmp_path, c
         ("truncated_shard", "truncated safetensors file"),
         ("garbage_shard", "corrupt safetensors file"),
         ("missing_shard", "missing shard"),
-        ("unsupported", "unsupported architecture 'bert'; supported model types: gemma, gemma2"),
+        ("unsupported", "unsupported architecture 'bert'; supported model types: "),
         ("exists", "output exists"),
-        ("same_dir", "--out must differ from the input"),
+        ("same_dir", "is the input"),
         ("quantized", "quantized checkpoints (gptq) cannot be edited"),
         ("ablate_coeff", "--coeff applies to --mode add"),
         ("no_model", "model not found"),
@@ -286,14 +289,22 @@ def test_failure_mid_write_leaves_nothing(tiny_dir, tmp_path, cli, monkeypatch):
     assert not list(tmp_path.glob(f"*{TMP_MARK}*"))
 
 
-def test_force_replaces_only_after_success(tiny_dir, tmp_path, cli):
+def test_force_replaces_only_a_previous_output_and_only_after_success(tiny_dir, tmp_path, cli):
     src = tiny_dir("llama")
     out = tmp_path / "out"
-    out.mkdir()
+    assert orth(cli, src, tmp_path).code == 0
     (out / "old.txt").write_text("old")
     res = orth(cli, src, tmp_path, "--force")
     assert res.code == 0, res.text
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    mine = tmp_path / "mine"  # not written by refusal-edit: --force leaves it alone
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    res = orth(cli, src, tmp_path, "--force", out="mine")
+    assert res.code == 1 and "not an output of refusal-edit" in res.err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "empty").mkdir()  # an empty folder may be replaced
+    assert orth(cli, src, tmp_path, "--force", out="empty").code == 0
 
 
 def test_add_without_mean_diff_needs_unit(tiny_dir, tmp_path, cli):
@@ -337,3 +348,23 @@ def test_small_chunks_without_the_float_cache_give_the_same_tensors(arch, dtype,
                 # Sums over other chunkings round differently in float32: at most one step of the output dtype.
                 rtol = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[ta.dtype]
                 assert torch.allclose(ta.float(), tb.float(), rtol=rtol, atol=1e-6), k
+
+
+def test_unchanged_tensors_copy_the_same_without_kernel_copies(tiny_dir, tmp_path, cli, monkeypatch):
+    """Filesystems without `copy_file_range` (or across devices) fall back to plain reads: same bytes."""
+    src = tiny_dir("llama")
+    assert orth(cli, src, tmp_path, out="kernel").code == 0
+    calls = []
+
+    def unsupported(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(safetensors_io.os, "copy_file_range", unsupported)
+    res = orth(cli, src, tmp_path, out="plain")
+    assert res.code == 0, res.text
+    assert calls  # the fallback was taken
+    kernel, plain = digest_tree(tmp_path / "kernel"), digest_tree(tmp_path / "plain")
+    assert kernel.pop("refusal_edit.json") != plain.pop("refusal_edit.json")  # the record names its folder
+    kernel.pop("README.md"), plain.pop("README.md")
+    assert kernel == plain

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,12 +52,15 @@ ITEMSIZE = {
     "U16": 2,
     "U32": 4,
     "U64": 8,
+    "F8_E8M0": 1,
 }
+MAX_HEADER = 100_000_000  # bytes: the safetensors library's own limit
 
 CHUNK_BYTES = 64 << 20  # float32 bytes of one working chunk
 # pwrite in slices of this size: one call per 32 MB chunk was 2x slower end to end (measured with the
 # kernel copy of unchanged tensors running beside it); 0.25-2 MB slices all perform alike.
 WRITE_SLICE = 1 << 20
+COPY_STEP = 256 << 20  # bytes per copy_file_range call: an abandoned write stops within one step
 
 
 @dataclass(frozen=True)
@@ -92,40 +97,118 @@ class ShardHeader:
     data_start: int  # absolute offset of the data section
     tensors: dict[str, TensorInfo]  # in file (offset) order
     metadata: dict[str, str]
+    identity: tuple[int, ...] | None = None  # (device, inode, size, mtime) when the header was read
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < length:
+        block = os.pread(fd, length - got, offset + got)
+        if not block:
+            break
+        parts.append(block)
+        got += len(block)
+    return b"".join(parts)
+
+
+def open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """An O_RDONLY descriptor of `path` (symlinks followed) and its stat; anything but a regular file is a
+    clear error. O_NONBLOCK keeps a FIFO from blocking the open until a writer appears."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise RefusalEditError(f"cannot read {path.name}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RefusalEditError(f"{path.name} is not a regular file")
+    return fd, st
+
+
+def _int(value: Any) -> bool:
+    return type(value) is int and value >= 0  # JSON true/false are ints to Python: not sizes
 
 
 def read_header(path: Path) -> ShardHeader:
-    """Parse and validate a safetensors header; corrupt or truncated files are a clear error."""
+    """Parse and validate a safetensors header as strictly as the safetensors library does: a JSON object of
+    tensors with known dtypes, non-negative shapes and byte sizes that match, whose data offsets tile the
+    data section exactly (no overlap, gap or trailing bytes) and string-to-string `__metadata__`. Anything
+    else is a clear error here, never an output that nothing can load."""
+    name = path.name
+
+    def corrupt(why: str) -> RefusalEditError:
+        return RefusalEditError(f"corrupt safetensors file {name}: {why}")
+
+    fd, st = open_regular(path)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise ValueError("file is shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100 << 20):
-                raise ValueError("header length is larger than the file")
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise RefusalEditError(f"corrupt safetensors file {path.name}: {exc}") from exc
-    metadata = header.pop("__metadata__", {}) or {}
-    infos: list[TensorInfo] = []
-    for name, h in header.items():
+        size = st.st_size
+        raw = _pread_exact(fd, 8, 0)
+        if len(raw) < 8:
+            raise corrupt("file is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER:
+            raise corrupt(f"header length {n} exceeds the {MAX_HEADER // 10**6} MB limit")
+        if n > size - 8:
+            raise corrupt(f"header length {n} is larger than the file")
         try:
-            begin, end = (int(x) for x in h["data_offsets"])
-            info = TensorInfo(name, str(h["dtype"]), tuple(int(s) for s in h["shape"]), begin, end)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RefusalEditError(f"corrupt safetensors file {path.name}: bad entry for {name}") from exc
-        if info.dtype in ITEMSIZE and info.nbytes != info.numel * ITEMSIZE[info.dtype]:
-            raise RefusalEditError(f"corrupt safetensors file {path.name}: {name} has the wrong byte size")
+            header = json.loads(_pread_exact(fd, n, 8), object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise corrupt(f"header is not valid JSON ({str(exc)[:80]})") from None
+    except OSError as exc:
+        raise RefusalEditError(f"cannot read {name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if not isinstance(header, dict):
+        raise corrupt(f"header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("__metadata__ must map strings to strings")
+    infos: list[TensorInfo] = []
+    for tname, h in header.items():
+        if not isinstance(h, dict):
+            raise corrupt(f"entry {tname!r} is not an object")
+        dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+            raise corrupt(f"tensor {tname} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_int(s) for s in shape):
+            raise corrupt(f"tensor {tname} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(o) for o in offsets)):
+            raise corrupt(f"tensor {tname} has invalid data_offsets {offsets!r}")
+        if offsets[0] > offsets[1]:
+            raise corrupt(f"tensor {tname} ends before it begins ({offsets})")
+        info = TensorInfo(tname, dtype, tuple(shape), offsets[0], offsets[1])
+        if info.nbytes != info.numel * ITEMSIZE[dtype]:
+            raise corrupt(f"{tname} has the wrong byte size ({info.nbytes} for shape {list(shape)} of {dtype})")
         infos.append(info)
-    infos.sort(key=lambda t: t.begin)
+    infos.sort(key=lambda t: (t.begin, t.end))
     data_len = size - 8 - n
-    if infos and infos[-1].end > data_len:
-        raise RefusalEditError(
-            f"truncated safetensors file {path.name}: needs {infos[-1].end} data bytes, has {data_len}"
-        )
-    return ShardHeader(path, 8 + n, {t.name: t for t in infos}, dict(metadata))
+    last = max((t.end for t in infos), default=0)
+    if last > data_len:
+        raise RefusalEditError(f"truncated safetensors file {name}: needs {last} data bytes, has {data_len}")
+    pos = 0
+    for t in infos:
+        if t.begin != pos:
+            what = "overlaps the previous tensor" if t.begin < pos else "leaves a gap before it"
+            raise corrupt(f"tensor {t.name} starts at data byte {t.begin}, expected {pos} ({what})")
+        pos = t.end
+    if pos != data_len:
+        raise corrupt(f"{data_len - pos} bytes after the last tensor (the tensors must cover the data exactly)")
+    return ShardHeader(path, 8 + n, {t.name: t for t in infos}, dict(metadata), _identity(st))
 
 
 class TensorReader:
@@ -133,7 +216,22 @@ class TensorReader:
 
     def __init__(self, header: ShardHeader) -> None:
         self.header = header
-        self.fd = os.open(header.path, os.O_RDONLY)
+        self.fd, st = open_regular(header.path)
+        if header.identity is not None and _identity(st) != header.identity:
+            os.close(self.fd)
+            raise RefusalEditError(f"{header.path.name} changed after its header was read; run again")
+
+    def check_unchanged(self) -> None:
+        """A clear error if the file was modified or replaced while it was being read (the output would mix
+        two versions of it)."""
+        try:
+            now = _identity(os.fstat(self.fd))
+            replaced = os.stat(self.header.path).st_ino != now[1]
+        except OSError:
+            replaced = True
+            now = None
+        if replaced or (self.header.identity is not None and now != self.header.identity):
+            raise RefusalEditError(f"input {self.header.path.name} changed during the run; nothing was written")
 
     def close(self) -> None:
         os.close(self.fd)
@@ -194,69 +292,63 @@ class OutTensor:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
-class ShardWriter:
-    """A safetensors file whose header is fixed up front; tensor bytes are then written at their offsets.
+class PositionedWriter:
+    """An output file whose layout (a header, then each tensor's byte range) is fixed up front; tensor bytes
+    are then written at their offsets.
 
     Positioned writes (`pwrite`, `copy_file_range` with explicit offsets) let tensors be written in any
     order and from two threads at once: byte copies of unchanged tensors proceed in the kernel while the
-    edited ones are computed. `verify` checks that every tensor received exactly its byte count.
+    edited ones are computed. `verify` checks that every tensor received exactly its byte count. Shared by
+    the safetensors shards here and the GGUF writer: only the header differs.
     """
 
-    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> None:
-        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-        offset = 0
-        self.offsets: dict[str, tuple[int, int]] = {}
-        for t in tensors:
-            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            self.offsets[t.name] = (offset, t.nbytes)
-            offset += t.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self.path = path
-        self.data_start = 8 + len(blob)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._pwrite_all(struct.pack("<Q", len(blob)) + blob, 0)
-        self.written = dict.fromkeys(self.offsets, 0)
+    path: Path
+    fd: int
+    data_start: int
+    offsets: dict[str, tuple[int, int]]  # name -> (offset from data_start, byte count)
+    written: dict[str, int]
 
-    def _pwrite_all(self, data: bytes | memoryview, pos: int) -> None:
+    def _open(self, path: Path, offsets: dict[str, tuple[int, int]], data_start: int, size: int | None = None) -> None:
+        """Create `path` (`size` bytes of zeros if given: padding between tensors reads back as zeros)."""
+        self.path, self.offsets, self.data_start = path, offsets, data_start
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if size is not None:
+            os.ftruncate(self.fd, size)
+        self.written = dict.fromkeys(offsets, 0)
+
+    def pwrite(self, data: bytes | memoryview, pos: int) -> None:
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done : done + WRITE_SLICE], pos + done)
 
-    def _position(self, name: str, length: int) -> int:
+    def position(self, name: str, length: int) -> int:
+        """Where the next `length` bytes of tensor `name` go (and count them as written)."""
         begin, size = self.offsets[name]
         done = self.written[name]
         if done + length > size:
-            raise RuntimeError(f"{name}: more bytes than its header says")
+            raise RuntimeError(f"{name}: more bytes than the header says")
         self.written[name] = done + length
         return self.data_start + begin + done
 
-    def write_chunk(self, name: str, chunk: torch.Tensor) -> None:
-        """Append the next chunk (in the output dtype) of tensor `name`."""
-        data = chunk.contiguous()
-        if data.dtype == torch.bfloat16:
-            data = data.view(torch.int16)
-        view = memoryview(data.numpy()).cast("B")
-        self._pwrite_all(view, self._position(name, len(view)))
-
-    def copy_bytes(self, name: str, src_fd: int, offset: int, length: int) -> None:
-        """Copy a whole unchanged tensor from another file, in the kernel where the filesystem can."""
-        pos = self._position(name, length)
+    def copy(self, name: str, src_fd: int, offset: int, length: int, stop: threading.Event | None = None) -> None:
+        """Copy a whole unchanged tensor from another file, in the kernel where the filesystem can. A set
+        `stop` ends the copy early (the output is being abandoned)."""
+        pos = self.position(name, length)
         done = 0
         while done < length:
+            if stop is not None and stop.is_set():
+                return
             try:
-                n = os.copy_file_range(src_fd, self.fd, length - done, offset + done, pos + done)
+                n = os.copy_file_range(src_fd, self.fd, min(length - done, COPY_STEP), offset + done, pos + done)
             except OSError:
                 n = 0
             if n <= 0:  # filesystems without copy_file_range: plain reads
-                while done < length:
-                    block = os.pread(src_fd, min(CHUNK_BYTES, length - done), offset + done)
-                    if not block:
-                        raise RefusalEditError("unexpected end of file while copying a tensor")
-                    self._pwrite_all(block, pos + done)
-                    done += len(block)
-                break
+                block = os.pread(src_fd, min(CHUNK_BYTES, length - done), offset + done)
+                if not block:
+                    raise RefusalEditError("unexpected end of file while copying a tensor")
+                self.pwrite(block, pos + done)
+                n = len(block)
             done += n
 
     def close(self) -> None:
@@ -267,3 +359,30 @@ class ShardWriter:
         missing = [n for n, (_, size) in self.offsets.items() if self.written[n] != size]
         if missing:
             raise RuntimeError(f"{self.path.name}: {len(missing)} tensors incomplete, e.g. {missing[0]}")
+
+
+class ShardWriter(PositionedWriter):
+    """A safetensors file: the JSON header is written first, then each tensor's bytes at their offsets."""
+
+    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        offsets: dict[str, tuple[int, int]] = {}
+        for t in tensors:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offsets[t.name] = (offset, t.nbytes)
+            offset += t.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._open(path, offsets, 8 + len(blob))
+        self.pwrite(struct.pack("<Q", len(blob)) + blob, 0)
+
+    def write_chunk(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next chunk (in the output dtype) of tensor `name`."""
+        data = chunk.contiguous()
+        if data.dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        view = memoryview(data.numpy()).cast("B")
+        self.pwrite(view, self.position(name, len(view)))
+
+    copy_bytes = PositionedWriter.copy

@@ -1,12 +1,14 @@
 """Instruction sets: the built-in harmful / harmless sets and users' own files or HF datasets.
 
 Sources accepted by `load_prompts`:
-- `builtin:harmful`, `builtin:harmless` (optionally `@train|val|test`);
+- `builtin:harmful`, `builtin:harmless`, `builtin:borderline` (optionally `@train|val|test`);
 - a file: `.txt` (one instruction per line), `.json` (a list of strings or of objects), `.jsonl`,
   `.csv`, `.parquet` (the column is `#name` if given, else the first of `COLUMNS` present);
 - `hf:NAME[@SPLIT][#COLUMN]` for a Hugging Face `datasets` dataset (a Hub id or a local path).
 
 A `category` column, if present, is kept (per-category refusal rates); a `split` column is respected.
+Files are read as UTF-8 with an optional byte-order mark (`utf-8-sig`): editors on Windows write one, and
+it must not end up inside the first prompt or hide the first CSV column's name.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.paths import regular_file
 
 COLUMNS = ("instruction", "prompt", "goal", "behavior", "question", "text", "query")
 SPLITS = ("train", "val", "test")
+BUILTIN_SETS = ("harmful", "harmless", "borderline")
+ENCODING = "utf-8-sig"  # UTF-8, dropping a leading byte-order mark
 
 
 @dataclass
@@ -120,9 +125,9 @@ def _read_file(path: Path, column: str | None) -> PromptSet:
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            return _finish(src, path.read_text(encoding="utf-8").splitlines(), [], [])
+            return _finish(src, path.read_text(encoding=ENCODING).splitlines(), [], [])
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding=ENCODING))
             if isinstance(data, dict):  # {"instructions": [...]} or {"data": [...]}
                 lists = [v for v in data.values() if isinstance(v, list)]
                 if len(lists) != 1:
@@ -130,10 +135,10 @@ def _read_file(path: Path, column: str | None) -> PromptSet:
                 data = lists[0]
             return _rows_to_set(src, data, column)
         if suffix == ".jsonl":
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            lines = [ln for ln in path.read_text(encoding=ENCODING).splitlines() if ln.strip()]
             return _rows_to_set(src, [json.loads(ln) for ln in lines], column)
         if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as fh:
+            with path.open(newline="", encoding=ENCODING) as fh:
                 return _rows_to_set(src, list(csv.DictReader(fh)), column)
         if suffix == ".parquet":
             try:
@@ -168,9 +173,10 @@ def _read_hf(spec: str) -> PromptSet:
 
 
 def builtin(kind: str) -> PromptSet:
-    """The built-in set `harmful` or `harmless` (400 instructions each, 10 categories, fixed splits)."""
-    if kind not in ("harmful", "harmless"):
-        raise RefusalEditError(f"unknown built-in set {kind!r} (harmful, harmless)")
+    """A built-in set with fixed splits (data/README.md): `harmful` and `harmless` (400 instructions each,
+    10 categories), `borderline` (160 harmless requests that sound harmful, 10 categories: over-refusal)."""
+    if kind not in BUILTIN_SETS:
+        raise RefusalEditError(f"unknown built-in set {kind!r} ({', '.join(BUILTIN_SETS)})")
     text = resources.files("refusal_edit.prompts").joinpath("data", f"{kind}.jsonl").read_text("utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return _rows_to_set(f"builtin:{kind}", rows, "instruction")
@@ -185,9 +191,4 @@ def load_prompts(spec: str) -> PromptSet:
     if spec.startswith("hf:"):
         return _read_hf(spec)
     path_part, _, column = spec.partition("#")
-    path = Path(path_part)
-    if not path.exists():
-        raise RefusalEditError(f"prompt file not found: {path}")
-    if path.is_dir():
-        raise RefusalEditError(f"prompt source is a directory, not a file: {path}")
-    return _read_file(path, column or None)
+    return _read_file(regular_file(path_part, "prompt file"), column or None)

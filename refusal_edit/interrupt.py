@@ -1,0 +1,42 @@
+"""SIGTERM as an exception, so that a terminated run cleans up exactly as an interrupted one does.
+
+Python's default SIGTERM action ends the process at once: no `finally` runs, and an atomic write leaves
+its temporary directory behind. The library installs nothing global; the command line wraps its work in
+`sigterm_raises()` and reports `Terminated` like KeyboardInterrupt (exit code 128 + 15).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Terminated(BaseException):
+    """The process received SIGTERM. A BaseException, like KeyboardInterrupt: `except Exception` does
+    not swallow it, while `finally` blocks and context managers still clean up."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def _raise(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises `Terminated` in the main thread; the previous handler is restored after.
+    Outside the main thread (where handlers cannot be installed) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
