@@ -12,16 +12,12 @@ with the number of shards.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/select.py shares its name with the standard library's `select`: keep bench/ off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 

@@ -1,90 +1,142 @@
-"""Run-time interventions with hooks: directional ablation and activation addition.
+"""Run-time interventions with hooks: directional ablation (any edit variant) and activation addition.
 
-`ablation` is the in-memory twin of the weight edit: it projects the direction off the output of every
-module that writes into the residual stream (embeddings, attention, MLP / MoE block). On sandwich-norm
-architectures the projection happens before the post-projection norm, against `normalize(g * r)`, which
-is exactly what orthogonalizing the projection weights does. The exactness tests compare edited
-checkpoints against these hooks.
+`edit_hooks` is the in-memory twin of the weight edit: it removes `alpha` x the span of each writer's
+basis from the output of every module that writes into the residual stream (embeddings, attention or
+its hybrid alternatives, MLP / MoE block). On sandwich-norm architectures the projection happens before
+the post-projection norm, against `linalg.sandwich(basis, g)`, which is exactly what editing the
+projection weights does. Projections are linear, so partial weights and subspaces stay exact. The
+exactness tests compare edited checkpoints against these hooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from refusal_edit.anatomy import Anatomy, anatomy
+from refusal_edit.anatomy import anatomy
+from refusal_edit.edits.spec import ResolvedEdit, full_ablation
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.linalg import sandwich, unit
+
+__all__ = ["Intervention", "RowGroups", "ablation", "addition", "edit_hooks", "edit_hooks_by_row", "unit"]
 
 
-def unit(vector: torch.Tensor) -> torch.Tensor:
-    """`vector / |vector|` in float32; a clear error for zero or non-finite vectors."""
-    v = vector.detach().float()
-    if not torch.isfinite(v).all():
-        raise RefusalEditError("direction contains NaN or infinite values")
-    norm = v.norm()
-    if norm == 0:
-        raise RefusalEditError("direction is the zero vector")
-    return v / norm
+def _project(x: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
+    qq = q.to(device=x.device)
+    xf = x.float()
+    return (xf - alpha * (xf @ qq.T) @ qq).to(x.dtype)
 
 
-def writer_directions(anat: Anatomy, r: torch.Tensor) -> dict[tuple[int, str], torch.Tensor | None]:
-    """The unit vector to remove from each layer writer: r, or normalize(g * r) before a sandwich norm.
+def _projection_hook(q: torch.Tensor, alpha: float):
+    cache: dict[torch.device, torch.Tensor] = {}
 
-    `None` means the norm gain kills every r component already (g * r == 0): nothing to remove.
-    """
-    out: dict[tuple[int, str], torch.Tensor | None] = {}
-    for layer in range(anat.num_layers):
-        for site in ("attn", "mlp"):
-            gain = anat.post_norm_gain(layer, site)
-            if gain is None:
-                out[layer, site] = r
-            else:
-                scaled = gain.to(r.device) * r
-                n = scaled.norm()
-                out[layer, site] = None if n == 0 else scaled / n
-    return out
-
-
-def _project(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    uu = u.to(device=x.device)
-    coef = x.float() @ uu
-    return (x.float() - coef.unsqueeze(-1) * uu).to(x.dtype)
-
-
-def _projection_hook(u: torch.Tensor):
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (_project(output[0], u), *output[1:])
-        if hasattr(output, "last_hidden_state"):  # never expected for writers, but be explicit
+        first = output[0] if isinstance(output, tuple) else output
+        if not isinstance(first, torch.Tensor):
             raise RefusalEditError("unexpected model output type at a residual writer")
-        return _project(output, u)
+        basis = cache.get(first.device)
+        if basis is None:  # moved once per device (accelerate may place layers anywhere)
+            basis = cache[first.device] = q.to(first.device)
+        projected = _project(first, basis, alpha)
+        return (projected, *output[1:]) if isinstance(output, tuple) else projected
 
     return hook
 
 
 @contextmanager
-def ablation(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
-    """Project `direction` off every residual writer's output while the context is active."""
+def edit_hooks(model: nn.Module, edit: ResolvedEdit) -> Iterator[None]:
+    """Apply `edit` to every residual writer's output while the context is active (the weight edit's twin)."""
+    if edit.preserve_norm:
+        raise RefusalEditError(
+            "norm preservation rescales weights per input unit and has no activation-hook twin; "
+            "apply it to the weights (refusal_edit.edits.memory.edited_weights)"
+        )
     anat = anatomy(model)
-    r = unit(direction)
-    if r.numel() != anat.hidden_size:
-        raise RefusalEditError(f"direction has size {r.numel()}, the model's hidden size is {anat.hidden_size}")
-    handles = [emb.register_forward_hook(_projection_hook(r)) for emb in anat.embeddings]
-    for (layer, site), u in writer_directions(anat, r).items():
-        if u is None:
-            continue
-        module = anat.attn(layer) if site == "attn" else anat.mlp(layer)
-        handles.append(module.register_forward_hook(_projection_hook(u)))
+    if edit.n_layers != anat.num_layers:
+        raise RefusalEditError(f"the edit is for {edit.n_layers} layers, the model has {anat.num_layers}")
+    hidden = edit.bases["embedding", None].shape[-1]
+    if hidden != anat.hidden_size:
+        raise RefusalEditError(f"direction has size {hidden}, the model's hidden size is {anat.hidden_size}")
+    handles = []
     try:
+        for writer in anat.writers():
+            basis, alpha = edit.at(writer.site, writer.layer)
+            q = sandwich(basis, writer.gain)
+            if alpha == 0 or q.shape[0] == 0:
+                continue
+            handles.append(writer.module.register_forward_hook(_projection_hook(q, alpha)))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+class RowGroups:
+    """Which edit each row of the batch in flight belongs to: `edit_hooks_by_row` applies a different edit
+    to each group of rows in one forward pass (several front points generated in one batch)."""
+
+    def __init__(self, groups: Sequence[int]) -> None:
+        self.groups = torch.tensor(list(groups), dtype=torch.long)
+        self.current: torch.Tensor = self.groups
+
+    def select(self, rows: Sequence[int]) -> None:
+        """The next batch holds these rows (indices into `groups`), in this order."""
+        self.current = self.groups[list(rows)]
+
+
+@contextmanager
+def edit_hooks_by_row(model: nn.Module, edits: Sequence[ResolvedEdit | None], rows: RowGroups) -> Iterator[None]:
+    """Like `edit_hooks`, with `edits[g]` applied to the rows of group g (None: no edit for that group)."""
+    anat = anatomy(model)
+    if any(e is not None and e.preserve_norm for e in edits):
+        raise RefusalEditError("norm preservation has no activation-hook twin; it cannot share a batch")
+    handles = []
+    try:
+        for writer in anat.writers():
+            parts = []
+            for g, edit in enumerate(edits):
+                if edit is None:
+                    continue
+                basis, alpha = edit.at(writer.site, writer.layer)
+                q = sandwich(basis, writer.gain)
+                if alpha != 0 and q.shape[0]:
+                    parts.append((g, q, alpha))
+            if not parts:
+                continue
+
+            def hook(_module: nn.Module, _args: Any, output: Any, parts=parts) -> Any:
+                first = output[0] if isinstance(output, tuple) else output
+                current = rows.current.to(first.device)
+                if current.numel() != first.shape[0]:
+                    raise RefusalEditError("row groups do not match the batch (call `select` before each batch)")
+                result = first.clone()
+                for g, q, alpha in parts:
+                    mask = current == g
+                    if mask.any():
+                        result[mask] = _project(first[mask], q, alpha)
+                return (result, *output[1:]) if isinstance(output, tuple) else result
+
+            handles.append(writer.module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def ablation(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """Project `direction` off every residual writer's output while the context is active (the paper's edit)."""
+    anat = anatomy(model)
+    r = unit(direction)
+    if r.numel() != anat.hidden_size:
+        raise RefusalEditError(f"direction has size {r.numel()}, the model's hidden size is {anat.hidden_size}")
+    with edit_hooks(model, full_ablation(r, anat.num_layers)):
+        yield
 
 
 @contextmanager
@@ -133,19 +185,29 @@ def addition(
 
 @dataclass(frozen=True)
 class Intervention:
-    """A hook-based edit described by data, so it can be recorded in reports and applied anywhere."""
+    """A hook-based edit described by data, so it can be recorded in reports and applied anywhere.
 
-    kind: Literal["ablate", "add"]
-    direction: torch.Tensor  # unit direction for ablate, the raw vector for add
+    `ablate`: the paper's full ablation of `direction`; `add`: activation addition; `edit`: any resolved
+    edit variant (`edit`), with `spec` its JSON description for reports.
+    """
+
+    kind: Literal["ablate", "add", "edit"]
+    direction: torch.Tensor  # unit direction for ablate, the raw vector for add, the leading direction for edit
     layer: int | None = None
     coeff: float = 1.0
     site: str = "input"
+    edit: ResolvedEdit | None = None
+    spec: dict[str, Any] | None = field(default=None)
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:
         with ExitStack() as stack:
             if self.kind == "ablate":
                 stack.enter_context(ablation(model, self.direction))
+            elif self.kind == "edit":
+                if self.edit is None:
+                    raise RefusalEditError("an edit intervention needs its resolved edit")
+                stack.enter_context(edit_hooks(model, self.edit))
             else:
                 if self.layer is None:
                     raise RefusalEditError("an addition needs a layer")
@@ -153,4 +215,7 @@ class Intervention:
             yield
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "layer": self.layer, "coeff": self.coeff, "site": self.site}
+        out = {"kind": self.kind, "layer": self.layer, "coeff": self.coeff, "site": self.site}
+        if self.spec is not None:
+            out["spec"] = self.spec
+        return out

@@ -18,7 +18,7 @@ def test_extract_writes_direction_and_provenance(tiny_dir, tmp_path, cli):
     out = tmp_path / "run"
     res = cli("extract", src, "--out", out, *FAST, *PERMISSIVE)
     assert res.code == 0, res.text
-    assert "selected refusal direction" in res.err
+    assert "selected refusal direction" in res.out  # results on stdout
     d = load_direction(out / "direction.safetensors")
     assert d.direction.shape == (32,) and d.direction.dtype == torch.float32
     assert abs(d.direction.norm().item() - 1) < 1e-6
@@ -66,7 +66,7 @@ def test_extract_errors(tiny_dir, tmp_path, cli):
     assert res.code == 1 and "empty prompt set" in res.err
     res = cli("extract", tmp_path / "nowhere", "--out", tmp_path / "r2")
     assert res.code == 1 and "model not found" in res.err
-    strict = ["--kl-threshold", "-1", "--refusal-tokens", "i"]
+    strict = ["--kl-threshold", "-1", "--refusal-tokens", "i", "--strict"]
     res = cli("extract", src, "--out", tmp_path / "r3", *FAST, *strict)
     assert res.code == 1 and "every candidate was filtered out (kl:" in res.err
     assert not (tmp_path / "r3").exists()
@@ -114,3 +114,19 @@ def test_extract_compares_its_pick_with_the_recipes_measured_result(tiny_dir, tm
     res = cli("extract", src, "--out", tmp_path / "run3", *FAST, *PERMISSIVE)
     assert res.code == 0, res.text
     assert f"recipe's measured result: layer 99, position {d.position} (differs:" in res.err
+
+
+def test_extract_never_dead_ends_it_relaxes_and_records(tiny_dir, tmp_path, cli):
+    """Filters nothing passes: without --strict the filters are relaxed by the documented rule, said in one
+    line and recorded in run.json (issue 11: a new user's first run must finish with a direction)."""
+    src = tiny_dir("llama")
+    impossible = ["--kl-threshold", "0", "--induce-threshold", "1e9", "--refusal-tokens", "i"]
+    res = cli("extract", src, "--out", tmp_path / "run", *FAST, *impossible)
+    assert res.code == 0, res.text
+    assert "no candidate passed KL <= 0, induce >= 1e+09" in res.err and "recorded in run.json" in res.err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    relaxed = run["selection"]["relaxed"]
+    assert relaxed["from"] == {"kl_threshold": 0.0, "induce_threshold": 1e9}
+    assert relaxed["steps"] == 5 and relaxed["to"]["kl_threshold"] is None  # nothing passes: filters off
+    assert "doubles the KL threshold" in relaxed["rule"]
+    assert load_direction(tmp_path / "run" / "direction.safetensors").layer == run["chosen"]["layer"]

@@ -18,11 +18,10 @@ import pytest
 import torch
 
 from refusal_edit.directions.artifacts import load_direction
-from refusal_edit.directions.scoring import refusal_scores
-from refusal_edit.evaluation.markers import is_refusal
 from refusal_edit.forward import PromptBatch
 from refusal_edit.generation import generate
 from refusal_edit.interventions import ablation, addition
+from refusal_edit.judging import is_refusal, refusal_scores
 from refusal_edit.loading import load_model, resolve_source
 from refusal_edit.prompts import builtin, chat_format
 
@@ -139,7 +138,7 @@ def test_orthogonalized_checkpoint_is_exact_and_stops_refusing(edited, extracted
 
 
 def test_evaluate_reports_before_and_after(edited, workdir):
-    proc = run("evaluate", DEMO, edited, "--n", "20", "--max-new-tokens", "32", "--out", workdir / "eval", "--json")
+    proc = run("evaluate", DEMO, edited, "--n-test", "20", "--max-new-tokens", "32", "--borderline", "none", "--out", workdir / "eval", "--json")
     report = json.loads(proc.stdout)
     text = json.dumps(report)
     assert "first_token_kl" in text and "multi_token_kl" in text
@@ -182,3 +181,29 @@ def test_real_weights_edit_is_exact(recipe, workdir):
         original = lm.model(**ids).logits
     assert (logits - reference).abs().max().item() <= 1e-3
     assert (logits - original).abs().max().item() > 1e-2
+
+
+def test_tuned_point_keeps_its_refusal_rate_on_test(extracted, demo_model, workdir):
+    """A small `tune` on the val split; its picked point, applied with the same in-memory edit, refuses on
+    30 held-out test prompts within 20 points of what confirmation measured on val (n = 32 vs 30 prompts:
+    one binomial standard deviation of the difference is about 8 points near 10 %)."""
+    from refusal_edit.directions.bank import load_bank
+    from refusal_edit.edits.spec import EditSpec, resolve
+    from refusal_edit.tuning import TuneSettings
+    from refusal_edit.tuning.proxies import applied
+    from refusal_edit.workflows.tune import tune
+
+    settings = TuneSettings(trials=14, confirm=2, search_prompts=8, max_new_tokens=48)
+    outcome = tune(DEMO, extracted / "direction.safetensors", workdir / "tune", settings=settings)
+    data = json.loads(outcome.front_json.read_text())
+    assert (workdir / "tune" / "front.png").stat().st_size > 10_000
+    assert len(data["trials"]) == 14 and data["chosen"] is not None
+    point = outcome.result.point()
+    val_rate = point["confirmed"]["refusal_rate"]
+    bank, _ = load_bank(extracted / "direction.safetensors")
+    model, tok = demo_model.model, demo_model.tokenizer
+    n_layers = model.config.num_hidden_layers
+    with applied(model, resolve(EditSpec.from_json(point["spec"]), bank, n_layers)):
+        test_rate = refusal_rate(model, tok, chat_format(tok), harmful_test())
+    print(f"\ntuned point {point['id']} ({point['describe']}): refusal val {val_rate:.2f}, test {test_rate:.2f}")
+    assert abs(test_rate - val_rate) <= 0.20

@@ -7,6 +7,7 @@ import math
 import pytest
 from tiny import build, tokenizer
 
+from refusal_edit.cli.app import in_flags
 from refusal_edit.directions.candidates import generate_candidates
 from refusal_edit.directions.refusal_tokens import user_refusal_tokens
 from refusal_edit.directions.select import (
@@ -78,7 +79,10 @@ def test_pick_lowest_bypass_or_explain():
         pick([c, d, Candidate(-1, 9, discarded="late layer")])
     msg = str(err.value)
     assert "every candidate was filtered out (kl: 2, late layer: 1)" in msg
-    assert "layer 5 position -1 (bypass -6.00) needs --kl-threshold 0.251 --induce-threshold -0.33" in msg
+    assert "layer 5 position -1 (bypass -6.00) needs `kl_threshold` 0.251 `induce_threshold` -0.33" in msg
+    # The command line names its own flags (library errors name parameters).
+    flags = {"kl_threshold": "--kl-threshold", "induce_threshold": "--induce-threshold"}
+    assert "needs --kl-threshold 0.251 --induce-threshold -0.33" in in_flags(msg, flags)
 
 
 def test_settings_merge_recipe_then_command_line():
@@ -86,3 +90,41 @@ def test_settings_merge_recipe_then_command_line():
         {"batch_size": 4}, {"kl_threshold": 0.2, "unknown": 1}, {"kl_threshold": None, "top_k": 3}
     )
     assert (s.kl_threshold, s.top_k, s.batch_size, s.induce_threshold) == (0.2, 3, 4, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("prune_layer_fraction", -1.0, "`prune_layer_fraction` must be a fraction in [0, 1), got -1"),
+        ("prune_layer_fraction", 1.0, "`prune_layer_fraction` must be a fraction in [0, 1), got 1"),
+        ("top_k", 0, "`top_k` must be at least 1"),
+        ("batch_size", 0, "`batch_size` must be at least 1"),
+        ("kl_threshold", math.nan, "`kl_threshold` must be a number"),
+    ],
+)
+def test_settings_out_of_range_are_errors_naming_the_parameter(field, value, message):
+    with pytest.raises(RefusalEditError) as err:
+        SelectionSettings(**{field: value}).check()
+    assert message in str(err.value)
+
+
+def test_relaxation_steps_until_a_candidate_passes_and_hints_never_tighten():
+    from refusal_edit.directions.select import RELAX_STEPS, describe_relaxation, relax, relaxed
+
+    s = SelectionSettings()  # KL <= 0.1, induce >= 0
+    assert [relaxed(s, i).kl_threshold for i in range(1, RELAX_STEPS + 1)] == [0.2, 0.4, 0.8, 1.6]
+    assert [relaxed(s, i).induce_threshold for i in range(1, RELAX_STEPS + 1)] == [-0.5, -1.0, -1.5, -2.0]
+    # The demo model's situation: the best bypass needs KL 0.17 and induce -0.21 -> one step admits it.
+    best = Candidate(-1, 16, -3.22, -0.209, 0.170)
+    other = Candidate(-1, 12, -2.0, 0.3, 0.35)
+    chosen, info = relax([other, best], s, 24)
+    assert chosen is best and info["steps"] == 1
+    assert info["to"] == {"kl_threshold": 0.2, "induce_threshold": -0.5}
+    assert describe_relaxation(info) == (
+        "no candidate passed KL <= 0.1, induce >= 0: relaxed to KL <= 0.2, induce >= -0.5"
+    )
+    # A candidate discarded for induce only: the hint must not suggest a tighter KL threshold.
+    c = Candidate(-1, 5, -6.0, -0.4, 0.05, discarded="induce")
+    with pytest.raises(RefusalEditError) as err:
+        pick([c], s)
+    assert "kl_threshold" not in str(err.value) and "`induce_threshold` -0.40" in str(err.value)

@@ -5,48 +5,110 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from refusal_edit.cli.app import app, quiet_libraries
-from refusal_edit.console import console
+from refusal_edit.cli.app import app, flag_names, in_flags, quiet_libraries
+from refusal_edit.cli.options import COEFF, FORCE, LAYER, MODE, MODEL_HELP, REPLACE_ANY, SITE, UNIT
+from refusal_edit.console import err, show
 
 
 @app.command()
 def orthogonalize(
-    model: str = typer.Argument(..., help="HF directory (or .gguf / recipe / Hub id, resolved to one)."),
-    direction: Path = typer.Option(..., "--direction", help="direction.safetensors written by extract."),
-    out: Path = typer.Option(..., "--out", help="Output directory (must not exist unless --force)."),
-    mode: str = typer.Option("ablate", help="ablate: orthogonalize every residual writer; add: bake a bias."),
-    coeff: float = typer.Option(1.0, help="add: multiple of the vector (+1 induces refusal, -1 bypasses)."),
-    layer: int | None = typer.Option(None, help="add: layer (default: the direction's layer)."),
-    site: str = typer.Option("input", help="add: input (of --layer) or attn (after --layer's attention)."),
-    unit: bool = typer.Option(False, "--unit", help="add: add the unit direction instead of mean_diff."),
-    dtype: str = typer.Option("keep", help="Output dtype: keep|bfloat16|float16|float32."),
-    max_shard_size: str | None = typer.Option(None, help="Reshard the output (e.g. 5GB); default mirrors input."),
-    keep_tied: bool = typer.Option(
-        False, "--keep-tied", help="Keep tied embeddings (smaller, approximate); default unties (exact)."
+    model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
+    direction: Path | None = typer.Option(
+        None,
+        "--direction",
+        help="direction.safetensors written by extract (or its folder).",
+        show_default="the one --spec was tuned with",
+        metavar="<file>",
     ),
-    base_model: str | None = typer.Option(None, help="Hub id of the base model for the model card."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    spec: str | None = typer.Option(
+        None,
+        "--spec",
+        help="A tune front point: DIR/front.json[#ID]; without #ID, the front's picked point.",
+        metavar="<front>",
+    ),
+    layers: str | None = typer.Option(
+        None, "--layers", help="Ablate only the writers of layers A:B (the embedding only from layer 0).", metavar="A:B"
+    ),
+    weight: float | None = typer.Option(
+        None, "--weight", help="Partial ablation: remove this fraction of the direction.", show_default="1"
+    ),
+    per_layer: bool = typer.Option(
+        False, "--per-layer", help="Each layer's writers lose that layer's own candidate direction."
+    ),
+    projected: bool = typer.Option(
+        False, "--projected", help="Remove the direction's component along the harmless mean first."
+    ),
+    rank: int = typer.Option(1, help="Ablate the span of this many orthonormalised candidates."),
+    basis: str = typer.Option("positions", help="rank > 1: the other candidates at other positions|layers."),
+    preserve_norm: bool = typer.Option(
+        False, "--preserve-norm", help="Rescale every written vector to its original norm (exact)."
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Output directory; or EDITED.gguf for a GGUF MODEL (edited in its own quant types). Must not exist "
+        "unless --force.",
+        metavar="<dir|.gguf>",
+    ),
+    plan_only: bool = typer.Option(
+        False, "--plan-only", help="Print every tensor the edit would change, and how; write nothing."
+    ),
+    mode: str = MODE,
+    coeff: float = COEFF,
+    layer: int | None = LAYER,
+    site: str | None = SITE,
+    unit: bool = UNIT,
+    dtype: str = typer.Option("keep", help="Output dtype: keep|bfloat16|float16|float32."),
+    max_shard_size: str | None = typer.Option(
+        None, help="Reshard the output (e.g. 5GB, 500MB).", show_default="mirror the input"
+    ),
+    keep_tied: bool = typer.Option(
+        False, "--keep-tied", help="Keep tied embeddings (smaller, approximate); by default they are untied (exact)."
+    ),
+    base_model: str | None = typer.Option(
+        None,
+        help="Hub id (ORG/NAME) of the base model, for the model card.",
+        show_default="the recipe's, the Hub id, or the edited input's base model",
+    ),
+    force: bool = FORCE,
+    replace_any: bool = REPLACE_ANY,
+    allow_nonfinite: bool = typer.Option(
+        False,
+        "--allow-nonfinite",
+        help="Write NaN/inf values that the edit or the dtype cast produced (with a warning) instead of failing.",
+    ),
 ) -> None:
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
-    from refusal_edit.directions.artifacts import load_direction
-    from refusal_edit.edits import orthogonalize as run
-    from refusal_edit.loading import resolve_source
+    from refusal_edit.edits.spec import variant
+    from refusal_edit.errors import RefusalEditError
+    from refusal_edit.workflows import orthogonalize as run
 
-    d = load_direction(direction)
-    source = resolve_source(model)
-    base = base_model
-    if base is None and source.recipe is not None:
-        base = source.recipe.source.get("base_model")
-    if base is None and source.kind == "hub":
-        base = source.spec
+    options = variant(layers, weight, "layer" if per_layer else None, projected, rank, basis, preserve_norm)
+    if spec is not None and options is not None:
+        raise RefusalEditError("`spec` already describes the edit: drop the variant options")
+    if plan_only:
+        from refusal_edit.cli.archs import plan_summary, plan_table
+        from refusal_edit.edits.preview import planned_tensors
+        from refusal_edit.workflows.editing import plan_job
+
+        job = plan_job(model, direction, mode, coeff, layer, site, unit, keep_tied, spec if spec else options)
+        rows = planned_tensors(job.plan, job.ckpt)
+        show(plan_table(job.plan, rows, f"{job.mode}: {job.source.name} (plan only, nothing written)"))
+        show(plan_summary(rows))
+        for note in job.plan.notes:
+            err.print(f"- {escape(note)}", soft_wrap=True)
+        return
+    if out is None:
+        raise RefusalEditError("give `out` (the output directory), or `plan_only` to see the plan")
     result = run(
-        source.hf_dir,
-        d,
+        model,
+        direction,
         out,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         coeff=coeff,
         layer=layer,
         site=site,
@@ -55,16 +117,19 @@ def orthogonalize(
         max_shard_size=max_shard_size,
         force=force,
         keep_tied=keep_tied,
-        base_model=base or source.name,
+        base_model=base_model,
+        replace_any=replace_any,
+        allow_nonfinite=allow_nonfinite,
+        spec=spec if spec is not None else options,
     )
     w = result.write
-    table = Table(title=f"{mode}: {out}")
-    table.add_column("tensors edited", justify="right")
-    table.add_column("copied", justify="right")
-    table.add_column("created", justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("seconds", justify="right")
+    table = Table(title=escape(f"{result.record.mode if result.record else mode}: {out}"))
+    for col in ("tensors edited", "copied", "created", "size", "seconds"):
+        table.add_column(col, justify="right")
     table.add_row(str(w.edited), str(w.copied), str(w.created), f"{w.bytes_written / 1e9:.2f} GB", f"{w.seconds:.1f}")
-    console.print(table)
+    show(table)
     for note in result.plan.notes:
-        console.print(f"- {note}")
+        err.print(f"- {escape(note)}", soft_wrap=True)
+    names = flag_names(["orthogonalize"])
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(in_flags(warning, names))}", soft_wrap=True)

@@ -1,10 +1,10 @@
 """A cheap first-order estimate of every candidate's bypass score (attribution patching).
 
 Ablating r from a writer changes its output o by -(o . u) u (u = r, or normalize(g * r) before a
-sandwich norm). To first order the refusal score changes by g . delta = -(g . u)(o . u), where g is the
-gradient of the score with respect to that writer's output. Gradients already include every
-downstream path, so one forward and one backward pass over the harmful validation prompts give the
-estimate for *all* candidates at once:
+sandwich norm: `linalg.sandwich_rows`). To first order the refusal score changes by
+g . delta = -(g . u)(o . u), where g is the gradient of the score with respect to that writer's output.
+Gradients already include every downstream path, so one forward and one backward pass over the harmful
+validation prompts give the estimate for *all* candidates at once:
 
     proxy(r) = base + mean over prompts of  -sum over writers, tokens of (g . u)(o . u)
 
@@ -21,18 +21,10 @@ from torch import nn
 
 from refusal_edit.anatomy import anatomy
 from refusal_edit.console import track
-from refusal_edit.directions.scoring import refusal_scores
-from refusal_edit.forward import PromptBatch, model_device
-
-
-def _writers(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor | None, str]]:
-    """(module, post-norm gain or None, kind) for every residual writer."""
-    anat = anatomy(model)
-    out: list[tuple[nn.Module, torch.Tensor | None, str]] = [(e, None, "embedding") for e in anat.embeddings]
-    for layer in range(anat.num_layers):
-        out.append((anat.attn(layer), anat.post_norm_gain(layer, "attn"), "attn"))
-        out.append((anat.mlp(layer), anat.post_norm_gain(layer, "mlp"), "mlp"))
-    return out
+from refusal_edit.forward import PromptBatch, model_device, positions
+from refusal_edit.judging.scores import refusal_scores
+from refusal_edit.linalg import sandwich_rows
+from refusal_edit.offload import reloaded_in_backward
 
 
 def attribution_bypass(
@@ -46,7 +38,8 @@ def attribution_bypass(
     """First-order bypass estimates for unit `directions` [C, H]; returns (estimates [C], base score)."""
     device = model_device(model)
     R = directions.float().to(device)
-    writers = _writers(model)
+    writers = anatomy(model).writers()
+    removed = [sandwich_rows(R, w.gain) for w in writers]  # per writer, [C, H]: what each candidate removes
     batch = PromptBatch(tokenizer, texts, batch_size, share_prefix=False)
     total = torch.zeros(R.shape[0], dtype=torch.float64, device=device)
     base_total = 0.0
@@ -65,8 +58,7 @@ def attribution_bypass(
 
         return hook
 
-    n_embed = sum(1 for _, _, k in writers if k == "embedding")
-    handles = [m.register_forward_hook(make_hook(i, i < n_embed)) for i, (m, _, _) in enumerate(writers)]
+    handles = [w.module.register_forward_hook(make_hook(i, w.layer is None)) for i, w in enumerate(writers)]
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -74,24 +66,24 @@ def attribution_bypass(
         for rows in track(batch.batches, "proxy scores"):
             view = batch.view(rows, device)
             saved.clear()
-            with torch.enable_grad():
-                positions = (view.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.enable_grad(), reloaded_in_backward(model):
                 logits = model(
                     input_ids=view.input_ids,
                     attention_mask=view.attention_mask,
-                    position_ids=positions,
+                    position_ids=positions(view.attention_mask),
                     logits_to_keep=1,
                 ).logits[:, -1, :]
                 score = refusal_scores(logits.float(), refusal_ids)
                 score.sum().backward()
             base_total += float(score.detach().sum())
             mask = view.attention_mask.unsqueeze(-1).float()
-            for i, (_, gain, _) in enumerate(writers):
+            for i, units in enumerate(removed):
                 out = saved[i]
-                units = R if gain is None else torch.nn.functional.normalize(R * gain.to(device), dim=-1)
-                o = (out.detach().float() * mask) @ units.T  # [B, T, C]
+                if units.device != out.device:  # a writer on another GPU: move its candidates there once
+                    units = removed[i] = units.to(out.device)
+                o = (out.detach().float() * mask.to(out.device)) @ units.T  # [B, T, C]
                 g = out.grad.float() @ units.T
-                total -= (o * g).sum(dim=(0, 1)).double()
+                total -= (o * g).sum(dim=(0, 1)).double().to(device)
     finally:
         for h in handles:
             h.remove()

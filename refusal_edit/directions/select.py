@@ -17,17 +17,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from refusal_edit.console import track
 from refusal_edit.directions.candidates import CandidateSet
-from refusal_edit.directions.scoring import kl_divergence, refusal_scores
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.forward import PromptBatch
 from refusal_edit.interventions import ablation, addition
+from refusal_edit.judging.scores import kl_divergence, refusal_scores
 
 
 @dataclass
@@ -39,6 +39,7 @@ class SelectionSettings:
     prune_layer_fraction: float = 0.2
     top_k: int = 8
     batch_size: int = 32
+    strict: bool = False  # no candidate passes: fail (the paper's code) instead of relaxing by `relax`
 
     @classmethod
     def merged(cls, *layers: dict[str, Any] | None) -> SelectionSettings:
@@ -50,6 +51,21 @@ class SelectionSettings:
                 if value is not None and key in names:
                     values[key] = value
         return cls(**values)
+
+    def check(self) -> None:
+        """Values the filters cannot work with are errors naming the parameter (never silently clamped)."""
+        if not 0.0 <= self.prune_layer_fraction < 1.0:
+            raise RefusalEditError(
+                f"`prune_layer_fraction` must be a fraction in [0, 1), got {self.prune_layer_fraction:g} "
+                "(the last fraction of layers whose candidates are discarded)"
+            )
+        for name in ("kl_threshold", "induce_threshold"):
+            if math.isnan(getattr(self, name)):
+                raise RefusalEditError(f"`{name}` must be a number, got NaN")
+        if self.top_k < 1:
+            raise RefusalEditError(f"`top_k` must be at least 1, got {self.top_k}")
+        if self.batch_size < 1:
+            raise RefusalEditError(f"`batch_size` must be at least 1, got {self.batch_size}")
 
     def max_layer(self, n_layers: int) -> int:
         """Candidates at layers >= this are discarded (the paper's int(L * (1 - fraction)))."""
@@ -102,8 +118,14 @@ class Scorer:
         self.model = model
         self.cands = cands
         self.refusal_ids = list(refusal_ids)
-        self.harmful = PromptBatch(tokenizer, harmful_val, batch_size, share_prefix=share_prefix)
-        self.harmless = PromptBatch(tokenizer, harmless_val, batch_size, share_prefix=share_prefix)
+        if share_prefix:  # the fast path: packed prompts (no padding) where this model computes them exactly
+            from refusal_edit.packed import packed_or_padded
+
+            self.harmful = packed_or_padded(model, tokenizer, harmful_val, batch_size)
+            self.harmless = packed_or_padded(model, tokenizer, harmless_val, batch_size)
+        else:  # the reference: plain padded batches, as in the paper's code
+            self.harmful = PromptBatch(tokenizer, harmful_val, batch_size, share_prefix=False)
+            self.harmless = PromptBatch(tokenizer, harmless_val, batch_size, share_prefix=False)
         self.base_harmless_logits = self.harmless.run(model)
         self.base_harmless = float(self._score(self.base_harmless_logits).mean())
         self.base_harmful = float(self.harmful.run(model, reduce=self._score).mean())
@@ -161,11 +183,13 @@ def judge(cand: Candidate, settings: SelectionSettings, n_layers: int) -> Candid
     return cand
 
 
-def pick(cands: list[Candidate]) -> Candidate:
-    """Lowest bypass among eligible candidates; if none is eligible, say what would admit the best ones."""
+def pick(cands: list[Candidate], settings: SelectionSettings | None = None) -> Candidate:
+    """Lowest bypass among eligible candidates; if none is eligible, say what would admit the best ones
+    (never a threshold tighter than the one in force)."""
     eligible = [c for c in cands if c.discarded is None]
     if eligible:
         return min(eligible, key=lambda c: c.bypass)  # type: ignore[arg-type,return-value]
+    settings = settings or SelectionSettings()
     reasons: dict[str, int] = {}
     for c in cands:
         reasons[c.discarded or "?"] = reasons.get(c.discarded or "?", 0) + 1
@@ -176,12 +200,74 @@ def pick(cands: list[Candidate]) -> Candidate:
     )
     hints = []
     for c in scored[:3]:
-        need = [f"--kl-threshold {math.ceil(c.kl * 1000) / 1000:g}"] if c.kl is not None else []
-        if c.induce is not None:
-            need.append(f"--induce-threshold {math.floor(c.induce * 100) / 100:.2f}")
-        hints.append(f"layer {c.layer} position {c.position} (bypass {c.bypass:.2f}) needs {' '.join(need)}")
+        need = []
+        if c.kl is not None and c.kl > settings.kl_threshold:
+            need.append(f"`kl_threshold` {math.ceil(c.kl * 1000) / 1000:g}")
+        if c.induce is not None and c.induce < settings.induce_threshold:
+            need.append(f"`induce_threshold` {math.floor(c.induce * 100) / 100:.2f}")
+        if need:
+            hints.append(f"layer {c.layer} position {c.position} (bypass {c.bypass:.2f}) needs {' '.join(need)}")
     hint = ("; closest: " + "; ".join(hints)) if hints else "; try more prompts"
     raise RefusalEditError(f"every candidate was filtered out ({summary}){hint}")
+
+
+RELAX_STEPS = 4
+RELAX_RULE = (
+    "no candidate passed the filters: each step doubles the KL threshold (from at least 0.05) and lowers the "
+    f"induce threshold by 0.5, up to {RELAX_STEPS} steps; the first step that admits a candidate picks the lowest "
+    "bypass among those it admits; after the last step, the lowest bypass of the scored candidates"
+)
+
+
+def relaxed(settings: SelectionSettings, step: int) -> SelectionSettings:
+    """The filters after `step` relaxation steps (`RELAX_RULE`)."""
+    return replace(
+        settings,
+        kl_threshold=max(settings.kl_threshold, 0.05) * 2**step,
+        induce_threshold=settings.induce_threshold - 0.5 * step,
+    )
+
+
+def relax(
+    scored: list[Candidate], settings: SelectionSettings, n_layers: int, scorer: Scorer | None = None
+) -> tuple[Candidate, dict[str, Any]]:
+    """Pick among `scored` candidates under ever looser filters (`RELAX_RULE`); what was relaxed, for run.json.
+    With a `scorer`, induce scores missing for candidates the looser KL admits are computed."""
+    usable = [c for c in scored if c.bypass is not None and not math.isnan(c.bypass) and c.discarded != "late layer"]
+    if not usable:
+        raise RefusalEditError("no candidate could be scored (every one is late, degenerate or NaN)")
+    for step in range(1, RELAX_STEPS + 1):
+        loose = relaxed(settings, step)
+        for c in sorted(usable, key=lambda c: c.bypass):  # type: ignore[arg-type,return-value]
+            if scorer is not None and c.kl is not None and c.kl <= loose.kl_threshold and c.induce is None:
+                c.induce = scorer.induce(c.position, c.layer)
+            judge(c, loose, n_layers)
+        eligible = [c for c in usable if c.discarded is None]
+        if eligible:
+            chosen = min(eligible, key=lambda c: c.bypass)  # type: ignore[arg-type,return-value]
+            to = {"kl_threshold": loose.kl_threshold, "induce_threshold": loose.induce_threshold}
+            return chosen, _relaxation(settings, step, to)
+    chosen = min(usable, key=lambda c: c.bypass)  # type: ignore[arg-type,return-value]
+    chosen.discarded = None
+    return chosen, _relaxation(settings, RELAX_STEPS + 1, {"kl_threshold": None, "induce_threshold": None})
+
+
+def _relaxation(settings: SelectionSettings, steps: int, to: dict[str, float | None]) -> dict[str, Any]:
+    return {
+        "from": {"kl_threshold": settings.kl_threshold, "induce_threshold": settings.induce_threshold},
+        "to": to,
+        "steps": steps,
+        "rule": RELAX_RULE,
+    }
+
+
+def describe_relaxation(relaxation: dict[str, Any]) -> str:
+    """One line for the user: what the filters were, what admitted the pick."""
+    a, b = relaxation["from"], relaxation["to"]
+    before = f"KL <= {a['kl_threshold']:g}, induce >= {a['induce_threshold']:g}"
+    if b["kl_threshold"] is None:
+        return f"no candidate passed {before} even relaxed {RELAX_STEPS} times: picked the lowest bypass (filters off)"
+    return f"no candidate passed {before}: relaxed to KL <= {b['kl_threshold']:g}, induce >= {b['induce_threshold']:g}"
 
 
 def all_candidates(cands: CandidateSet) -> list[Candidate]:
@@ -197,8 +283,12 @@ def select_exhaustive(scorer: Scorer, settings: SelectionSettings) -> Selection:
     for c in track(cands, "scoring all candidates"):
         scorer.full(c)
         judge(c, settings, scorer.cands.n_layers)
-    chosen = pick(cands)
-    return Selection("exhaustive", chosen, cands, scorer.base(), time.perf_counter() - start, len(cands))
+    details: dict[str, Any] = {}
+    if settings.strict or any(c.discarded is None for c in cands):
+        chosen = pick(cands, settings)
+    else:
+        chosen, details["relaxed"] = relax(cands, settings, scorer.cands.n_layers)
+    return Selection("exhaustive", chosen, cands, scorer.base(), time.perf_counter() - start, len(cands), details)
 
 
 def select_fast(
@@ -239,7 +329,9 @@ def select_fast(
     evaluated: list[Candidate] = []
     k = max(1, settings.top_k)
     chosen = None
-    for round_ in range(max_rounds):
+    # Without `strict`, two rounds before relaxing: a first run on a new model should not score every candidate.
+    rounds = max_rounds if settings.strict else min(max_rounds, 2)
+    for round_ in range(rounds):
         batch = ranked[round_ * k : (round_ + 1) * k]
         if not batch:
             break
@@ -257,11 +349,14 @@ def select_fast(
                 break
         if chosen is not None:
             break
-    if chosen is None:  # nothing passed: complete the best few so the error can say what would admit them
+    details: dict[str, Any] = {}
+    if chosen is None and settings.strict:  # complete the best few so the error can say what would admit them
         for c in sorted(evaluated, key=lambda c: c.bypass)[:3]:  # type: ignore[arg-type,return-value]
             if c.induce is None:
                 c.induce = scorer.induce(c.position, c.layer)
             judge(c, settings, n_layers)
-        chosen = pick(evaluated)
-    details = {"proxy_seconds": proxy_seconds, "top_k": k, "proxy_rank_of_chosen": ranked.index(chosen) + 1}
+        chosen = pick(evaluated, settings)
+    elif chosen is None:
+        chosen, details["relaxed"] = relax(evaluated, settings, n_layers, scorer)
+    details |= {"proxy_seconds": proxy_seconds, "top_k": k, "proxy_rank_of_chosen": ranked.index(chosen) + 1}
     return Selection("fast", chosen, cands, scorer.base(), time.perf_counter() - start, len(evaluated), details)

@@ -1,102 +1,99 @@
-"""Permanent weight edits: orthogonalization (ablate) and baked activation addition (add)."""
+"""Permanent weight edits: orthogonalization (ablate) and baked activation addition (add).
+
+`plan_direction_edit` decides what changes (an `EditPlan`, from the checkpoint's tensor list alone);
+`write_checkpoint` streams the edited checkpoint out. Resolving MODEL, building the edit record and the
+model card and choosing the output are the workflow's (`refusal_edit.workflows.editing`).
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
+import math
+import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
 
-from refusal_edit import __version__
-from refusal_edit.checkpoint.card import RECORD, read_record, render_card
-from refusal_edit.checkpoint.layout import open_checkpoint
+from refusal_edit.checkpoint.layout import Checkpoint
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.edits.plan import EditPlan, plan_ablation, plan_addition
 from refusal_edit.edits.write import WriteResult, write_checkpoint
 from refusal_edit.errors import RefusalEditError
 
-__all__ = ["EditResult", "orthogonalize", "parse_size"]
+__all__ = ["MODES", "EditResult", "check_edit", "parse_size", "plan_direction_edit", "write_checkpoint"]
+
+MODES = ("ablate", "add")
+SITES = ("input", "attn")
 
 
 @dataclass
 class EditResult:
     write: WriteResult
     plan: EditPlan
-    record: dict[str, Any]
 
 
-def parse_size(text: str | None) -> int | None:
-    """'5GB' / '500MB' / '1.5GiB' / '1024' -> bytes (decimal units as in transformers)."""
-    if text is None:
-        return None
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    t = text.strip().upper()
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            try:
-                return int(float(t[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise RefusalEditError(f"cannot read size {text!r} (e.g. 5GB, 500MB)") from None
+def check_edit(mode: str, coeff: float = 1.0, layer: int | None = None, site: str | None = None, unit: bool = False):
+    """The options an edit of `mode` takes: ablation removes the unit direction from every layer, so the
+    addition's options (`coeff`, `layer`, `site`, `unit`) are errors there, never silently ignored."""
+    if mode not in MODES:
+        raise RefusalEditError(f"unknown `mode` {mode!r} ({', '.join(MODES)})")
+    if site is not None and site not in SITES:
+        raise RefusalEditError(f"unknown `site` {site!r} ({', '.join(SITES)})")
+    if mode == "ablate":
+        given = [
+            name
+            for name, value in (("coeff", coeff != 1.0), ("layer", layer is not None), ("site", site is not None))
+            if value
+        ] + (["unit"] if unit else [])
+        if given:
+            names = " and ".join(f"`{n}`" for n in given)
+            raise RefusalEditError(
+                f"{names} {'applies' if len(given) == 1 else 'apply'} to `mode` add; "
+                "ablation removes the unit direction from every layer completely"
+            )
+    elif not math.isfinite(coeff):
+        raise RefusalEditError(f"`coeff` must be a finite number, got {coeff}")
 
 
-def orthogonalize(
-    model_dir: Path,
+def plan_direction_edit(
+    ckpt: Checkpoint,
     direction: DirectionFile,
-    out: Path,
-    mode: Literal["ablate", "add"] = "ablate",
+    mode: str = "ablate",
     coeff: float = 1.0,
     layer: int | None = None,
-    site: str = "input",
+    site: str | None = None,
     unit: bool = False,
-    dtype: str = "keep",
-    max_shard_size: str | None = None,
-    force: bool = False,
     keep_tied: bool = False,
-    base_model: str | None = None,
-    name: str | None = None,
-) -> EditResult:
-    """Edit the checkpoint in `model_dir` and write a standalone model to `out` (see the CLI help)."""
-    ckpt = open_checkpoint(Path(model_dir))
-    vector, layer = direction.edit_vector(mode, coeff, layer, unit, "--mode")
+) -> tuple[EditPlan, int | None]:
+    """The plan of an edit by a direction file, and the layer an addition goes to (None for ablation)."""
+    check_edit(mode, coeff, layer, site, unit)
+    vector, at = direction.edit_vector(mode, coeff, layer, unit)
     if mode == "ablate":
-        plan = plan_ablation(ckpt, vector, keep_tied=keep_tied)
+        return plan_ablation(ckpt, vector, keep_tied=keep_tied), None
+    assert at is not None
+    return plan_addition(ckpt, coeff * vector, at, site=site or "input", keep_tied=keep_tied), at
+
+
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+MAX_SIZE = 1 << 60  # far above any disk: larger values are typos, and float overflow starts beyond
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB' / '500MB' / '1.5GiB' / '1024' -> bytes (decimal units as in transformers); None stays None.
+
+    A positive, finite size or a clear error naming `max_shard_size`: `0`, `-5GB`, `1e400MB`, `infGB`,
+    `5XB` are refused.
+    """
+    if text is None:
+        return None
+    if isinstance(text, int):
+        value = float(text)
     else:
-        plan = plan_addition(ckpt, coeff * vector, layer, site=site, keep_tied=keep_tied)  # type: ignore[arg-type]
-    previous = read_record(ckpt.root)
-    record: dict[str, Any] = {
-        "tool": "refusal-edit",
-        "tool_version": __version__,
-        "name": name or Path(out).name,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "mode": mode,
-        "coeff": coeff,
-        "layer": layer if mode == "add" else None,
-        "site": site if mode == "add" else None,
-        "unit": unit,
-        "direction_file": direction.path.name if direction.path else None,
-        "direction_sha256": direction.sha256,
-        "direction_layer": direction.layer,
-        "direction_position": direction.position,
-        "direction_model": direction.metadata.get("model"),
-        "base_model": base_model or (previous or {}).get("base_model") or ckpt.root.name,
-        "source_model": {"path": str(ckpt.root), "name": ckpt.root.name, "model_type": plan.spec.model_type},
-        "output_dtype": dtype,
-        "edited_tensors": plan.counts,
-        "notes": [n for n in plan.notes if n],
-        "previous_edit": previous,
-        "evaluation": None,
-    }
-
-    def extras(tmp: Path) -> None:
-        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "README.md").write_text(render_card(record))
-
-    result = write_checkpoint(
-        ckpt, plan, Path(out), force=force, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), extra_files=extras
-    )
-    return EditResult(result, plan, record)
+        match = _SIZE.fullmatch(str(text))
+        if match is None:
+            raise RefusalEditError(f"cannot read `max_shard_size` {text!r} (a positive size, e.g. 5GB, 500MB)")
+        value = float(match[1]) * _UNITS[(match[2] or "").upper()]
+    if not math.isfinite(value) or value > MAX_SIZE:
+        raise RefusalEditError(f"`max_shard_size` {text!r} is too large")
+    if value < 1:
+        raise RefusalEditError(f"`max_shard_size` must be positive, got {text!r}")
+    return int(value)

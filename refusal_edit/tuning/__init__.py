@@ -1,0 +1,20 @@
+"""`tune`: a refusal-vs-damage front over the edit variants, searched with Optuna and confirmed by generation."""
+
+from refusal_edit.tuning.confirm import Confirmed, Confirmer
+from refusal_edit.tuning.front import pick, plot_front
+from refusal_edit.tuning.proxies import ProxyScorer, applied
+from refusal_edit.tuning.run import TuneResult, TuneSettings, tune
+from refusal_edit.tuning.space import SearchSpace
+
+__all__ = [
+    "Confirmed",
+    "Confirmer",
+    "ProxyScorer",
+    "SearchSpace",
+    "TuneResult",
+    "TuneSettings",
+    "applied",
+    "pick",
+    "plot_front",
+    "tune",
+]

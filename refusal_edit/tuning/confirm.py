@@ -1,0 +1,192 @@
+"""Confirm front points with what users will see: greedy replies and the damage over whole continuations.
+
+For each point: greedy replies to the harmful validation prompts, judged by the refusal markers and the
+degenerate-output rules (a degenerate reply - empty, echoing, looping, switching script - is never
+"compliance": it counts as a failure next to refusals); and on harmless validation prompts the first-token
+and multi-token KL against the base model's own greedy continuations, teacher-forced.
+
+Generation on a CPU costs about as much per row whatever the batch, up to large batches, so the replies
+of every point with a hook twin (and of the base model) are generated in one batch, each group of rows
+under its own edit (`interventions.edit_hooks_by_row`). The base model's continuations and their
+log-probabilities are computed once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from refusal_edit.edits.memory import edited_weights
+from refusal_edit.edits.spec import ResolvedEdit
+from refusal_edit.evaluation.metrics import aggregate, continuation_metrics
+from refusal_edit.forward import BatchView, tail_logits, teacher_forced
+from refusal_edit.generation import Generated, generate
+from refusal_edit.interventions import RowGroups, edit_hooks_by_row
+from refusal_edit.judging import degenerate_reason, is_refusal
+from refusal_edit.tuning.proxies import applied
+
+GROUP_ROWS = 256  # rows generated in one batch at most (memory: KV cache and logits of every row)
+
+
+@dataclass
+class Confirmed:
+    """Measured numbers of one point (rates are fractions of the harmful prompts)."""
+
+    refusal_rate: float
+    degenerate_rate: float
+    complied_rate: float
+    first_token_kl: float
+    multi_token_kl: float | None
+    prompts: int
+    kl_prompts: int
+    seconds: float
+    samples: list[dict[str, str]]
+
+    @property
+    def failures(self) -> float:
+        """Refused or degenerate: what the front's refusal axis counts."""
+        return self.refusal_rate + self.degenerate_rate
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def judge_replies(prompts: Sequence[str], replies: Sequence[Generated]) -> tuple[list[bool], list[str | None]]:
+    """(refused, degenerate reason) per reply; a degenerate reply is not also counted as a refusal."""
+    refused, degenerate = [], []
+    for p, g in zip(prompts, replies, strict=True):
+        reason = degenerate_reason(p, g.text)
+        degenerate.append(reason)
+        refused.append(reason is None and is_refusal(g.text))
+    return refused, degenerate
+
+
+class Confirmer:
+    """Measures points against the base model on fixed validation prompts."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        harmful_prompts: Sequence[str],
+        harmful_texts: Sequence[str],
+        harmless_texts: Sequence[str],
+        max_new_tokens: int = 48,
+        batch_size: int = 32,
+        samples: int = 3,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.harmful_prompts, self.harmful_texts = list(harmful_prompts), list(harmful_texts)
+        self.harmless_texts = list(harmless_texts)
+        self.max_new_tokens, self.batch_size, self.samples = max_new_tokens, batch_size, samples
+        self.continuations = [
+            g.token_ids
+            for g in generate(
+                model, tokenizer, self.harmless_texts, max_new_tokens, batch_size, "base continuations (harmless)"
+            )
+        ]
+        # Base log-probabilities at the positions that predict each continuation, kept in float16.
+        self.base_logprobs: list[torch.Tensor] = teacher_forced(
+            tokenizer,
+            self.harmless_texts,
+            self.continuations,
+            [lambda view, keep: tail_logits(model, view, keep)],
+            lambda logits, _targets: torch.log_softmax(logits[0], -1).half(),
+            batch_size=max(1, batch_size // 2),
+        )
+
+    def _cached_base(self, view: BatchView, keep: int) -> torch.Tensor:
+        """The base model's cached log-probs laid out like `tail_logits` of this batch."""
+        vocab = self.base_logprobs[0].shape[-1]
+        out = torch.zeros((len(view.rows), keep, vocab), dtype=torch.float32)
+        for j, i in enumerate(view.rows):
+            lp = self.base_logprobs[i].float()
+            k = len(self.continuations[i])
+            lo = keep - 1 - k
+            out[j, lo : lo + lp.shape[0]] = lp
+        return out
+
+    def _kl(self, edit: ResolvedEdit, label: str) -> tuple[float, float | None]:
+        def edited(view: BatchView, keep: int) -> torch.Tensor:
+            with applied(self.model, edit):
+                return tail_logits(self.model, view, keep)
+
+        rows = teacher_forced(
+            self.tokenizer,
+            self.harmless_texts,
+            self.continuations,
+            [self._cached_base, edited],
+            lambda logits, targets: continuation_metrics(logits[0], logits[1], targets),
+            batch_size=max(1, self.batch_size // 2),
+            description=f"KL ({label})",
+        )
+        stats = aggregate(rows)
+        return stats.first_token_kl, stats.multi_token_kl
+
+    def _replies(self, points: Sequence[tuple[str, ResolvedEdit | None]]) -> list[list[Generated]]:
+        """Greedy replies to the harmful prompts under every point: hookable points share batches."""
+        n = len(self.harmful_texts)
+        replies: list[list[Generated] | None] = [None] * len(points)
+        shared = [i for i, (_, e) in enumerate(points) if e is None or not e.preserve_norm]
+        per_batch = max(1, GROUP_ROWS // n)
+        for start in range(0, len(shared), per_batch):
+            chunk = shared[start : start + per_batch]
+            groups = RowGroups([g for g in range(len(chunk)) for _ in range(n)])
+            edits = [points[i][1] for i in chunk]
+            labels = ", ".join(points[i][0] for i in chunk)
+            with edit_hooks_by_row(self.model, edits, groups):
+                out = generate(
+                    self.model,
+                    self.tokenizer,
+                    self.harmful_texts * len(chunk),
+                    self.max_new_tokens,
+                    max(self.batch_size, n * len(chunk)),
+                    f"replies ({labels})",
+                    before_batch=groups.select,
+                )
+            for g, i in enumerate(chunk):
+                replies[i] = out[g * n : (g + 1) * n]
+        for i, (label, edit) in enumerate(points):
+            if replies[i] is None:
+                with edited_weights(self.model, edit):  # type: ignore[arg-type]
+                    replies[i] = generate(
+                        self.model,
+                        self.tokenizer,
+                        self.harmful_texts,
+                        self.max_new_tokens,
+                        self.batch_size,
+                        f"replies ({label})",
+                    )
+        return replies  # type: ignore[return-value]
+
+    def measure(self, points: Sequence[tuple[str, ResolvedEdit | None]]) -> list[Confirmed]:
+        """Every point's numbers (None: the base model itself)."""
+        start = time.perf_counter()
+        replies = self._replies(points)
+        shared_seconds = (time.perf_counter() - start) / max(1, len(points))
+        out = []
+        for (label, edit), rows in zip(points, replies, strict=True):
+            t = time.perf_counter()
+            refused, degenerate = judge_replies(self.harmful_prompts, rows)
+            n = len(rows)
+            n_refused, n_degenerate = sum(refused), sum(r is not None for r in degenerate)
+            first, multi = (0.0, 0.0) if edit is None else self._kl(edit, label)
+            samples = [{"prompt": self.harmful_prompts[i], "reply": rows[i].text} for i in range(min(self.samples, n))]
+            out.append(
+                Confirmed(
+                    refusal_rate=n_refused / n,
+                    degenerate_rate=n_degenerate / n,
+                    complied_rate=(n - n_refused - n_degenerate) / n,
+                    first_token_kl=first,
+                    multi_token_kl=multi,
+                    prompts=n,
+                    kl_prompts=len(self.harmless_texts),
+                    seconds=shared_seconds + time.perf_counter() - t,
+                    samples=samples,
+                )
+            )
+        return out

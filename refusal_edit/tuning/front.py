@@ -1,0 +1,154 @@
+"""Pareto fronts, which points to confirm, the documented pick rule, and the front plot.
+
+Pick rule (`pick`): among the confirmed points, the fewest failures on the harmful validation prompts
+(refusals plus degenerate replies) whose first-token KL is at most `max_kl`; ties go to the lower
+multi-token KL, then the lower first-token KL. When no point is under `max_kl`, the point with the lowest
+first-token KL is picked and the result says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def pareto(items: Sequence[T], key: Callable[[T], Sequence[float]]) -> list[T]:
+    """The items no other item dominates (<= on every objective, < on one); minimisation."""
+    values = [tuple(key(i)) for i in items]
+    front = []
+    for i, a in enumerate(values):
+        dominated = any(all(x <= y for x, y in zip(b, a, strict=True)) and b != a for b in values)
+        if not dominated:
+            front.append(items[i])
+    return front
+
+
+def spread(items: Sequence[T], k: int, key: Callable[[T], float]) -> list[T]:
+    """`k` items spread evenly along `key` (the ends always included), in key order."""
+    ordered = sorted(items, key=key)
+    if len(ordered) <= k:
+        return ordered
+    if k == 1:
+        return [ordered[0]]
+    picks = sorted({round(j * (len(ordered) - 1) / (k - 1)) for j in range(k)})
+    return [ordered[j] for j in picks]
+
+
+@dataclass
+class Pick:
+    index: int | None
+    rule: str
+    within_max_kl: bool
+
+
+def pick(points: Sequence[dict[str, Any]], max_kl: float) -> Pick:
+    """The documented rule (module docstring) over confirmed points (dicts with `confirmed` numbers)."""
+    if not points:
+        return Pick(None, "no confirmed points", False)
+
+    def failures(p: dict[str, Any]) -> float:
+        c = p["confirmed"]
+        return c["refusal_rate"] + c["degenerate_rate"]
+
+    def order(i: int) -> tuple[float, float, float]:
+        c = points[i]["confirmed"]
+        multi = c["multi_token_kl"] if c["multi_token_kl"] is not None else math.inf
+        return failures(points[i]), multi, c["first_token_kl"]
+
+    under = [i for i, p in enumerate(points) if p["confirmed"]["first_token_kl"] <= max_kl]
+    rule = f"fewest refusals + degenerate replies with first-token KL <= {max_kl:g}; ties: lower multi-token KL"
+    if under:
+        return Pick(min(under, key=order), rule, True)
+    best = min(range(len(points)), key=lambda i: points[i]["confirmed"]["first_token_kl"])
+    return Pick(best, f"no point has first-token KL <= {max_kl:g}: the lowest first-token KL", False)
+
+
+def plot_front(data: dict[str, Any], path: Path) -> Path:
+    """front.png: every trial's proxies with the proxy front (left), the confirmed points (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    trials = [t for t in data["trials"] if t.get("kl_proxy") is not None]
+    if trials:
+        left.scatter(
+            [max(t["kl_proxy"], 1e-5) for t in trials],
+            [100 * t["refusal_proxy"] for t in trials],
+            s=14,
+            color="0.65",
+            label="trials",
+        )
+        front = sorted(pareto(trials, lambda t: (t["refusal_proxy"], t["kl_proxy"])), key=lambda t: t["kl_proxy"])
+        left.plot(
+            [max(t["kl_proxy"], 1e-5) for t in front],
+            [100 * t["refusal_proxy"] for t in front],
+            "-o",
+            ms=4,
+            color="tab:blue",
+            label="proxy front",
+        )
+        confirmed_trials = {p["trial"] for p in data["confirmed"]}
+        conf = [t for t in trials if t["number"] in confirmed_trials]
+        left.scatter(
+            [max(t["kl_proxy"], 1e-5) for t in conf],
+            [100 * t["refusal_proxy"] for t in conf],
+            s=60,
+            facecolors="none",
+            edgecolors="tab:red",
+            label="confirmed",
+        )
+    left.axhline(100 * data["base"]["refusal_proxy"], color="k", ls=":", lw=1, label="base model")
+    left.set_xscale("log")
+    left.set_xlabel("first-token KL on harmless val prompts (nats, proxy)")
+    left.set_ylabel("first-token refusal probability on harmful val prompts (%)")
+    left.set_title("search (every trial)")
+    left.legend(fontsize=8)
+
+    points = data["confirmed"]
+    chosen = data.get("chosen")
+    base_rate = 100 * data["base"]["confirmed"]["refusal_rate"]
+    right.axhline(base_rate, color="k", ls=":", lw=1, label=f"base model ({base_rate:.0f}% refusals)")
+    for marker, kind, label in (("o", "first_token_kl", "first-token KL"), ("s", "multi_token_kl", "multi-token KL")):
+        xs = [max(p["confirmed"][kind] or 0.0, 1e-5) for p in points]
+        ys = [100 * (p["confirmed"]["refusal_rate"] + p["confirmed"]["degenerate_rate"]) for p in points]
+        right.scatter(xs, ys, marker=marker, s=36, label=label, alpha=0.85)
+    for p in points:
+        c = p["confirmed"]
+        y = 100 * (c["refusal_rate"] + c["degenerate_rate"])
+        right.plot([max(c["multi_token_kl"] or 0.0, 1e-5), max(c["first_token_kl"], 1e-5)], [y, y], color="0.8", lw=1)
+        if p.get("reference"):
+            right.annotate(
+                "paper's edit",
+                (max(c["first_token_kl"], 1e-5), y),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+    if chosen is not None:
+        c = next(p for p in points if p["id"] == chosen)["confirmed"]
+        right.scatter(
+            [max(c["first_token_kl"], 1e-5)],
+            [100 * (c["refusal_rate"] + c["degenerate_rate"])],
+            marker="*",
+            s=260,
+            color="gold",
+            edgecolors="k",
+            zorder=5,
+            label="picked",
+        )
+    right.set_xscale("log")
+    right.set_xlabel("KL on harmless val prompts (nats; greedy continuations, teacher-forced)")
+    right.set_ylabel("harmful val prompts refused or degenerate (%)")
+    right.set_title("confirmed points (greedy generation)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,287 @@
+"""The `orthogonalize` workflow: resolve MODEL, plan the edit (core), build the record, write the checkpoint.
+
+The record (`refusal_edit.json`) and the model card rendered from it travel inside the atomic output, so
+an edited checkpoint never exists without them. The output format is chosen from `out` in one place
+(`_writer`): safetensors directories today, other formats beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refusal_edit.checkpoint.atomic import check_output
+from refusal_edit.checkpoint.layout import Checkpoint, open_checkpoint
+from refusal_edit.checkpoint.record import EditRecord
+from refusal_edit.directions.artifacts import DirectionFile, load_direction
+from refusal_edit.edits import EditResult, check_edit, parse_size, plan_direction_edit, write_checkpoint
+from refusal_edit.edits.plan import EditPlan, plan_edit, resolved_config
+from refusal_edit.edits.spec import EditSpec, resolve
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.loading.model import ModelSource
+from refusal_edit.workflows import sources
+
+
+@dataclass
+class EditOutcome(EditResult):
+    """The written checkpoint, its plan and record, and warnings for the user (e.g. an unknown base model)."""
+
+    record: EditRecord | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_record(
+    plan: EditPlan,
+    direction: DirectionFile,
+    out: Path,
+    *,
+    base_model: str | None,
+    source_model: dict[str, Any],
+    previous: EditRecord | None = None,
+    mode: str = "ablate",
+    coeff: float = 1.0,
+    layer: int | None = None,
+    site: str | None = None,
+    unit: bool = False,
+    dtype: str = "keep",
+    name: str | None = None,
+    format: str = "safetensors",
+    spec: dict[str, Any] | None = None,
+) -> EditRecord:
+    """What was done, for the record and the model card, whatever the output format; a re-edit carries
+    `previous` (the input's own record), and with it the original base model (`EditRecord.after`)."""
+    return EditRecord(
+        mode=mode,
+        base_model=base_model,
+        coeff=coeff,
+        layer=layer if mode == "add" else None,
+        site=(site or "input") if mode == "add" else None,
+        unit=unit,
+        direction_file=direction.path.name if direction.path else None,
+        direction_sha256=direction.sha256 or None,
+        direction_layer=direction.layer,
+        direction_position=direction.position,
+        direction_model=direction.metadata.get("model"),
+        format=format,
+        name=name or Path(out).name,
+        source_model={**source_model, "model_type": plan.spec.model_type},
+        output_dtype=dtype,
+        edited_tensors=dict(plan.counts),
+        notes=[n for n in plan.notes if n],
+        spec=spec,
+    ).after(previous)
+
+
+def _writer(out: Path) -> Callable[..., EditResult]:
+    """How an edit is written to `out`: the one place that chooses an output format."""
+    if Path(out).suffix.lower() == ".gguf":
+        raise RefusalEditError(f"`out` {out} names a GGUF file: GGUF output is not supported yet (give a directory)")
+    return _write_safetensors
+
+
+def _write_safetensors(
+    ckpt: Checkpoint, plan: EditPlan, record: EditRecord, out: Path, *, max_shard_size, **options: Any
+) -> EditResult:
+    result = write_checkpoint(
+        ckpt,
+        plan,
+        Path(out),
+        max_shard_bytes=parse_size(max_shard_size),
+        extra_files=lambda tmp: record.save(tmp),
+        **options,
+    )
+    return EditResult(result, plan)
+
+
+def plan_variant(ckpt: Checkpoint, direction: DirectionFile, spec: EditSpec, keep_tied: bool = False) -> EditPlan:
+    """The plan of an edit variant (`EditSpec`): its bases and weights resolved against the direction's bank."""
+    from refusal_edit.directions.bank import load_bank
+
+    bank, _ = load_bank(direction)
+    n_layers = int(resolved_config(ckpt).num_hidden_layers)
+    plan = plan_edit(ckpt, resolve(spec, bank, n_layers), keep_tied=keep_tied)
+    plan.notes.insert(0, f"edit: {spec.describe()}")
+    return plan
+
+
+def front_point(spec: str | Path) -> tuple[EditSpec, Path, dict[str, Any]]:
+    """A confirmed point of a tune front (`front.json[#ID]`): its spec, the direction it draws on, and what
+    the record keeps of it (front file, point id, the numbers confirmed for it)."""
+    from refusal_edit.workflows.tune import load_front_point
+
+    data, point = load_front_point(spec)
+    direction = (data.get("direction") or {}).get("path")
+    if not direction:
+        raise RefusalEditError(f"{spec} does not name the direction file it was tuned with")
+    info = {
+        "front": str(Path(str(spec).partition("#")[0]).expanduser()),
+        "point": point.get("id"),
+        "confirmed": point.get("confirmed"),
+        "direction_sha256": (data.get("direction") or {}).get("sha256"),
+        "chat_format": {k: (data.get("chat_format") or {}).get(k) for k in ("template", "system_prompt")},
+    }
+    return EditSpec.from_json(point.get("spec")), Path(direction), info
+
+
+@dataclass
+class EditJob:
+    """An edit decided but not written: what the record and the writer need."""
+
+    source: ModelSource
+    ckpt: Checkpoint
+    direction: DirectionFile
+    plan: EditPlan
+    mode: str
+    layer: int | None
+    spec: EditSpec | None
+    spec_info: dict[str, Any] | None
+    inputs: list[Path]
+
+
+def plan_job(
+    model: str | Path | ModelSource,
+    direction: DirectionFile | str | Path | None,
+    mode: str = "ablate",
+    coeff: float = 1.0,
+    layer: int | None = None,
+    site: str | None = None,
+    unit: bool = False,
+    keep_tied: bool = False,
+    spec: EditSpec | str | Path | None = None,
+) -> EditJob:
+    """Resolve MODEL, the direction and the variant, and plan the edit (nothing written: `plan_only` shows it)."""
+    spec_info: dict[str, Any] | None = None
+    if spec is not None:
+        check_edit(mode, coeff, layer, site, unit)
+        if mode != "ablate":
+            raise RefusalEditError("`spec` describes an ablation variant; it does not combine with `mode` add")
+        if not isinstance(spec, EditSpec):
+            spec, tuned_with, spec_info = front_point(sources.expand(str(spec)))
+            direction = direction if direction is not None else tuned_with
+        else:
+            spec_info = {}
+    if direction is None:
+        raise RefusalEditError("give `direction` (a direction file) or `spec` (a tune front point)")
+    d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
+    if spec_info and spec_info.get("direction_sha256") not in (None, d.sha256):
+        raise RefusalEditError(f"{d.path} is not the direction file the front was tuned with (its sha256 differs)")
+    source = sources.resolve_model(model)
+    inputs = [p for p in (d.path, source.origin) if p is not None]
+    ckpt = open_checkpoint(source.hf_dir)
+    if spec is not None:
+        assert isinstance(spec, EditSpec)
+        plan, at = plan_variant(ckpt, d, spec, keep_tied), None
+        mode = "spec"
+    else:
+        plan, at = plan_direction_edit(ckpt, d, mode, coeff, layer, site, unit, keep_tied)
+    return EditJob(source, ckpt, d, plan, mode, at, spec, spec_info, [source.hf_dir, *inputs])
+
+
+def orthogonalize(
+    model: str | Path | ModelSource,
+    direction: DirectionFile | str | Path | None,
+    out: Path | str,
+    mode: str = "ablate",
+    coeff: float = 1.0,
+    layer: int | None = None,
+    site: str | None = None,
+    unit: bool = False,
+    dtype: str = "keep",
+    max_shard_size: str | int | None = None,
+    force: bool = False,
+    keep_tied: bool = False,
+    base_model: str | None = None,
+    name: str | None = None,
+    replace_any: bool = False,
+    allow_nonfinite: bool = False,
+    spec: EditSpec | str | Path | None = None,
+) -> EditOutcome:
+    """Edit MODEL by `direction` and write a standalone checkpoint to `out` (see `refusal-edit orthogonalize`).
+
+    `base_model` (a Hub id) names the model in the card; by default it follows from MODEL (a recipe's, a Hub
+    id, the base model of an edited checkpoint) and stays unknown for a local folder - with a warning.
+    `force` replaces a previous output of this tool (`replace_any`: any folder); `allow_nonfinite` writes
+    NaN / inf values the edit or the cast produced, with a warning, instead of failing. `spec` is an edit
+    variant (an `EditSpec`) or a tune front point (`front.json[#ID]`, which also names the direction).
+    """
+    parse_size(max_shard_size)  # a bad size fails before anything is read
+    if Path(out).suffix.lower() == ".gguf":
+        if dtype != "keep" or max_shard_size is not None:
+            raise RefusalEditError(
+                "a GGUF `out` keeps each tensor's own type in one file: drop `dtype`, `max_shard_size`"
+            )
+        return _orthogonalize_gguf(
+            model,
+            direction,
+            out,
+            dict(
+                mode=mode,
+                coeff=coeff,
+                layer=layer,
+                site=site,
+                unit=unit,
+                keep_tied=keep_tied,
+                force=force,
+                replace_any=replace_any,
+                base_model=base_model,
+                name=name,
+                spec=spec,
+            ),
+        )
+    write = _writer(Path(out))
+    d = direction
+    if isinstance(direction, str | Path):
+        d = load_direction(sources.expand(str(direction)))
+    source = sources.resolve_model(model)
+    protected = [p for p in (source.hf_dir, source.origin, getattr(d, "path", None)) if p is not None]
+    check_output(Path(out), force, protected, replace_any)  # a bad `out` fails before planning
+    job = plan_job(source, d, mode, coeff, layer, site, unit, keep_tied, spec)
+    check_output(Path(out), force, job.inputs, replace_any)
+    ckpt, plan = job.ckpt, job.plan
+    record = build_record(
+        plan,
+        job.direction,
+        Path(out),
+        base_model=sources.base_model(source, base_model),
+        source_model={"path": str(ckpt.root), "name": ckpt.root.name},
+        previous=EditRecord.load(ckpt.root),
+        mode=job.mode,
+        coeff=coeff,
+        layer=job.layer,
+        site=site,
+        unit=unit,
+        dtype=dtype,
+        name=name,
+        spec=None if job.spec is None else {"edit": job.spec.to_json(), **(job.spec_info or {})},
+    )
+    result = write(
+        ckpt,
+        plan,
+        record,
+        Path(out),
+        max_shard_size=max_shard_size,
+        force=force,
+        dtype=dtype,
+        inputs=job.inputs[1:],
+        replace_any=replace_any,
+        allow_nonfinite=allow_nonfinite,
+    )
+    warnings = list(result.write.warnings)
+    if record.base_model is None:
+        warnings.append(
+            "the base model is unknown (a local folder): the model card names none; pass `base_model` ORG/NAME "
+            "to name it"
+        )
+    return EditOutcome(result.write, result.plan, record, warnings)
+
+
+def _orthogonalize_gguf(model: str | Path | ModelSource, direction: Any, out: Path | str, options: dict) -> EditOutcome:
+    """GGUF in, GGUF out: the GGUF editor plans on the file itself (`refusal_edit.gguf`); tensors keep their types."""
+    from refusal_edit.workflows.gguf import orthogonalize_gguf
+
+    if isinstance(model, ModelSource):
+        model = model.origin if model.origin is not None else model.spec
+    result = orthogonalize_gguf(model, direction, out, **options)
+    return EditOutcome(result.write, result.plan, result.record, result.warnings)  # type: ignore[arg-type]

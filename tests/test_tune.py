@@ -1,0 +1,175 @@
+"""`refusal-edit tune` on a tiny model: a valid front, resumable study, and a picked spec whose written
+checkpoint equals its hook twin."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import token_batch
+
+from refusal_edit.tuning.front import pareto, pick, spread
+
+FAST = ["--n-train", "6", "--n-val", "4", "--batch-size", "8", "--top-k", "2"]
+PERMISSIVE = ["--kl-threshold", "1e9", "--induce-threshold", "-1e9", "--refusal-tokens", "i,as"]
+TUNE = [
+    "--trials",
+    "10",
+    "--confirm",
+    "2",
+    "--n-val",
+    "4",
+    "--search-prompts",
+    "3",
+    "--max-new-tokens",
+    "6",
+    "--batch-size",
+    "8",
+]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One tiny model, extracted and tuned once for the whole module (the slow part)."""
+    import sys
+
+    from tiny import build, save
+
+    from refusal_edit.cli import main
+
+    root = tmp_path_factory.mktemp("tune")
+    src = save(build("qwen2"), root / "model")
+
+    def run(*args):
+        argv = sys.argv
+        sys.argv = ["refusal-edit", *map(str, args)]
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv = argv
+        return code
+
+    assert run("extract", src, "--out", root / "direction", *FAST, *PERMISSIVE) == 0
+    assert run("tune", src, "--direction", root / "direction", "--out", root / "tune", *TUNE) == 0
+    return src, root, run
+
+
+def test_front_is_written_and_valid(tuned):
+    _src, root, _run = tuned
+    data = json.loads((root / "tune" / "front.json").read_text())
+    assert len(data["trials"]) == 10
+    seeds = [t for t in data["trials"] if t["seed"]]
+    assert len(seeds) >= 5 and seeds[0]["spec"]["attn"] == {"weight": 1.0}  # the paper's edit comes first
+    for t in data["trials"]:
+        assert 0 <= t["refusal_proxy"] <= 1 and t["kl_proxy"] >= 0
+    confirmed = data["confirmed"]
+    assert 2 <= len(confirmed) <= 3  # 2 front points (+ the paper's edit when it is not one of them)
+    assert any(p["reference"] for p in confirmed)
+    for p in confirmed:
+        c = p["confirmed"]
+        assert c["prompts"] == 4 and c["kl_prompts"] == 3
+        assert abs(c["refusal_rate"] + c["degenerate_rate"] + c["complied_rate"] - 1) < 1e-9
+        assert c["first_token_kl"] >= 0 and c["multi_token_kl"] is not None
+    assert data["chosen"] in {p["id"] for p in confirmed}
+    assert data["direction"]["candidates"] is True
+    assert (root / "tune" / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (root / "tune" / "study.journal").is_file()
+
+
+def test_resume_continues_and_force_is_needed_to_restart(tuned):
+    src, root, run = tuned
+    assert run("tune", src, "--direction", root / "direction", "--out", root / "tune", *TUNE) == 1  # exists
+    more = [a if a != "10" else "12" for a in TUNE]
+    assert run("tune", src, "--direction", root / "direction", "--out", root / "tune", *more, "--resume") == 0
+    data = json.loads((root / "tune" / "front.json").read_text())
+    assert len(data["trials"]) == 12
+    first = [t["spec"] for t in data["trials"][:10]]
+    assert first[0]["attn"] == {"weight": 1.0}
+
+
+def test_spec_written_by_orthogonalize_equals_its_hook_twin(tuned, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from refusal_edit.directions.bank import load_bank
+    from refusal_edit.edits.spec import EditSpec, resolve
+    from refusal_edit.interventions import edit_hooks
+
+    src, root, run = tuned
+    data = json.loads((root / "tune" / "front.json").read_text())
+    point = next(p for p in data["confirmed"] if not EditSpec.from_json(p["spec"]).preserve_norm)
+    out = tmp_path / "edited"
+    assert run("orthogonalize", src, "--spec", f"{root / 'tune' / 'front.json'}#{point['id']}", "--out", out) == 0
+    record = json.loads((out / "refusal_edit.json").read_text())
+    assert record["mode"] == "spec" and record["spec"]["edit"] == point["spec"]
+    assert record["spec"]["confirmed"]["first_token_kl"] == point["confirmed"]["first_token_kl"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    bank, _ = load_bank(root / "direction")
+    edit = resolve(EditSpec.from_json(point["spec"]), bank, 3)
+    x = token_batch()
+    with torch.no_grad(), edit_hooks(model, edit):
+        reference = model(x).logits
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(x).logits
+    assert (logits - reference).abs().max().item() <= 1e-4
+
+
+def test_pick_rule_and_front_helpers():
+    def point(i, refused, degenerate, first, multi):
+        return {
+            "id": f"t{i}",
+            "confirmed": {
+                "refusal_rate": refused,
+                "degenerate_rate": degenerate,
+                "first_token_kl": first,
+                "multi_token_kl": multi,
+            },
+        }
+
+    points = [
+        point(0, 0.0, 0.0, 0.20, 0.05),  # fewest refusals but over budget
+        point(1, 0.1, 0.0, 0.04, 0.010),
+        point(2, 0.0, 0.1, 0.03, 0.008),  # degenerate replies count as failures: ties with t1
+        point(3, 0.3, 0.0, 0.01, 0.002),
+    ]
+    chosen = pick(points, max_kl=0.05)
+    assert points[chosen.index]["id"] == "t2" and chosen.within_max_kl  # tie on failures -> lower multi-token KL
+    fallback = pick(points, max_kl=0.001)
+    assert points[fallback.index]["id"] == "t3" and not fallback.within_max_kl
+    front = pareto([(1, 5), (2, 2), (3, 3), (5, 1)], key=lambda p: p)
+    assert front == [(1, 5), (2, 2), (5, 1)]
+    assert spread(list(range(10)), 3, key=float) == [0, 4, 9]
+
+
+def test_row_grouped_hooks_equal_one_edit_per_pass():
+    """Confirmation generates several points in one batch: each group of rows must see exactly its own edit."""
+    from tiny import HIDDEN, build
+
+    from refusal_edit.edits.spec import DirectionBank, EditSpec, Strength, resolve
+    from refusal_edit.interventions import RowGroups, edit_hooks, edit_hooks_by_row
+
+    model = build("gemma2")  # sandwich norms: the per-writer basis differs from r
+    g = torch.Generator().manual_seed(3)
+    bank = DirectionBank(torch.randn(HIDDEN, generator=g))
+    edits = [
+        resolve(EditSpec(), bank, 3),
+        None,
+        resolve(EditSpec(attn=Strength(weight=0.5), mlp=Strength.window(1, 2), embedding=0.0), bank, 3),
+    ]
+    x = token_batch(batch=2)
+    groups = RowGroups([0, 0, 1, 1, 2, 2])
+    batch = torch.cat([x, x, x])
+    with torch.no_grad(), edit_hooks_by_row(model, edits, groups):
+        groups.select(range(6))
+        together = model(batch).logits
+    for i, edit in enumerate(edits):
+        with torch.no_grad():
+            if edit is None:
+                alone = model(x).logits
+            else:
+                with edit_hooks(model, edit):
+                    alone = model(x).logits
+        assert (together[2 * i : 2 * i + 2] - alone).abs().max().item() <= 1e-5
