@@ -1,9 +1,9 @@
 """Exactness of the weight edit on every supported architecture (the product's core promise).
 
 For each architecture a tiny random model (norms and biases perturbed) is edited through the CLI, loaded
-with stock transformers, and compared in float32 against the *original* model with hooks that project
-the direction off every residual writer's output (before the post-projection norm on sandwich-norm
-architectures, against normalize(g * r)).
+with its stock transformers class (the wrapper's own class for multimodal models), and compared in
+float32 against the *original* model with hooks that project the direction off every residual writer's
+output (before the post-projection norm on sandwich-norm architectures, against normalize(g * r)).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import json
 import pytest
 import torch
 from conftest import make_direction
-from tiny import CONFIGS, build, save, token_batch
-from transformers import AutoModelForCausalLM
+from tiny import CONFIGS, build, load, save, token_batch
 
 from refusal_edit.anatomy import anatomy
 from refusal_edit.arch import ARCHITECTURES
@@ -24,8 +23,13 @@ ARCHS = sorted(CONFIGS)
 TOL = 1e-4
 
 
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a shared machine (no OpenMP spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def residual_stream(model, x):
