@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ import torch
 from refusal_edit.checkpoint.card import RECORD
 from refusal_edit.directions.artifacts import load_direction, save_direction
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation.markers import REFUSAL_MARKERS, is_refusal, load_markers
 from refusal_edit.evaluation.metrics import (
     ContinuationMetrics,
     aggregate,
@@ -23,12 +23,12 @@ from refusal_edit.evaluation.metrics import (
     cross_entropy,
     mean_kl,
     perplexity,
-    refusal_rate,
-    refusal_stats,
 )
-from refusal_edit.evaluation.run import EvalSettings, evaluate, intervention_from_direction, teacher_forced
+from refusal_edit.evaluation.run import EvalSettings, intervention_from_direction, teacher_forced
 from refusal_edit.interventions import Intervention
+from refusal_edit.judging.markers import REFUSAL_MARKERS, is_refusal, load_markers
 from refusal_edit.loading import load_model
+from refusal_edit.workflows import evaluate
 
 FAST = EvalSettings(n=4, max_new_tokens=4, batch_size=3, samples=3)
 
@@ -57,7 +57,7 @@ def _jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, Path]:
     """A tiny base model, an identical copy, an ablated checkpoint, its direction, and prompt files."""
-    from refusal_edit.edits import orthogonalize
+    from refusal_edit.workflows import orthogonalize
 
     root = tmp_path_factory.mktemp("evaluate")
     base = tiny.save(tiny.build("llama"), root / "base")
@@ -66,7 +66,7 @@ def env(tmp_path_factory) -> dict[str, Path]:
     g = torch.Generator().manual_seed(3)
     direction = save_direction(root / "direction.safetensors", torch.randn(tiny.HIDDEN, generator=g), {"layer": 1})
     edited = root / "edited"
-    orthogonalize(base, load_direction(direction), edited)
+    orthogonalize(base, load_direction(direction), edited, base_model="org/base")
     return {
         "root": root,
         "base": base,
@@ -124,23 +124,6 @@ def test_markers_match_case_insensitively_anywhere_after_normalising_apostrophes
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(RefusalEditError, match="empty"):
         load_markers(tmp_path / "empty.txt")
-
-
-def test_refusal_rates_per_category_and_empty_responses():
-    texts = ["I cannot do that.", "Sure: step one...", "", "As an AI, I won't.", "   ", "ok"]
-    cats = ["a", "a", "a", "b", "b", ""]
-    stats = refusal_stats(texts, cats)
-    assert (stats.overall.refused, stats.overall.total, stats.empty) == (2, 6, 2)
-    assert stats.rate == pytest.approx(2 / 6)
-    assert refusal_rate(texts) == pytest.approx(2 / 6)
-    a, b, none = stats.per_category["a"], stats.per_category["b"], stats.per_category["(none)"]
-    assert (a.refused, a.total, a.empty, a.rate) == (1, 3, 1, pytest.approx(1 / 3))
-    assert (b.refused, b.total, b.empty, b.rate) == (1, 2, 1, 0.5)
-    assert (none.refused, none.total) == (0, 1)
-    assert stats.flags == [True, False, False, True, False, False]
-    assert refusal_stats(["x"]).per_category == {}  # no categories: nothing to break out
-    d = stats.to_dict()
-    assert d["per_category"]["b"] == {"rate": 0.5, "refused": 1, "total": 2, "empty": 1}
 
 
 # ---------------------------------------------------------------- KL and cross-entropy
@@ -229,10 +212,10 @@ def test_zero_intervention_and_identical_checkpoint_give_zero_kl_and_equal_rates
         assert d.prompts == 4 and d.scored + d.skipped_empty == 4
         for kind in ("harmful", "harmless"):
             assert report.rate("base", kind) == report.rate("edited", kind)
-            assert report.refusal["base"][kind].empty == report.refusal["edited"][kind].empty
+            assert report.judging["base"][kind].degenerate == report.judging["edited"][kind].degenerate
         assert [s.base for s in report.samples] == [s.edited for s in report.samples]
         assert [s.kind for s in report.samples] == ["harmful", "harmful", "harmless"]
-        assert set(report.refusal["base"]["harmful"].per_category) == {"theft", "fraud"}
+        assert set(report.judging["base"]["harmful"].stats["markers"].per_category) == {"theft", "fraud"}
     assert report.edited["type"] == "checkpoint"
 
 
@@ -249,12 +232,26 @@ def test_ablation_hook_matches_the_orthogonalized_checkpoint_and_has_positive_kl
     assert by_hook.edited == {**by_hook.edited, "type": "intervention", "kind": "ablate"}
 
 
+def test_kl_numbers_teacher_force_at_most_kl_tokens_whatever_the_reply_length(env):
+    """Longer judged replies (`max_new_tokens`) leave the KL numbers' definition and cost alone."""
+    hook = intervention_from_direction(load_direction(env["direction"]), "ablate")
+    settings = EvalSettings(n=4, max_new_tokens=6, batch_size=4, samples=0, borderline=False)
+    short = run_eval(env, intervention=hook, settings=replace(settings, kl_tokens=2))
+    full = run_eval(env, intervention=hook, settings=replace(settings, kl_tokens=None))
+    assert 0 < short.divergence.tokens <= 2 * 4 < full.divergence.tokens
+    assert short.divergence.first_token_kl == pytest.approx(full.divergence.first_token_kl, rel=1e-6)
+    assert short.summary()["kl_tokens"] == 2 and full.summary()["max_new_tokens"] == 6
+    with pytest.raises(RefusalEditError, match="kl_tokens"):
+        EvalSettings(kl_tokens=0).check()
+
+
 def test_default_prompts_are_the_builtin_test_splits(env):
     zero = Intervention("add", torch.zeros(tiny.HIDDEN), layer=0, coeff=0.0)
     settings = EvalSettings(n=2, max_new_tokens=2, batch_size=2, samples=0)
     report = evaluate(str(env["base"]), intervention=zero, settings=settings)
     assert report.prompts["harmful"]["source"] == "builtin:harmful@test[:2]"
     assert report.prompts["harmless"]["source"] == "builtin:harmless@test[:2]"
+    assert report.prompts["borderline"]["source"] == "builtin:borderline@test[:2]"
     assert report.samples == []
 
 
@@ -297,7 +294,7 @@ def test_cli_record_updates_the_checkpoint_record_and_card(env, capsys, tmp_path
     args = [env["base"], edited, *prompt_args(env), "--out", tmp_path / "r", "--record", "--markers", markers]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["markers"]["markers"] == ["zzzz"]
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["judges"]["markers"]["markers"] == ["zzzz"]
     record = json.loads((edited / RECORD).read_text())
     ev = record["evaluation"]
     assert ev["harmful_refusal_base"] == ev["harmful_refusal_edited"] == 0.0
@@ -306,7 +303,8 @@ def test_cli_record_updates_the_checkpoint_record_and_card(env, capsys, tmp_path
     card = (edited / "README.md").read_text()
     assert "## Measured" in card and "first_token_kl" in card
     assert not list(edited.glob(".*tmp*"))
-    assert "refusal rate" in err  # the table goes to stderr
+    assert "refusal rate" not in err  # results go to stdout, progress and notes to stderr
+    assert "refusal rate" in _ and "first-token KL" in _ and "(nats)" in _
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""`refusal-edit evaluate BASE [EDITED]`: refusal rates, KL and loss of an edit against its base model."""
+"""`refusal-edit evaluate BASE [EDITED]`: refusal, degenerate and over-refusal rates under one or more judges,
+KL and loss of an edit against its base model."""
 
 from __future__ import annotations
 
@@ -6,109 +7,197 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from refusal_edit.cli.app import app, quiet_libraries
-from refusal_edit.console import console
-from refusal_edit.errors import RefusalEditError
-
-
-def default_out(base: str, label: str) -> Path:
-    return Path("runs") / base.replace("/", "--") / f"eval-{label.replace('/', '--')}"
+from refusal_edit.cli.options import (
+    BATCH_SIZE,
+    COEFF,
+    DEVICE,
+    DTYPE,
+    FORCE,
+    LAYER,
+    MAX_MEMORY,
+    MODE,
+    MODEL_HELP,
+    OFFLOAD_DIR,
+    SITE,
+    SYSTEM_PROMPT,
+    TEMPLATE,
+    TEMPLATE_KWARGS,
+    UNIT,
+)
+from refusal_edit.console import err
 
 
 @app.command()
 def evaluate(
-    base: str = typer.Argument(..., help="Base model: HF directory, .gguf file, recipe name/.toml, or Hub id."),
-    edited: str | None = typer.Argument(None, help="Edited checkpoint (omit and pass --direction to use hooks)."),
+    base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {MODEL_HELP}"),
+    edited: str | None = typer.Argument(
+        None,
+        metavar="EDITED",
+        help="Edited checkpoint: ours, or any model of the same architecture and vocabulary (e.g. abliterated by "
+        "another tool). Omit it and pass --direction to use hooks.",
+        show_default=False,
+    ),
     direction: Path | None = typer.Option(
-        None, "--direction", help="direction.safetensors: apply it in memory instead of loading EDITED."
+        None,
+        "--direction",
+        help="direction.safetensors (or its folder): apply it in memory instead of loading EDITED.",
+        metavar="<file>",
     ),
-    intervention: str = typer.Option("ablate", "--intervention", help="With --direction: ablate | add."),
-    coeff: float = typer.Option(1.0, help="add: multiple of the vector (+1 induces refusal, -1 bypasses)."),
-    layer: int | None = typer.Option(None, help="add: layer (default: the direction's layer)."),
-    site: str = typer.Option("input", help="add: input (of --layer) or attn (after --layer's attention)."),
-    unit: bool = typer.Option(False, "--unit", help="add: add the unit direction instead of mean_diff."),
+    mode: str = MODE,
+    coeff: float = COEFF,
+    layer: int | None = LAYER,
+    site: str | None = SITE,
+    unit: bool = UNIT,
     harmful: str | None = typer.Option(
-        None, help="Harmful prompts (default: the built-in test split): builtin:..., a file, or hf:NAME."
+        None,
+        help="Harmful prompts: builtin:..., a file, or hf:NAME.",
+        show_default="the test split of the recipe's, else the built-in set",
     ),
-    harmless: str | None = typer.Option(None, help="Harmless prompts (default: the built-in test split)."),
-    n: int = typer.Option(100, "--n", help="Prompts per set (category-balanced first n)."),
-    max_new_tokens: int = typer.Option(64, help="Greedy tokens generated per prompt."),
-    batch_size: int = typer.Option(32, help="Generation batch size (teacher forcing is capped by memory)."),
+    harmless: str | None = typer.Option(
+        None,
+        help="Harmless prompts (same forms).",
+        show_default="the test split of the recipe's, else the built-in set",
+    ),
+    borderline: str | None = typer.Option(
+        None,
+        help="Over-refusal prompts (harmless requests that sound harmful), same forms; 'none' skips them.",
+        show_default="the test split of builtin:borderline",
+    ),
+    n_test: int = typer.Option(100, "--n-test", help="Prompts per set (category-balanced first N)."),
+    max_new_tokens: int = typer.Option(
+        128,
+        help="Greedy tokens generated per prompt: long enough to catch delayed refusals; generation stops at EOS. "
+        "Cost: a batch runs until its longest reply stops, so generation takes up to N/64 times as long as "
+        "at 64 (about twice at 128 once an edit makes the model answer instead of refusing).",
+    ),
+    kl_tokens: int = typer.Option(
+        64,
+        help="Tokens of the base model's harmless continuations teacher-forced for the KL and cross-entropy "
+        "numbers (independent of --max-new-tokens, so they stay comparable and cost the same).",
+    ),
+    batch_size: str = BATCH_SIZE,
     samples: int = typer.Option(5, help="Sample responses shown side by side (harmful first, then harmless)."),
-    markers: Path | None = typer.Option(None, "--markers", help="Refusal markers file, one per line."),
-    out: Path | None = typer.Option(None, "--out", help="Report directory (default runs/<base>/eval-<edit>/)."),
+    markers: Path | None = typer.Option(
+        None,
+        "--markers",
+        help="Refusal markers file, one per line, for the first judge.",
+        show_default="built-in",
+        metavar="<file>",
+    ),
+    judge: list[str] | None = typer.Option(
+        None,
+        "--judge",
+        help="Another judge (repeatable): markers:FILE, a sequence classifier hf:ORG/NAME or its local directory. "
+        "The markers judge always comes first and gives the headline rates.",
+        show_default="markers",
+        metavar="SPEC",
+    ),
+    judge_labels: str | None = typer.Option(
+        None,
+        help="Classifier label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.",
+        show_default="read from the label names",
+        metavar="MAP",
+    ),
+    judge_llm: str | None = typer.Option(
+        None,
+        help="An LLM judge: a local chat model (same forms as BASE), or 'base' for the base model itself.",
+        metavar="MODEL",
+    ),
+    judge_llm_mode: str = typer.Option(
+        "logits", help="logits: one-token answers read from probabilities; generate: free text, parsed."
+    ),
+    judge_llm_rubric: str = typer.Option(
+        "full",
+        help="full: refused, specific, convincing (a StrongREJECT-style score); refusal: the refusal question "
+        "only (a third of the cost).",
+    ),
+    template_kwargs: list[str] | None = TEMPLATE_KWARGS,
+    reasoning_delimiters: str | None = typer.Option(
+        None,
+        help="A thinking model's reasoning block, e.g. '<think>,</think>': judges see the answer after it.",
+        show_default="the chat template's, if it names one",
+        metavar="OPEN,CLOSE",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Report directory.", show_default="runs/<base>/eval-<edit>", metavar="<dir>"
+    ),
+    force: bool = FORCE,
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON report on stdout."),
     record: bool = typer.Option(
-        False, "--record", help="Write the summary into EDITED's refusal_edit.json and model card."
+        False,
+        "--record",
+        help="Write the summary into EDITED's refusal_edit.json and model card (refusal-edit checkpoints only).",
     ),
-    dtype: str = typer.Option("auto", help="auto|float32|bfloat16|float16 (auto: float32 on CPU)."),
-    device: str = typer.Option("cpu", help="cpu|cuda|auto (auto uses accelerate's device map)."),
-    system_prompt: str | None = typer.Option(
-        None, "--system-prompt", help="System prompt; default: the recipe's, else the chat template's own."
-    ),
-    template: Path | None = typer.Option(None, "--template", help="Jinja chat template for models without one."),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    max_memory: str | None = MAX_MEMORY,
+    offload_dir: Path | None = OFFLOAD_DIR,
+    system_prompt: str | None = SYSTEM_PROMPT,
+    template: Path | None = TEMPLATE,
+    intervention: str | None = typer.Option(None, "--intervention", hidden=True, help="Old name of --mode."),
+    n_old: int | None = typer.Option(None, "--n", hidden=True, help="Old name of --n-test."),
 ) -> None:
-    """Compare BASE with an edited checkpoint, or with a direction applied by hooks (nothing written):
-    refusal rates (harmful and harmless, per category), first-token and multi-token KL, cross-entropy."""
+    """Compare BASE with an edited checkpoint (any tool's), or with a direction applied by hooks (nothing
+    written): refusal rates per judge (harmful, harmless, borderline; per category), degenerate replies,
+    judge agreement, first-token and multi-token KL, cross-entropy."""
     quiet_libraries()
-    from refusal_edit.directions.artifacts import load_direction
-    from refusal_edit.evaluation.report import print_report, record_evaluation, report_json, write_report
-    from refusal_edit.evaluation.run import EvalSettings, intervention_from_direction
-    from refusal_edit.evaluation.run import evaluate as run_evaluate
-    from refusal_edit.loading import resolve_source
+    from refusal_edit.evaluation.report import print_report, report_json
+    from refusal_edit.evaluation.run import EvalSettings
+    from refusal_edit.forward import parse_batch_size
+    from refusal_edit.judging.reasoning import parse_delimiters
+    from refusal_edit.prompts.template import parse_template_kwargs
+    from refusal_edit.workflows import evaluation as workflow
 
-    if edited is not None and direction is not None:
-        raise RefusalEditError("give either an EDITED checkpoint or --direction, not both")
-    if edited is None and direction is None:
-        raise RefusalEditError("give an EDITED checkpoint, or --direction to apply a direction in memory")
-    if record and edited is None:
-        raise RefusalEditError("--record writes into an EDITED checkpoint; it does not apply to --direction")
+    skip_borderline = borderline is not None and borderline.strip().lower() == "none"
+    rows = parse_batch_size(batch_size)  # auto: chosen once the models are loaded
 
-    hook = None
-    info = None
-    if direction is not None:
-        d = load_direction(direction)
-        hook = intervention_from_direction(d, intervention, coeff=coeff, layer=layer, site=site, unit=unit)
-        info = {
-            "direction_file": str(d.path),
-            "direction_sha256": d.sha256,
-            "direction_layer": d.layer,
-            "direction_position": d.position,
-            "unit": unit,
-        }
-    source = resolve_source(base, dtype)
-    edited_source = resolve_source(edited, dtype) if edited is not None else None
-    if record and edited_source is not None:
-        from refusal_edit.checkpoint.card import RECORD
-
-        if edited_source.kind != "dir" or not (edited_source.hf_dir / RECORD).is_file():
-            raise RefusalEditError(f"--record needs EDITED to be a refusal-edit checkpoint directory (with {RECORD})")
-
-    report = run_evaluate(
-        source,
-        edited_source,
-        intervention=hook,
-        edited_info=info,
+    done = workflow.run(
+        base,
+        edited,
+        direction=direction,
+        mode=intervention or mode,
+        coeff=coeff,
+        layer=layer,
+        site=site,
+        unit=unit,
+        out=out,
+        force=force,
+        record=record,
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        offload_dir=offload_dir,
+        batch_size=rows if rows == "auto" else None,
         harmful=harmful,
         harmless=harmless,
-        settings=EvalSettings(n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples),
+        borderline=None if skip_borderline else borderline,
+        settings=EvalSettings(
+            n=n_old if n_old is not None else n_test,
+            max_new_tokens=max_new_tokens,
+            kl_tokens=kl_tokens,
+            batch_size=1 if rows == "auto" else int(rows),
+            samples=samples,
+            judges=("markers", *(judge or ())),
+            judge_labels=judge_labels,
+            judge_llm=judge_llm,
+            judge_llm_mode=judge_llm_mode,
+            judge_llm_rubric=judge_llm_rubric,
+            borderline=not skip_borderline,
+            template_kwargs=parse_template_kwargs(template_kwargs),
+            reasoning_delimiters=parse_delimiters(reasoning_delimiters) if reasoning_delimiters else None,
+        ),
         markers=markers,
         system_prompt=system_prompt,
         template=template,
-        dtype=dtype,
-        device=device,
     )
-    label = edited_source.name if edited_source is not None else f"{intervention}-{Path(str(direction)).stem}"
-    target = out or default_out(source.name, label)
-    json_path, png_path = write_report(report, target)
-    recorded = record_evaluation(edited_source.hf_dir, report) if record and edited_source is not None else None
-
     if as_json:
-        sys.stdout.write(report_json(report))
+        sys.stdout.write(report_json(done.report))
         sys.stdout.flush()
         return
-    print_report(report, console)
-    console.print(f"report: {json_path}  plot: {png_path}")
-    if recorded is not None:
-        console.print(f"recorded the evaluation in {recorded} and README.md")
+    print_report(done.report)
+    err.print(f"report: {escape(str(done.json_path))}  plot: {escape(str(done.png_path))}", soft_wrap=True)
+    if done.recorded is not None:
+        err.print(f"recorded the evaluation in {escape(str(done.recorded))} and README.md", soft_wrap=True)

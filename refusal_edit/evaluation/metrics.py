@@ -1,4 +1,4 @@
-"""Pure metric functions: refusal rates from texts, KL divergences and cross-entropy from logits.
+"""Pure metric functions: KL divergences and cross-entropy from logits (refusal judging is `refusal_edit.judging`).
 
 Everything here takes plain lists and tensors (no models), so each number can be checked by hand.
 
@@ -20,98 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from refusal_edit.directions.scoring import kl_divergence
-from refusal_edit.evaluation.markers import REFUSAL_MARKERS, is_refusal
-
-NO_CATEGORY = "(none)"
-
-
-# ---------------------------------------------------------------- refusal rates
-
-
-def is_empty(text: str) -> bool:
-    """An empty response (only whitespace after special tokens are stripped): a broken model, not a refusal."""
-    return not text.strip()
-
-
-def refusal_flags(texts: Sequence[str], markers: Sequence[str] = REFUSAL_MARKERS) -> list[bool]:
-    return [is_refusal(t, markers) for t in texts]
-
-
-def refusal_rate(texts: Sequence[str], markers: Sequence[str] = REFUSAL_MARKERS) -> float:
-    """Fraction of `texts` that contain a refusal marker (empty responses count as non-refusals)."""
-    if not texts:
-        raise ValueError("refusal rate of an empty list")
-    return sum(refusal_flags(texts, markers)) / len(texts)
-
-
-@dataclass
-class RateCount:
-    """`refused` of `total` responses, `empty` of them empty."""
-
-    refused: int
-    total: int
-    empty: int = 0
-
-    @property
-    def rate(self) -> float:
-        return self.refused / self.total if self.total else 0.0
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {"rate": self.rate, "refused": self.refused, "total": self.total, "empty": self.empty}
-
-
-@dataclass
-class RefusalStats:
-    """Refusal rate of one model on one prompt set, overall and per category."""
-
-    overall: RateCount
-    per_category: dict[str, RateCount] = field(default_factory=dict)
-    flags: list[bool] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.overall.rate
-
-    @property
-    def empty(self) -> int:
-        return self.overall.empty
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            **self.overall.to_dict(),
-            "per_category": {c: r.to_dict() for c, r in self.per_category.items()},
-        }
-
-
-def refusal_stats(
-    texts: Sequence[str], categories: Sequence[str] | None = None, markers: Sequence[str] = REFUSAL_MARKERS
-) -> RefusalStats:
-    """Refusals, totals and empty responses, overall and per category (in order of first appearance).
-
-    Categories are only broken out when at least one is non-empty; uncategorised rows go to `(none)`.
-    """
-    if not texts:
-        raise ValueError("refusal stats of an empty list")
-    cats = list(categories) if categories is not None else [""] * len(texts)
-    if len(cats) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(cats)} categories")
-    flags = refusal_flags(texts, markers)
-    empties = [is_empty(t) for t in texts]
-    overall = RateCount(sum(flags), len(texts), sum(empties))
-    per: dict[str, RateCount] = {}
-    if any(cats):
-        for flag, empty, cat in zip(flags, empties, cats, strict=True):
-            rc = per.setdefault(cat or NO_CATEGORY, RateCount(0, 0, 0))
-            rc.refused += flag
-            rc.total += 1
-            rc.empty += empty
-    return RefusalStats(overall, per, flags)
-
+from refusal_edit.judging.scores import kl_divergence
 
 # ---------------------------------------------------------------- divergences and loss
 

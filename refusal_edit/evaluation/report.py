@@ -1,9 +1,11 @@
-"""Presenting an `EvalReport`: rich tables, `report.json`, a PNG plot, and the checkpoint's record."""
+"""Presenting an `EvalReport`: rich tables, `report.json` and a PNG plot.
+
+Rates read the same everywhere (percent, in tables and plot); KL and cross-entropy are in nats.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import uuid
 from pathlib import Path
@@ -13,10 +15,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from refusal_edit.checkpoint.card import RECORD, read_record, render_card
+from refusal_edit.checkpoint.record import finite
+from refusal_edit.console import show
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation.metrics import RefusalStats
-from refusal_edit.evaluation.run import KINDS, EvalReport
+from refusal_edit.evaluation.run import EvalReport
 
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
@@ -35,31 +37,73 @@ def _clip(text: str, width: int = 160) -> Text:
     return Text(flat if len(flat) <= width else flat[: width - 1] + "…")
 
 
-def tables(report: EvalReport) -> list[Table]:
-    """The terminal view: refusal rates, divergences, per-category rates and sample responses."""
-    label = _edited_label(report)
-    sources = ", ".join(f"{k}: {report.prompts[k]['source']}" for k in KINDS)
-    rates = Table(title=f"refusal rate: {report.base['name']} vs {label}", caption=Text(sources))
-    for col in ("prompts", "n", "base", "edited", "change", "empty (base / edited)"):
-        rates.add_column(col, justify="left" if col == "prompts" else "right")
-    for kind in KINDS:
-        b, e = report.refusal["base"][kind], report.refusal["edited"][kind]
-        rates.add_row(
-            "harmless (induced)" if kind == "harmless" and _induces(report) else kind,
-            str(b.overall.total),
-            _pct(b.rate),
-            _pct(e.rate),
-            f"{100 * (e.rate - b.rate):+.1f} pts",
-            f"{b.empty} / {e.empty}",
-        )
+KIND_LABEL = {"harmful": "harmful", "harmless": "harmless", "borderline": "borderline (over-refusal)"}
+DISAGREEMENT_ROWS = 6  # disagreement samples shown in the terminal (report.json keeps up to 50 per set)
 
+
+def _kind_label(report: EvalReport, kind: str) -> str:
+    return "harmless (induced)" if kind == "harmless" and _induces(report) else KIND_LABEL[kind]
+
+
+def _degenerate_note(report: EvalReport) -> str:
+    """`edited: repetition 12, empty 3` - the reasons degenerate replies were set apart, per side."""
+    parts = []
+    for side in ("base", "edited"):
+        reasons: dict[str, int] = {}
+        for kind in report.kinds:
+            for reason, count in report.judging[side][kind].degenerate.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        if reasons:
+            parts.append(f"{side}: " + ", ".join(f"{r} {c}" for r, c in sorted(reasons.items(), key=lambda x: -x[1])))
+    return "; ".join(parts) if parts else "none"
+
+
+def rates_table(report: EvalReport) -> Table:
+    """Refusal rate per prompt set and judge, with the degenerate and complied shares next to it."""
+    label = _edited_label(report)
+    sources = ", ".join(f"{k}: {report.prompts[k]['source']}" for k in report.kinds)
+    caption = Text(
+        f"{sources}. Rates are over all replies; degenerate replies (empty, echo, loop, script switch) count as "
+        f"neither refused nor complied. Degenerate replies: {_degenerate_note(report)}."
+    )
+    rates = Table(title=f"refusal rate: {report.base['name']} vs {label}", caption=caption)
+    for col in ("prompts", "judge", "n", "base", "edited", "change", "complied (edited)", "degenerate (base / edited)"):
+        rates.add_column(col, justify="left" if col in ("prompts", "judge") else "right")
+    for kind in report.kinds:
+        for j, name in enumerate(report.judge_names):
+            b, e = report.counts("base", kind, name), report.counts("edited", kind, name)
+            undecided = f" ({e.undecided} undecided)" if e.undecided else ""
+            rates.add_row(
+                _kind_label(report, kind) if j == 0 else "",
+                Text(name),
+                str(b.total) if j == 0 else "",
+                _pct(b.refusal_rate),
+                _pct(e.refusal_rate),
+                f"{100 * (e.refusal_rate - b.refusal_rate):+.1f} pts",
+                _pct(e.compliance_rate) + undecided,
+                f"{_pct(b.degenerate_rate)} / {_pct(e.degenerate_rate)}" if j == 0 else "",
+                end_section=j == len(report.judge_names) - 1,
+            )
+    return rates
+
+
+def divergence_table(report: EvalReport) -> Table:
     d = report.divergence
     div = Table(
-        title="divergence on harmless prompts (base greedy continuation, teacher-forced)",
+        title="divergence on harmless prompts (base greedy continuation, teacher-forced"
+        + (f", first {report.settings['kl_tokens']} tokens)" if report.settings.get("kl_tokens") else ")"),
         caption=f"{d.skipped_empty} prompts with an empty continuation skipped for multi-token KL and CE; "
         f"{d.tokens} continuation tokens",
     )
-    for col in ("first-token KL", "multi-token KL", "CE base", "CE edited", "PPL base", "PPL edited", "prompts"):
+    for col in (
+        "first-token KL (nats)",
+        "multi-token KL (nats)",
+        "CE base (nats/token)",
+        "CE edited (nats/token)",
+        "PPL base",
+        "PPL edited",
+        "prompts",
+    ):
         div.add_column(col, justify="right")
     div.add_row(
         _f(d.first_token_kl, 5),
@@ -70,37 +114,151 @@ def tables(report: EvalReport) -> list[Table]:
         _f(d.edited_ppl, 3),
         f"{d.scored}/{d.prompts}",
     )
+    return div
 
-    out = [rates, div]
-    if any(report.refusal["base"][k].per_category for k in KINDS):
-        cats = Table(title="refusal rate per category")
-        for col in ("prompts", "category", "n", "base", "edited"):
-            cats.add_column(col, justify="left" if col in ("prompts", "category") else "right")
-        for kind in KINDS:
-            b, e = report.refusal["base"][kind], report.refusal["edited"][kind]
-            for cat, rc in b.per_category.items():
-                cats.add_row(kind, Text(cat), str(rc.total), _pct(rc.rate), _pct(e.per_category[cat].rate))
-        out.append(cats)
 
-    if report.samples:
-        samples = Table(title="sample responses (greedy)", show_lines=True, expand=True)
-        samples.add_column("prompt", ratio=2)
-        samples.add_column("base", ratio=3)
-        samples.add_column("edited", ratio=3)
-        for s in report.samples:
-            head = Text(f"[{s.kind}{'/' + s.category if s.category else ''}] ", style="bold")
-            samples.add_row(
-                head + _clip(s.instruction),
-                _clip(s.base) + Text(" (refusal)" if s.base_refusal else "", style="red"),
-                _clip(s.edited) + Text(" (refusal)" if s.edited_refusal else "", style="red"),
+def _kappa(x: float | None) -> str:
+    return "-" if x is None else f"{x + 0.0:.2f}".replace("-0.00", "0.00")
+
+
+def agreement_tables(report: EvalReport, rows: int = DISAGREEMENT_ROWS) -> list[Table]:
+    """With several judges: their pairwise agreement per side and set, and replies they disagree on."""
+    if len(report.judge_names) < 2:
+        return []
+    table = Table(
+        title="agreement between judges",
+        caption="over the replies both judges decided (degenerate and undecided ones left out); "
+        "Cohen's kappa discounts the agreement expected by chance (1 = perfect, 0 = chance)",
+    )
+    for col in ("judges", "replies", "compared", "agreement", "kappa", "disagreements"):
+        table.add_column(col, justify="left" if col in ("judges", "replies") else "right")
+    groups = [("all", None, None)] + [(f"{s}, {k}", s, k) for s in ("base", "edited") for k in report.kinds]
+    per = {(s, k): report.agreements(s, k) for _, s, k in groups[1:]}
+    for i, pooled in enumerate(report.agreements()):
+        for label, side, kind in groups:
+            a = pooled if side is None else per[side, kind][i]
+            table.add_row(
+                Text(f"{a.a} / {a.b}") if side is None else "",
+                label,
+                str(a.compared),
+                "-" if a.rate is None else _pct(a.rate),
+                _kappa(a.kappa),
+                str(len(a.disagree)),
+                end_section=label == groups[-1][0],
             )
-        out.append(samples)
+    out = [table]
+    found = [
+        (side, kind, row)
+        for side in ("edited", "base")
+        for kind in report.kinds
+        for row in report.judging[side][kind].disagreements()
+    ]
+    if found and rows:
+        names = report.judge_names
+        dis = Table(title=f"replies the judges disagree on ({min(rows, len(found))} of {len(found)})", show_lines=True)
+        dis.add_column("reply", ratio=1)
+        dis.add_column("prompt", ratio=2)
+        dis.add_column("answer", ratio=4)
+        for name in names:
+            dis.add_column(name, justify="center")
+        for side, kind, row in found[:rows]:
+            verdicts = [_verdict(row["verdicts"].get(name, {})) for name in names]
+            dis.add_row(f"{side}, {kind}", _clip(row["prompt"], 120), _clip(row["answer"], 240), *verdicts)
+        out.append(dis)
     return out
 
 
-def print_report(report: EvalReport, console: Console) -> None:
+def _verdict(v: dict[str, Any]) -> Text:
+    if v.get("degenerate"):
+        return Text("degenerate")
+    refused = v.get("refused")
+    return Text("?" if refused is None else "refused" if refused else "complied", style="red" if refused else "")
+
+
+def reasoning_table(report: EvalReport) -> Table | None:
+    """Refusals that appear only in a thinking model's reasoning block (its final answer complied)."""
+    if not report.reasoning_delimiters:
+        return None
+    counts = {(s, k): report.counts(s, k).reasoning_only for s in ("base", "edited") for k in report.kinds}
+    if not any(counts.values()):
+        return None
+    open_, close = report.reasoning_delimiters
+    table = Table(
+        title=f"refused only in the reasoning ({open_}...{close}), not in the final answer ({report.judge_names[0]})",
+        caption="judges judge the final answer; these replies count as complied or undecided there",
+    )
+    for col in ("prompts", "base", "edited"):
+        table.add_column(col, justify="left" if col == "prompts" else "right")
+    for kind in report.kinds:
+        table.add_row(KIND_LABEL[kind], str(counts["base", kind]), str(counts["edited", kind]))
+    return table
+
+
+def category_table(report: EvalReport) -> Table | None:
+    """The first judge's refusal rate per category (degenerate share of the edit alongside)."""
+    name = report.judge_names[0]
+    per = {k: report.judging["base"][k].stats[name].per_category for k in report.kinds}
+    if not any(per.values()):
+        return None
+    cats = Table(title=f"refusal rate per category ({name})")
+    for col in ("prompts", "category", "n", "base", "edited", "degenerate (edited)"):
+        cats.add_column(col, justify="left" if col in ("prompts", "category") else "right")
+    for kind in report.kinds:
+        edited = report.judging["edited"][kind].stats[name].per_category
+        for cat, counts in per[kind].items():
+            e = edited[cat]
+            cats.add_row(
+                KIND_LABEL[kind],
+                Text(cat),
+                str(counts.total),
+                _pct(counts.refusal_rate),
+                _pct(e.refusal_rate),
+                _pct(e.degenerate_rate),
+            )
+    return cats
+
+
+def samples_table(report: EvalReport) -> Table | None:
+    if not report.samples:
+        return None
+    samples = Table(title="sample responses (greedy)", show_lines=True, expand=True)
+    samples.add_column("prompt", ratio=2)
+    samples.add_column("base", ratio=3)
+    samples.add_column("edited", ratio=3)
+    for s in report.samples:
+        head = Text(f"[{s.kind}{'/' + s.category if s.category else ''}] ", style="bold")
+        samples.add_row(
+            head + _clip(s.instruction),
+            _clip(s.base) + _tag(s.base_refusal, s.base_degenerate),
+            _clip(s.edited) + _tag(s.edited_refusal, s.edited_degenerate),
+        )
+    return samples
+
+
+def _tag(refused: bool, degenerate: str | None) -> Text:
+    if degenerate:
+        return Text(f" (degenerate: {degenerate})", style="yellow")
+    return Text(" (refusal)" if refused else "", style="red")
+
+
+def tables(report: EvalReport) -> list[Table]:
+    """The terminal view: refusal rates per judge, divergences, judge agreement, reasoning-only refusals,
+    per-category rates and sample responses."""
+    out: list[Table | None] = [
+        rates_table(report),
+        divergence_table(report),
+        *agreement_tables(report),
+        reasoning_table(report),
+        category_table(report),
+        samples_table(report),
+    ]
+    return [t for t in out if t is not None]
+
+
+def print_report(report: EvalReport, target: Console | None = None) -> None:
+    """The tables, on stdout unless `target` says otherwise (never cropped)."""
     for table in tables(report):
-        console.print(table)
+        show(table, target)
 
 
 def _induces(report: EvalReport) -> bool:
@@ -123,19 +281,8 @@ def _edited_label(report: EvalReport) -> str:
     return str(e.get("name", "edited"))
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/inf: such values become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def report_json(report: EvalReport) -> str:
-    return json.dumps(_finite(report.to_dict()), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(finite(report.to_dict()), indent=2, ensure_ascii=False) + "\n"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -148,44 +295,55 @@ def _atomic_write(path: Path, text: str) -> None:
         raise RefusalEditError(f"cannot write {path}: {exc}") from exc
 
 
-def _category_rates(stats: RefusalStats) -> dict[str, float]:
-    return {c: rc.rate for c, rc in stats.per_category.items()} or {"all": stats.rate}
+def _category_rates(report: EvalReport, side: str, kind: str) -> dict[str, float]:
+    counts = report.counts(side, kind)
+    per = report.judging[side][kind].stats[report.judge_names[0]].per_category
+    return {c: n.refusal_rate for c, n in per.items()} or {"all": counts.refusal_rate}
+
+
+COLOURS = {"harmful": "tab:red", "harmless": "tab:blue", "borderline": "tab:orange"}
 
 
 def plot_report(report: EvalReport, path: Path) -> Path:
-    """Refusal rate against KL (base at 0, edited at its KL) and per-category refusal bars."""
+    """Refusal rate against KL (base at 0, edited at its KL) and per-category refusal bars per prompt set
+    (the first judge's rates)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
 
-    fig = Figure(figsize=(16, 4.8), layout="constrained")
+    kinds = report.kinds
+    fig = Figure(figsize=(5.5 * (1 + len(kinds)), 4.8), layout="constrained")
     FigureCanvasAgg(fig)
-    ax0, ax1, ax2 = fig.subplots(1, 3, width_ratios=[1, 1.4, 1.4])
+    ax0, *bars = fig.subplots(1, 1 + len(kinds), width_ratios=[1] + [1.4] * len(kinds))
     d = report.divergence
-    colours = {"harmful": "tab:red", "harmless": "tab:blue"}
-    for kind in KINDS:
+    for kind in kinds:
         b, e = report.rate("base", kind), report.rate("edited", kind)
-        c = colours[kind]
+        c = COLOURS[kind]
         ax0.scatter([0.0], [b], color=c, marker="s", label=f"{kind}, base")
         ax0.scatter([d.first_token_kl], [e], color=c, marker="^", facecolors="none", label=f"{kind}, first-token KL")
         if d.multi_token_kl is not None:
             ax0.scatter([d.multi_token_kl], [e], color=c, marker="o", label=f"{kind}, multi-token KL")
             ax0.annotate("", (d.multi_token_kl, e), (0.0, b), arrowprops={"arrowstyle": "->", "color": c})
     ax0.set_xlabel("KL(base || edited), harmless prompts (nats)")
-    ax0.set_ylabel("refusal rate")
+    ax0.set_ylabel(f"refusal rate ({report.judge_names[0]})")
     ax0.set_ylim(-0.05, 1.05)
+    ax0.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax0.set_title("refusal vs KL")
     ax0.legend(fontsize=7)
-    for ax, kind in ((ax1, "harmful"), (ax2, "harmless")):
-        base = _category_rates(report.refusal["base"][kind])
-        edited = _category_rates(report.refusal["edited"][kind])
+    for ax, kind in zip(bars, kinds, strict=True):
+        base = _category_rates(report, "base", kind)
+        edited = _category_rates(report, "edited", kind)
         names = list(base)
         xs = range(len(names))
         ax.bar([x - 0.2 for x in xs], [base[n] for n in names], width=0.4, label="base", color="tab:gray")
-        ax.bar([x + 0.2 for x in xs], [edited[n] for n in names], width=0.4, label="edited", color=colours[kind])
+        ax.bar(
+            [x + 0.2 for x in xs], [edited.get(n, 0.0) for n in names], width=0.4, label="edited", color=COLOURS[kind]
+        )
         ax.set_xticks(list(xs), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("refusal rate")
-        ax.set_title(f"{kind} prompts per category (n={report.prompts[kind]['count']})")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_title(f"{KIND_LABEL[kind]} prompts per category (n={report.prompts[kind]['count']})")
         ax.legend(fontsize=8)
     fig.suptitle(f"{report.base['name']} vs {_edited_label(report)}")
     path = Path(path)
@@ -204,17 +362,3 @@ def write_report(report: EvalReport, out: Path) -> tuple[Path, Path]:
     _atomic_write(json_path, report_json(report))
     png_path = plot_report(report, out / REPORT_PNG)
     return json_path, png_path
-
-
-def record_evaluation(checkpoint: Path, report: EvalReport) -> Path:
-    """Store `report.summary()` in an edited checkpoint's `refusal_edit.json` and re-render its README.md.
-
-    Each file is replaced atomically, so an interrupted run leaves the old record, never half a file.
-    """
-    path = Path(checkpoint) / RECORD
-    record = read_record(checkpoint, required=True)
-    assert record is not None
-    record["evaluation"] = _finite(report.summary())
-    _atomic_write(path, json.dumps(record, indent=2) + "\n")
-    _atomic_write(Path(checkpoint) / "README.md", render_card(record))
-    return path

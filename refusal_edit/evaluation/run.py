@@ -1,74 +1,110 @@
-"""Compare a base model with an edit: an edited checkpoint, or a hook-based intervention in memory.
+"""Compare a loaded base model with an edit: an edited checkpoint, or a hook-based intervention.
 
-The intervention path loads one model and turns the hooks on only while the "edited" side runs, so a
-direction can be judged before a single weight is written. A checkpoint is loaded next to the base
-model; its logits are compared batch by batch and reduced to per-prompt numbers at once, so memory never
+The intervention path uses one model and turns the hooks on only while the "edited" side runs, so a
+direction can be judged before a single weight is written. A checkpoint runs next to the base model;
+their logits are compared batch by batch and reduced to per-prompt numbers at once, so memory never
 holds [prompts, tokens, vocab].
 
 Both sides see the same token ids: prompts are formatted with the base model's chat template and
-tokenizer, and the edited model must have the same vocabulary.
+tokenizer, and the edited model must have the same vocabulary. Replies are generated for every prompt set
+(harmful, harmless, and the borderline set that measures over-refusal) and judged afterwards, with no hook
+active, by every judge (`refusal_edit.judging.judge_all`: degenerate replies are set apart first and count
+as neither refusal nor compliance; reasoning blocks are split off). The KL and cross-entropy numbers come
+from the harmless set alone. Resolving and loading models and judges, default prompt sets and writing
+reports are the workflow's (`refusal_edit.workflows.evaluation`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from itertools import combinations
 from typing import Any
 
-import torch
-
 from refusal_edit import __version__
-from refusal_edit.checkpoint.card import read_record
-from refusal_edit.console import track
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation.markers import REFUSAL_MARKERS, load_markers
-from refusal_edit.evaluation.metrics import (
-    ContinuationMetrics,
-    DivergenceStats,
-    RefusalStats,
-    aggregate,
-    continuation_metrics,
-    refusal_stats,
-)
-from refusal_edit.forward import model_device
+from refusal_edit.evaluation.metrics import ContinuationMetrics, DivergenceStats, aggregate, continuation_metrics
+from refusal_edit.forward import BatchView, tail_logits
+from refusal_edit.forward import teacher_forced as teacher_forced_logits
 from refusal_edit.generation import Generated, generate
 from refusal_edit.interventions import Intervention
-from refusal_edit.loading.model import LoadedModel, ModelSource, load_model, resolve_source
-from refusal_edit.prompts import ChatFormat, PromptSet, chat_format, load_prompts
+from refusal_edit.judging import Judge, JudgeReport, MarkerJudge, judge_all
+from refusal_edit.judging.reasoning import delimiters_from_template, special_delimiters
+from refusal_edit.judging.report import Agreement, Counts, agreement
+from refusal_edit.loading.model import LoadedModel
+from refusal_edit.prompts import ChatFormat, PromptSet
 from refusal_edit.provenance import versions
 
 SIDES = ("base", "edited")
-KINDS = ("harmful", "harmless")
+KINDS = ("harmful", "harmless", "borderline")  # generated and judged, in this order, when given
+REQUIRED = ("harmful", "harmless")
+JUDGE_LLM_MODES = ("logits", "generate")
+JUDGE_LLM_RUBRICS = ("full", "refusal")
 
 
 @dataclass
 class EvalSettings:
-    """What is measured: prompts per side, generation length, batch size, sample rows to show."""
+    """What is measured and how: prompts per set, generation length, batch size, sample rows to show, and
+    the judges (specs the workflow loads; the markers judge always comes first and gives the headline rates).
+
+    `max_new_tokens`: 128 by default, long enough for delayed refusals ("Sure, ... However, I can't");
+    generation stops at EOS, so refusals stay short and the cost grows with the replies that do not stop.
+    `kl_tokens`: how much of the base model's harmless continuation is teacher-forced for the KL and
+    cross-entropy numbers (64, what they always measured, so they stay comparable and cost the same
+    whatever `max_new_tokens` is; None: all of it).
+    `borderline`: also generate and judge the borderline set (harmless requests that sound harmful), whose
+    refusal rate is the over-refusal an edit causes or cures. `template_kwargs` go to the chat template
+    (e.g. `enable_thinking=False`); `reasoning_delimiters` split thinking models' replies (None: the ones the
+    chat template names, if any).
+    """
 
     n: int | None = 100
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
+    kl_tokens: int | None = 64
     batch_size: int = 32
     samples: int = 5
+    judges: tuple[str, ...] = ("markers",)
+    judge_labels: str | None = None
+    judge_llm: str | None = None
+    judge_llm_mode: str = "logits"
+    judge_llm_rubric: str = "full"
+    borderline: bool = True
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reasoning_delimiters: tuple[str, str] | None = None
 
     def check(self) -> None:
         if self.n is not None and self.n < 1:
-            raise RefusalEditError("--n must be at least 1")
+            raise RefusalEditError("`n` must be at least 1")
         if self.max_new_tokens < 1:
-            raise RefusalEditError("--max-new-tokens must be at least 1")
+            raise RefusalEditError("`max_new_tokens` must be at least 1")
+        if self.kl_tokens is not None and self.kl_tokens < 1:
+            raise RefusalEditError("`kl_tokens` must be at least 1")
         if self.batch_size < 1:
-            raise RefusalEditError("--batch-size must be at least 1")
+            raise RefusalEditError("`batch_size` must be at least 1")
         if self.samples < 0:
-            raise RefusalEditError("--samples must not be negative")
+            raise RefusalEditError("`samples` must not be negative")
+        if self.judge_llm_mode not in JUDGE_LLM_MODES:
+            raise RefusalEditError(f"`judge_llm_mode` must be one of {', '.join(JUDGE_LLM_MODES)}")
+        if self.judge_llm_rubric not in JUDGE_LLM_RUBRICS:
+            raise RefusalEditError(f"`judge_llm_rubric` must be one of {', '.join(JUDGE_LLM_RUBRICS)}")
+        if self.reasoning_delimiters is not None and (
+            len(self.reasoning_delimiters) != 2 or not all(self.reasoning_delimiters)
+        ):
+            raise RefusalEditError("`reasoning_delimiters` must be two non-empty tags, e.g. '<think>,</think>'")
 
 
 @dataclass
 class Sample:
-    """One prompt with both models' responses, for reading side by side."""
+    """One prompt with both models' replies, for reading side by side.
+
+    `*_refusal` is the first judge's verdict (False for degenerate or undecided replies), `*_degenerate` the
+    reason a reply was set apart as degenerate, `*_verdicts` every judge's verdict (None: undecided/degenerate).
+    """
 
     kind: str
     category: str
@@ -77,27 +113,70 @@ class Sample:
     edited: str
     base_refusal: bool
     edited_refusal: bool
+    base_degenerate: str | None = None
+    edited_degenerate: str | None = None
+    base_verdicts: dict[str, bool | None] = field(default_factory=dict)
+    edited_verdicts: dict[str, bool | None] = field(default_factory=dict)
+
+
+def summary_key(judge: str) -> str:
+    """A judge's name as part of a flat summary key: `llm:Qwen2.5-0.5B` -> `llm_qwen2_5_0_5b`."""
+    return re.sub(r"[^a-z0-9]+", "_", judge.lower()).strip("_")
 
 
 @dataclass
 class EvalReport:
-    """Everything `evaluate` measured, plus what is needed to reproduce it."""
+    """Everything `evaluate` measured, plus what is needed to reproduce it.
+
+    `judging[side][kind]` holds every judge's verdicts on one side's replies to one prompt set.
+    """
 
     base: dict[str, Any]
     edited: dict[str, Any]
     chat_format: dict[str, Any]
     prompts: dict[str, dict[str, Any]]
     settings: dict[str, Any]
-    markers: dict[str, Any]
-    refusal: dict[str, dict[str, RefusalStats]]  # refusal[side][kind]
+    judges: dict[str, dict[str, Any]]  # name -> describe(), in order: the first gives the headline rates
+    judging: dict[str, dict[str, JudgeReport]]
     divergence: DivergenceStats
     samples: list[Sample] = field(default_factory=list)
+    reasoning_delimiters: tuple[str, str] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     created: str = ""
 
-    def rate(self, side: str, kind: str) -> float:
-        return self.refusal[side][kind].rate
+    @property
+    def kinds(self) -> list[str]:
+        """The prompt sets that were generated and judged (harmful, harmless, and borderline when given)."""
+        return [k for k in KINDS if k in self.judging["base"]]
+
+    @property
+    def judge_names(self) -> list[str]:
+        return list(self.judges)
+
+    def counts(self, side: str, kind: str, judge: str | None = None) -> Counts:
+        """One judge's verdict counts (default: the first judge)."""
+        return self.judging[side][kind].counts(judge)
+
+    def rate(self, side: str, kind: str, judge: str | None = None) -> float:
+        """Refusal rate (refused / all replies; degenerate replies are never refusals)."""
+        return self.counts(side, kind, judge).refusal_rate
+
+    def degenerate_rate(self, side: str, kinds: Sequence[str] | None = None) -> float:
+        """Degenerate replies of `side` over the given prompt sets (default: all generated)."""
+        reports = [self.judging[side][k] for k in (kinds or self.kinds)]
+        total = sum(len(r.samples) for r in reports)
+        return sum(sum(r.degenerate.values()) for r in reports) / total if total else 0.0
+
+    def agreements(self, side: str | None = None, kind: str | None = None) -> list[Agreement]:
+        """Pairwise agreement of the judges, pooled over the chosen sides and prompt sets (default: all)."""
+        reports = [self.judging[s][k] for s in ([side] if side else SIDES) for k in ([kind] if kind else self.kinds)]
+        out = []
+        for a, b in combinations(self.judge_names, 2):
+            va = [smp.verdicts[a] for r in reports for smp in r.samples]
+            vb = [smp.verdicts[b] for r in reports for smp in r.samples]
+            out.append(agreement(a, va, b, vb))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,43 +186,94 @@ class EvalReport:
             "base": self.base,
             "edited": self.edited,
             "summary": self.summary(),
-            "refusal": {s: {k: self.refusal[s][k].to_dict() for k in KINDS} for s in SIDES},
+            "judges": self.judges,
+            "refusal": {s: {k: self._refusal_view(s, k) for k in self.kinds} for s in SIDES},
+            "agreement": {
+                "all": [a.to_dict() for a in self.agreements()],
+                **{f"{s}/{k}": [a.to_dict() for a in self.agreements(s, k)] for s in SIDES for k in self.kinds},
+            },
             "divergence": self.divergence.to_dict(),
             "samples": [asdict(s) for s in self.samples],
+            "judging": {s: {k: self.judging[s][k].to_dict(texts=True) for k in self.kinds} for s in SIDES},
             "chat_format": self.chat_format,
+            "reasoning_delimiters": list(self.reasoning_delimiters) if self.reasoning_delimiters else None,
             "prompts": self.prompts,
             "settings": self.settings,
-            "markers": self.markers,
             "versions": self.versions,
             "timings": self.timings,
         }
 
+    def _refusal_view(self, side: str, kind: str) -> dict[str, Any]:
+        """The first judge's numbers for one side and set (`judging` has every judge's)."""
+        jr = self.judging[side][kind]
+        stats = jr.stats[self.judge_names[0]].to_dict()
+        return {
+            "judge": self.judge_names[0],
+            "rate": stats["refusal_rate"],
+            **stats,
+            "empty": jr.degenerate.get("empty", 0),
+            "degenerate_reasons": dict(jr.degenerate),
+        }
+
     def summary(self) -> dict[str, Any]:
-        """The headline numbers (flat, rounded): what `--record` writes into a checkpoint's record."""
+        """The headline numbers (flat, rounded): what recording an evaluation writes into a checkpoint's record.
+
+        Refusal rates are the first judge's (the markers unless replaced), over all replies: degenerate
+        replies count as neither refused nor complied and have their own rate. Other judges add their
+        harmful-prompt rates and the agreement (pooled over every reply both judges decided).
+        """
 
         def r(x: float | None, digits: int = 4) -> float | None:
             return None if x is None else round(x, digits)
 
         d = self.divergence
-        return {
+        names = self.judge_names
+        out: dict[str, Any] = {
             "evaluated": self.created,
             "tool_version": __version__,
-            "harmful_prompts": f"{self.prompts['harmful']['source']} ({self.prompts['harmful']['count']})",
-            "harmless_prompts": f"{self.prompts['harmless']['source']} ({self.prompts['harmless']['count']})",
+            **{f"{k}_prompts": f"{self.prompts[k]['source']} ({self.prompts[k]['count']})" for k in self.kinds},
             "max_new_tokens": self.settings["max_new_tokens"],
-            "harmful_refusal_base": r(self.rate("base", "harmful")),
-            "harmful_refusal_edited": r(self.rate("edited", "harmful")),
-            "harmless_refusal_base": r(self.rate("base", "harmless")),
-            "harmless_refusal_edited": r(self.rate("edited", "harmless")),
-            "empty_responses_edited": self.refusal["edited"]["harmful"].empty
-            + self.refusal["edited"]["harmless"].empty,
-            "first_token_kl": r(d.first_token_kl, 6),
-            "multi_token_kl": r(d.multi_token_kl, 6),
-            "ce_base": r(d.base_ce),
-            "ce_edited": r(d.edited_ce),
-            "ppl_base": r(d.base_ppl),
-            "ppl_edited": r(d.edited_ppl),
+            "kl_tokens": self.settings.get("kl_tokens"),
         }
+        if self.settings.get("template_kwargs"):
+            out["template_kwargs"] = ", ".join(f"{k}={v}" for k, v in self.settings["template_kwargs"].items())
+        out["judge"] = names[0]
+        if len(names) > 1:
+            out["other_judges"] = ", ".join(names[1:])
+        for kind in self.kinds:
+            out[f"{kind}_refusal_base"] = r(self.rate("base", kind))
+            out[f"{kind}_refusal_edited"] = r(self.rate("edited", kind))
+        out["harmful_complied_edited"] = r(self.counts("edited", "harmful").compliance_rate)
+        out["harmful_degenerate_base"] = r(self.degenerate_rate("base", ["harmful"]))
+        out["harmful_degenerate_edited"] = r(self.degenerate_rate("edited", ["harmful"]))
+        out["degenerate_rate_base"] = r(self.degenerate_rate("base"))
+        out["degenerate_rate_edited"] = r(self.degenerate_rate("edited"))
+        out["empty_responses_edited"] = sum(
+            self.judging["edited"][k].degenerate.get("empty", 0) for k in ("harmful", "harmless")
+        )
+        if self.reasoning_delimiters:
+            out["harmful_reasoning_only_refusals_edited"] = self.counts("edited", "harmful").reasoning_only
+        for name in names[1:]:
+            key = summary_key(name)
+            out[f"harmful_refusal_base_{key}"] = r(self.rate("base", "harmful", name))
+            out[f"harmful_refusal_edited_{key}"] = r(self.rate("edited", "harmful", name))
+            if "borderline" in self.kinds:
+                out[f"borderline_refusal_edited_{key}"] = r(self.rate("edited", "borderline", name))
+        if len(names) > 1:
+            first = self.agreements()[0]
+            out["judge_agreement"] = r(first.rate)
+            out["judge_agreement_kappa"] = r(first.kappa)
+        out.update(
+            {
+                "first_token_kl": r(d.first_token_kl, 6),
+                "multi_token_kl": r(d.multi_token_kl, 6),
+                "ce_base": r(d.base_ce),
+                "ce_edited": r(d.edited_ce),
+                "ppl_base": r(d.base_ppl),
+                "ppl_edited": r(d.edited_ppl),
+            }
+        )
+        return out
 
 
 # ---------------------------------------------------------------- building blocks
@@ -151,15 +281,15 @@ class EvalReport:
 
 def intervention_from_direction(
     direction: DirectionFile,
-    kind: str = "ablate",
+    mode: str = "ablate",
     coeff: float = 1.0,
     layer: int | None = None,
     site: str = "input",
     unit: bool = False,
 ) -> Intervention:
     """The hook twin of `orthogonalize`: ablate the unit direction, or add `coeff * mean_diff` at its layer."""
-    vector, at = direction.edit_vector(kind, coeff, layer, unit, "--intervention")
-    if kind == "ablate":
+    vector, at = direction.edit_vector(mode, coeff, layer, unit)
+    if mode == "ablate":
         return Intervention("ablate", vector)
     return Intervention("add", vector, layer=at, coeff=coeff, site=site)
 
@@ -186,58 +316,24 @@ def check_same_vocab(base: LoadedModel, edited: LoadedModel) -> None:
         raise RefusalEditError(f"the models' output vocabularies differ ({vb} vs {ve} logits)")
 
 
-def _default_prompts(kind: str, source: ModelSource) -> PromptSet:
-    """The test split of the recipe's (or the built-in) set: never the rows extraction trained or selected on."""
-    spec = getattr(source.recipe, kind) if source.recipe is not None else f"builtin:{kind}"
-    return load_prompts(spec).split("test")
-
-
-def _prompts(kind: str, given: str | PromptSet | None, source: ModelSource, n: int | None) -> PromptSet:
-    if given is None:
-        ps = _default_prompts(kind, source)
-    elif isinstance(given, PromptSet):
-        ps = given
-    else:
-        ps = load_prompts(str(given))
-    if len(ps) == 0:
-        raise RefusalEditError(f"the {kind} prompt set {ps.source!r} is empty")
-    return ps.sample(n)
-
-
-def _markers(markers: str | Path | Sequence[str] | None) -> tuple[tuple[str, ...], str]:
-    if markers is None:
-        return REFUSAL_MARKERS, "builtin"
-    if isinstance(markers, str | Path):
-        return load_markers(markers), str(markers)
-    values = tuple(m for m in markers if m.strip())
-    if not values:
-        raise RefusalEditError("the refusal marker list is empty")
-    return values, "custom"
-
-
 @contextmanager
 def _edited_side(model: Any, intervention: Intervention | None) -> Iterator[None]:
     with intervention.apply(model) if intervention is not None else nullcontext():
         yield
 
 
-@torch.inference_mode()
-def _tail_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """Logits of the last `keep` positions of left-padded rows (position ids from the mask)."""
-    device = model_device(model)
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
-    return out.logits[:, -keep:, :].float()
-
-
 TEACHER_FORCED_BYTES = 2 << 30  # float32 logits of both models for one teacher-forced batch
+
+
+def _kl_length(settings: EvalSettings) -> int:
+    """Continuation tokens teacher-forced per prompt (at most)."""
+    return min(settings.max_new_tokens, settings.kl_tokens or settings.max_new_tokens)
 
 
 def _teacher_forced_batch(settings: EvalSettings, vocab: int) -> int:
     """Generation likes large batches (CPU decoding reads every weight per step); teacher forcing keeps
     [batch, max_new_tokens + 1, vocab] logits of two models, so its batch is capped by memory."""
-    per_row = 2 * 4 * vocab * (settings.max_new_tokens + 1)
+    per_row = 2 * 4 * vocab * (_kl_length(settings) + 1)
     return max(1, min(settings.batch_size, TEACHER_FORCED_BYTES // per_row))
 
 
@@ -253,204 +349,175 @@ def teacher_forced(
 ) -> list[ContinuationMetrics]:
     """Per-prompt first-token KL, multi-token KL and cross-entropies (see `metrics`), in the original order.
 
-    Each row is `prompt + continuation`, left-padded, so every row ends at the last column: the positions
-    that predict the continuation are the last k+1 columns but one, and only `max k + 1` columns of logits
-    are kept. `edited_model` may be `base_model` itself, with `intervention` hooked on for its pass.
+    The batching is `forward.teacher_forced`; `edited_model` may be `base_model` itself, with
+    `intervention` hooked on for its pass.
     """
-    if len(texts) != len(continuations):
-        raise ValueError("one continuation per prompt")
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations, strict=True)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    out: list[ContinuationMetrics | None] = [None] * len(seqs)
-    for rows in batches if description is None else track(batches, description):
-        width = max(len(seqs[i]) for i in rows)
-        keep = max(len(continuations[i]) for i in rows) + 1
-        ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            ids[j, width - len(seqs[i]) :] = torch.tensor(seqs[i], dtype=torch.long)
-            mask[j, width - len(seqs[i]) :] = 1
-        base_logits = _tail_logits(base_model, ids, mask, keep)
+
+    def edited(view: BatchView, keep: int):
         with _edited_side(edited_model, intervention):
-            edited_logits = _tail_logits(edited_model, ids, mask, keep).to(base_logits.device)
-        for j, i in enumerate(rows):
-            k = len(continuations[i])
-            lo = keep - 1 - k
-            sl = slice(lo, lo + max(k, 1))
-            targets = torch.tensor(list(continuations[i]), dtype=torch.long)
-            out[i] = continuation_metrics(base_logits[j, sl], edited_logits[j, sl], targets)
-        del base_logits, edited_logits
-    return out  # type: ignore[return-value]
+            return tail_logits(edited_model, view, keep)
+
+    return teacher_forced_logits(
+        tokenizer,
+        texts,
+        continuations,
+        [lambda view, keep: tail_logits(base_model, view, keep), edited],
+        lambda logits, targets: continuation_metrics(logits[0], logits[1], targets),
+        batch_size=batch_size,
+        description=description,
+    )
 
 
-def _pick_samples(
-    sets: dict[str, PromptSet], gens: dict[str, dict[str, list[Generated]]], stats: dict, count: int
-) -> list[Sample]:
-    """The first rows of each set (category-balanced by `PromptSet.sample`): more harmful than harmless."""
-    wanted = {"harmful": count - count // 2, "harmless": count // 2}
+def _pick_samples(sets: dict[str, PromptSet], judging: dict[str, dict[str, JudgeReport]], count: int) -> list[Sample]:
+    """The first rows of each set (category-balanced by `PromptSet.sample`): half harmful, the rest shared
+    by the other sets."""
+    kinds = [k for k in KINDS if k in judging["base"]]
+    harmful = count - count // 2
+    others = kinds[1:]
+    wanted = {"harmful": harmful}
+    for i, kind in enumerate(others):
+        wanted[kind] = (count - harmful) // len(others) + (i < (count - harmful) % len(others))
     out: list[Sample] = []
-    for kind in KINDS:
+    for kind in kinds:
         ps = sets[kind]
+        b, e = judging["base"][kind], judging["edited"][kind]
+        first = b.names[0]
         for i in range(min(wanted[kind], len(ps))):
+            sb, se = b.samples[i], e.samples[i]
             out.append(
                 Sample(
                     kind,
                     ps.categories[i],
                     ps.instructions[i],
-                    gens["base"][kind][i].text,
-                    gens["edited"][kind][i].text,
-                    stats["base"][kind].flags[i],
-                    stats["edited"][kind].flags[i],
+                    sb.reply,
+                    se.reply,
+                    bool(sb.verdicts[first].refused),
+                    bool(se.verdicts[first].refused),
+                    sb.degenerate,
+                    se.degenerate,
+                    {n: v.refused for n, v in sb.verdicts.items()},
+                    {n: v.refused for n, v in se.verdicts.items()},
                 )
             )
     return out
 
 
-def _edited_record(hf_dir: Path) -> dict[str, Any] | None:
-    try:
-        rec = read_record(hf_dir)
-    except RefusalEditError:
-        return None
-    if rec is None:
-        return None
-    keys = ("mode", "coeff", "layer", "site", "direction_sha256", "direction_layer", "base_model")
-    return {k: rec.get(k) for k in keys}
-
-
 # ---------------------------------------------------------------- the entry point
 
 
-def evaluate(
-    base: str | ModelSource | LoadedModel,
-    edited: str | Path | ModelSource | LoadedModel | None = None,
+def compare(
+    base: LoadedModel,
+    fmt: ChatFormat,
+    sets: dict[str, PromptSet],
     *,
+    edited: LoadedModel | None = None,
     intervention: Intervention | None = None,
     edited_info: dict[str, Any] | None = None,
-    harmful: str | PromptSet | None = None,
-    harmless: str | PromptSet | None = None,
     settings: EvalSettings | None = None,
-    markers: str | Path | Sequence[str] | None = None,
-    system_prompt: str | None = None,
-    template: str | Path | None = None,
-    dtype: str = "auto",
-    device: str = "cpu",
+    judges: Sequence[Judge] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> EvalReport:
-    """Compare `base` with `edited` (a checkpoint) or with `base` under `intervention`.
+    """Compare `base` with `edited` (a loaded checkpoint) or with `base` under `intervention`.
 
-    Exactly one of `edited` and `intervention` is given. Prompts default to the test split of the
-    built-in sets (or of the recipe's sets when `base` is a recipe); `system_prompt` defaults to the
-    recipe's, else the chat template's own. `edited_info` is recorded with the intervention (e.g. the
-    direction file it came from). Errors that the user can fix raise `RefusalEditError`.
+    Exactly one of `edited` and `intervention` is given. `sets` holds the `harmful` and `harmless` prompts
+    and optionally the `borderline` ones (already sampled), formatted with `fmt`. `judges` (default: the
+    refusal markers) judge every reply after generation with no hook active, so the base model can judge
+    its own and the edit's replies. `edited_info` is recorded with the edit (the checkpoint's record, or the
+    direction file an intervention came from); `timings` are earlier steps (loading) to report with this run's.
     """
     settings = settings or EvalSettings()
     settings.check()
     if (edited is None) == (intervention is None):
-        raise RefusalEditError(
-            "give either an EDITED checkpoint or a --direction to apply in memory"
-            if edited is None
-            else "give either an EDITED checkpoint or a --direction, not both"
-        )
+        raise ValueError("compare() takes exactly one of `edited` and `intervention`")
+    missing = [k for k in REQUIRED if k not in sets]
+    if missing:
+        raise ValueError(f"compare() needs the {' and '.join(missing)} prompt sets")
+    judges = list(judges) if judges is not None else [MarkerJudge()]
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    marker_list, marker_source = _markers(markers)
-
-    base_source = base.source if isinstance(base, LoadedModel) else base
-    if not isinstance(base_source, ModelSource):
-        base_source = resolve_source(str(base_source), dtype)
-    sets = {
-        "harmful": _prompts("harmful", harmful, base_source, settings.n),
-        "harmless": _prompts("harmless", harmless, base_source, settings.n),
-    }
-    base_lm = base if isinstance(base, LoadedModel) else load_model(base_source, dtype=dtype, device=device)
-    recipe = base_source.recipe
-    system = system_prompt if system_prompt is not None else (recipe.system_prompt if recipe else None)
-    fmt: ChatFormat = chat_format(base_lm.tokenizer, system=system, template_file=template)
+    timings = dict(timings or {})
 
     if edited is not None:
-        if isinstance(edited, LoadedModel):
-            edited_lm = edited
-        else:
-            src = edited if isinstance(edited, ModelSource) else resolve_source(str(edited), dtype)
-            edited_lm = load_model(src, dtype=dtype, device=device)
-        check_same_vocab(base_lm, edited_lm)
-        edited_model = edited_lm.model
-        edited_desc: dict[str, Any] = {
-            "type": "checkpoint",
-            **edited_lm.source.describe(),
-            "edit": _edited_record(edited_lm.source.hf_dir),
-        }
+        check_same_vocab(base, edited)
+        edited_model = edited.model
+        edited_desc: dict[str, Any] = {"type": "checkpoint", **edited.source.describe(), **(edited_info or {})}
     else:
         assert intervention is not None
-        edited_model = base_lm.model
+        edited_model = base.model
         edited_desc = {
             "type": "intervention",
             **intervention.describe(),
             "vector_norm": float(intervention.direction.float().norm() * abs(intervention.coeff)),
             **(edited_info or {}),
         }
-    timings["load_s"] = time.perf_counter() - t0
 
-    texts = {kind: fmt.format_all(sets[kind].instructions) for kind in KINDS}
+    kinds = [k for k in KINDS if k in sets]
+    delimiters = settings.reasoning_delimiters or delimiters_from_template(fmt.template_text)
+    # Reasoning delimiters that are special tokens would vanish from the decoded text.
+    keep_special = bool(delimiters and special_delimiters(base.tokenizer, delimiters))
+    texts = {kind: fmt.format_all(sets[kind].instructions) for kind in kinds}
     gens: dict[str, dict[str, list[Generated]]] = {"base": {}, "edited": {}}
-    t1 = time.perf_counter()
-    for kind in KINDS:
-        gens["base"][kind] = generate(
-            base_lm.model,
-            base_lm.tokenizer,
-            texts[kind],
-            settings.max_new_tokens,
-            settings.batch_size,
-            f"base, {kind}",
-        )
-    timings["generate_base_s"] = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    with _edited_side(edited_model, intervention):
-        for kind in KINDS:
-            gens["edited"][kind] = generate(
-                edited_model,
-                base_lm.tokenizer,
-                texts[kind],
-                settings.max_new_tokens,
-                settings.batch_size,
-                f"edited, {kind}",
-            )
-    timings["generate_edited_s"] = time.perf_counter() - t1
+    for side, model in (("base", base.model), ("edited", edited_model)):
+        t1 = time.perf_counter()
+        with _edited_side(model, intervention if side == "edited" else None):
+            for kind in kinds:
+                t2 = time.perf_counter()
+                gens[side][kind] = generate(
+                    model,
+                    base.tokenizer,
+                    texts[kind],
+                    settings.max_new_tokens,
+                    settings.batch_size,
+                    f"{side}, {kind}",
+                    skip_special_tokens=not keep_special,
+                )
+                timings[f"generate_{side}_{kind}_s"] = time.perf_counter() - t2
+        timings[f"generate_{side}_s"] = time.perf_counter() - t1
 
-    stats = {
+    t1 = time.perf_counter()
+    judging = {
         side: {
-            kind: refusal_stats([g.text for g in gens[side][kind]], sets[kind].categories, marker_list)
-            for kind in KINDS
+            kind: judge_all(
+                judges,
+                sets[kind].instructions,
+                [g.text for g in gens[side][kind]],
+                sets[kind].categories,
+                reasoning_delimiters=delimiters,
+            )
+            for kind in kinds
         }
         for side in SIDES
     }
+    timings["judge_s"] = time.perf_counter() - t1
+    for judge in judges:
+        timings[f"judge_{summary_key(judge.name)}_s"] = sum(
+            judging[s][k].stats[judge.name].seconds for s in SIDES for k in kinds
+        )
 
     t1 = time.perf_counter()
     rows = teacher_forced(
-        base_lm.model,
+        base.model,
         edited_model,
-        base_lm.tokenizer,
+        base.tokenizer,
         texts["harmless"],
-        [g.token_ids for g in gens["base"]["harmless"]],
+        [g.token_ids[: _kl_length(settings)] for g in gens["base"]["harmless"]],
         intervention=intervention,
-        batch_size=_teacher_forced_batch(settings, len(base_lm.tokenizer)),
+        batch_size=_teacher_forced_batch(settings, len(base.tokenizer)),
     )
     divergence = aggregate(rows)
     timings["teacher_forced_s"] = time.perf_counter() - t1
-    timings["total_s"] = time.perf_counter() - t0
+    timings["total_s"] = timings.get("load_s", 0.0) + time.perf_counter() - t0
 
     return EvalReport(
-        base={**base_lm.source.describe(), "dtype": base_lm.dtype, "device": base_lm.device},
+        base={**base.source.describe(), "dtype": base.dtype, "device": base.device},
         edited=edited_desc,
         chat_format=fmt.describe(),
-        prompts={kind: sets[kind].describe() for kind in KINDS},
-        settings={**asdict(settings), "dtype": base_lm.dtype, "device": base_lm.device},
-        markers={"source": marker_source, "count": len(marker_list), "markers": list(marker_list)},
-        refusal=stats,
+        prompts={kind: sets[kind].describe() for kind in kinds},
+        settings={**asdict(settings), "dtype": base.dtype, "device": base.device},
+        judges={j.name: j.describe() for j in judges},
+        judging=judging,
         divergence=divergence,
-        samples=_pick_samples(sets, gens, stats, settings.samples),
+        samples=_pick_samples(sets, judging, settings.samples),
+        reasoning_delimiters=delimiters,
         versions=versions(),
         timings={k: round(v, 3) for k, v in timings.items()},
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -1,4 +1,4 @@
-"""The paper's scores, computed from last-position logits.
+"""The paper's scores, computed from last-position logits (used by direction selection and evaluation).
 
 refusal score: log-odds that the next token is a refusal token,
     log p(R) - log(1 - p(R)) = logsumexp(logits[R]) - logsumexp(logits[not R]),

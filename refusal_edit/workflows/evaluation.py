@@ -1,0 +1,324 @@
+"""The `evaluate` workflow: resolve and load BASE (and EDITED, or a direction's hooks) and the judges,
+compare (core), write the report, and on request record the summary in the edited checkpoint.
+
+EDITED may be any checkpoint of BASE's architecture and vocabulary, including one another tool made (no
+`refusal_edit.json`): it is compared all the same, only `record` needs this tool's record to write into.
+Reports go to their own folder (default `runs/<base>/eval-<edit>`; hook runs are named after the
+direction file), never replacing one without `force`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from refusal_edit.checkpoint.record import RECORD, EditRecord
+from refusal_edit.directions.artifacts import DirectionFile, load_direction
+from refusal_edit.edits import check_edit
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.evaluation.report import REPORT_JSON, REPORT_PNG, write_report
+from refusal_edit.evaluation.run import EvalReport, EvalSettings, compare, intervention_from_direction
+from refusal_edit.forward import resolve_batch_size
+from refusal_edit.interventions import Intervention
+from refusal_edit.judging import Judge, MarkerJudge
+from refusal_edit.judging.markers import REFUSAL_MARKERS, load_markers
+from refusal_edit.loading.model import LoadedModel, ModelSource, load_model
+from refusal_edit.prompts import PromptSet, chat_format
+from refusal_edit.workflows import sources
+
+BORDERLINE = "builtin:borderline@test"  # the built-in over-refusal set's test split
+
+
+def _markers(markers: str | Path | Sequence[str] | None) -> tuple[tuple[str, ...], str]:
+    if markers is None:
+        return REFUSAL_MARKERS, "builtin"
+    if isinstance(markers, str | Path):
+        return load_markers(sources.expand(str(markers))), str(markers)
+    values = tuple(m for m in markers if m.strip())
+    if not values:
+        raise RefusalEditError("the refusal marker list (`markers`) is empty")
+    return values, "custom"
+
+
+def build_judges(
+    settings: EvalSettings,
+    base: LoadedModel,
+    markers: str | Path | Sequence[str] | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+) -> list[Judge]:
+    """The judges `settings` names, loaded: the refusal markers first (the built-in list, or `markers`), then
+    each other spec (`markers:FILE`, a classifier `hf:ORG/NAME` or directory), then the LLM judge
+    (`judge_llm`: a model, or "base" to reuse the loaded base model)."""
+    from refusal_edit.judging.load import load_judge, load_llm_judge
+
+    marker_list, marker_source = _markers(markers)
+    judges: list[Judge] = [MarkerJudge(marker_list, marker_source)]
+    for spec in settings.judges:
+        if spec != "markers":
+            judges.append(load_judge(sources.expand(spec), labels=settings.judge_labels, device=device))
+    if settings.judge_llm:
+        reuse = settings.judge_llm == "base"
+        judges.append(
+            load_llm_judge(
+                base.source if reuse else sources.resolve_model(settings.judge_llm, dtype),
+                mode=settings.judge_llm_mode,
+                rubric=settings.judge_llm_rubric,
+                batch_size=max(1, settings.batch_size // 4),
+                template_kwargs=settings.template_kwargs if reuse else None,
+                dtype=dtype,
+                device=device,
+                loaded=base if reuse else None,
+            )
+        )
+    names = [j.name for j in judges]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RefusalEditError(f"judge {', '.join(twice)} given twice (`judges`)")
+    return judges
+
+
+def borderline_prompts(source: ModelSource, given: str | PromptSet | None, n: int | None) -> PromptSet:
+    """The over-refusal prompts: the set or file given, else the built-in borderline set's test split."""
+    return sources.evaluation_prompts(source, "borderline", given if given is not None else BORDERLINE, n)
+
+
+def hook_label(direction: DirectionFile, mode: str = "ablate", coeff: float = 1.0, **_: Any) -> str:
+    """A hook run's name: the edit and the direction file (its sha256 tells runs of equal file names apart)."""
+    stem = direction.path.stem if direction.path else "direction"
+    edit = mode if mode == "ablate" else f"{mode}{coeff:+g}"
+    return f"{edit}-{stem}-{direction.sha256[:8]}" if direction.sha256 else f"{edit}-{stem}"
+
+
+def default_out(base: ModelSource, label: str) -> Path:
+    return sources.default_out(base, f"eval-{label}")
+
+
+def check_report_out(out: Path, force: bool) -> Path:
+    """A report folder may exist (it is created as needed), but a report in it is replaced only with `force`."""
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise RefusalEditError(f"output path is a file, not a directory: {out}")
+    if not force and any((target / name).exists() for name in (REPORT_JSON, REPORT_PNG)):
+        raise RefusalEditError(f"a report exists in {out} (`force` replaces it)")
+    return target
+
+
+def _edit_of(source: ModelSource) -> dict[str, Any] | None:
+    """The fields of an edited checkpoint's record that a report shows (None for a plain model)."""
+    try:
+        record = EditRecord.load(source.hf_dir)
+    except RefusalEditError:
+        return None
+    if record is None:
+        return None
+    keys = ("mode", "coeff", "layer", "site", "direction_sha256", "direction_layer", "base_model")
+    return {k: getattr(record, k) for k in keys}
+
+
+def check_recordable(base: ModelSource, edited: ModelSource) -> EditRecord:
+    """`record` writes BASE's numbers into EDITED's card: EDITED must be this tool's edit *of* BASE's
+    architecture (same model type and shape), else the card would carry another model's numbers."""
+    if edited.kind != "dir":
+        raise RefusalEditError("`record` writes into an `edited` checkpoint directory (a refusal-edit checkpoint)")
+    record = EditRecord.load(edited.hf_dir)
+    if record is None:
+        raise RefusalEditError(
+            f"`record` needs `edited` to be a refusal-edit checkpoint directory (with {RECORD}): "
+            f"{edited.hf_dir} has none (made by another tool?); evaluate it without `record`, the report has "
+            "every number"
+        )
+    base_cfg, edited_cfg = base.config(), edited.config()
+    was = record.source_model.get("model_type")
+    if was is not None and was != base_cfg.get("model_type"):
+        raise RefusalEditError(
+            f"`edited` was edited from a {was} model, `base` is {base_cfg.get('model_type')}: `record` would write "
+            "another model's numbers into its card"
+        )
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        a, b = _text_value(base_cfg, key), _text_value(edited_cfg, key)
+        if a is not None and b is not None and a != b:
+            raise RefusalEditError(
+                f"`edited` and `base` differ in {key} ({b} vs {a}): `edited` is not an edit of `base`, so `record` "
+                "would write another model's numbers into its card"
+            )
+    return record
+
+
+def _text_value(config: dict[str, Any], key: str) -> Any:
+    text = config.get("text_config")
+    return config.get(key, text.get(key) if isinstance(text, dict) else None)
+
+
+def check_one_edit(edited: Any, direction: Any, intervention: Any = None) -> None:
+    """The one rule: an evaluation compares BASE with either an EDITED checkpoint or a direction's hooks."""
+    given = sum(x is not None for x in (edited, direction, intervention))
+    if given != 1:
+        raise RefusalEditError(
+            "give either `edited` or `direction`, not both" if given else "give either `edited` or `direction`"
+        )
+
+
+def evaluate(
+    base: str | Path | ModelSource | LoadedModel,
+    edited: str | Path | ModelSource | LoadedModel | None = None,
+    *,
+    direction: DirectionFile | str | Path | None = None,
+    mode: str = "ablate",
+    coeff: float = 1.0,
+    layer: int | None = None,
+    site: str | None = None,
+    unit: bool = False,
+    intervention: Intervention | None = None,
+    edited_info: dict[str, Any] | None = None,
+    harmful: str | PromptSet | None = None,
+    harmless: str | PromptSet | None = None,
+    borderline: str | PromptSet | None = None,
+    settings: EvalSettings | None = None,
+    markers: str | Path | Sequence[str] | None = None,
+    judges: Sequence[Judge] | None = None,
+    system_prompt: str | None = None,
+    template: str | Path | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    max_memory: str | dict[Any, Any] | None = None,
+    offload_dir: Path | None = None,
+    batch_size: int | str | None = None,
+) -> EvalReport:
+    """Compare `base` with `edited` (a checkpoint) or with `base` under a direction's hooks.
+
+    Exactly one of `edited`, `direction` (applied with `mode`, `coeff`, `layer`, `site`, `unit`, as
+    orthogonalize would bake it) and `intervention` (a ready-made `Intervention`) is given. `edited` may be
+    any checkpoint of the same architecture and vocabulary, whoever made it. Prompts default to the test
+    split of the recipe's sets, else the built-in ones (`borderline`: the built-in borderline set's test
+    split, when `settings.borderline`); `system_prompt` to the recipe's, else the chat template's own.
+    Judges are loaded from `settings` (`markers` replaces the built-in marker list), unless `judges` gives
+    them ready-made. `device` auto places each model's layers with accelerate, each within `max_memory`;
+    `batch_size` (a number or auto) replaces `settings.batch_size`. Errors the user can fix raise
+    `RefusalEditError`.
+    """
+    check_one_edit(edited, direction, intervention)
+    settings = settings or EvalSettings()
+    settings.check()
+    if judges is None:
+        _markers(markers)  # a bad markers file fails before any model is loaded
+    if direction is not None:
+        check_edit(mode, coeff, layer, site, unit)
+        d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
+        intervention = intervention_from_direction(d, mode, coeff=coeff, layer=layer, site=site or "input", unit=unit)
+        edited_info = {
+            "direction_file": str(d.path),
+            "direction_sha256": d.sha256,
+            "direction_layer": d.layer,
+            "direction_position": d.position,
+            "unit": unit,
+            **(edited_info or {}),
+        }
+
+    t0 = time.perf_counter()
+    base_source = base.source if isinstance(base, LoadedModel) else sources.resolve_model(base, dtype)
+    sets = {
+        "harmful": sources.evaluation_prompts(base_source, "harmful", harmful, settings.n),
+        "harmless": sources.evaluation_prompts(base_source, "harmless", harmless, settings.n),
+    }
+    if settings.borderline:
+        sets["borderline"] = borderline_prompts(base_source, borderline, settings.n)
+    placed = {"dtype": dtype, "device": device, "max_memory": max_memory, "offload_dir": offload_dir}
+    base_lm = base if isinstance(base, LoadedModel) else load_model(base_source, **placed)
+    fmt = chat_format(
+        base_lm.tokenizer,
+        system=sources.system_prompt(base_source, system_prompt),
+        template_file=template,
+        template_kwargs=settings.template_kwargs,
+    )
+    edited_lm = None
+    if edited is not None:
+        edited_source = edited.source if isinstance(edited, LoadedModel) else sources.resolve_model(edited, dtype)
+        edited_lm = edited if isinstance(edited, LoadedModel) else load_model(edited_source, **placed)
+        edited_info = {"edit": _edit_of(edited_source), **(edited_info or {})}
+    timings = {"load_s": time.perf_counter() - t0}
+    if batch_size is not None:
+        texts = fmt.format_all([t for ps in sets.values() for t in ps.instructions])
+        rows = resolve_batch_size(batch_size, base_lm.model, base_lm.tokenizer, texts, settings.max_new_tokens)
+        settings = replace(settings, batch_size=rows)
+        settings.check()
+    if judges is None:
+        t1 = time.perf_counter()
+        judges = build_judges(settings, base_lm, markers, dtype=dtype, device=device)
+        timings["load_judges_s"] = time.perf_counter() - t1
+    return compare(
+        base_lm,
+        fmt,
+        sets,
+        edited=edited_lm,
+        intervention=intervention,
+        edited_info=edited_info,
+        settings=settings,
+        judges=judges,
+        timings=timings,
+    )
+
+
+def save_report(report: EvalReport, out: Path, force: bool = False) -> tuple[Path, Path]:
+    """Write `report.json` and `report.png` into `out`; an existing report is replaced only with `force`."""
+    check_report_out(out, force)
+    return write_report(report, out)
+
+
+def record_evaluation(checkpoint: Path, report: EvalReport) -> Path:
+    """Store `report.summary()` in an edited checkpoint's `refusal_edit.json` and re-render its README.md.
+
+    Each file is replaced atomically, so an interrupted run leaves the old record, never half a file.
+    """
+    record = EditRecord.load(checkpoint, required=True)
+    assert record is not None
+    return record.with_evaluation(report.summary()).save(checkpoint)
+
+
+@dataclass
+class Evaluation:
+    """A finished `evaluate` run: the report, where it was written, and the record it went into (if any)."""
+
+    report: EvalReport
+    json_path: Path
+    png_path: Path
+    recorded: Path | None = None
+
+
+def run(
+    base: str | Path | ModelSource,
+    edited: str | Path | ModelSource | None = None,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    record: bool = False,
+    **options: Any,
+) -> Evaluation:
+    """`refusal-edit evaluate`: every check that can fail fast first, then `evaluate` (which takes
+    `options`: the direction and its edit, prompts, settings, markers, ...), the report, the record."""
+    direction = options.pop("direction", None)
+    check_one_edit(edited, direction)
+    if record and edited is None:
+        raise RefusalEditError("`record` writes into an `edited` checkpoint; it does not apply to `direction`")
+    edit = {k: options[k] for k in ("mode", "coeff", "layer", "site", "unit") if k in options}
+    if direction is not None:
+        check_edit(**edit)
+        direction = (
+            direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
+        )
+    dtype = options.get("dtype", "auto")
+    base_source = sources.resolve_model(base, dtype)
+    edited_source = sources.resolve_model(edited, dtype) if edited is not None else None
+    if record and edited_source is not None:
+        check_recordable(base_source, edited_source)
+    if out is None:
+        label = edited_source.name if edited_source is not None else hook_label(direction, **edit)
+        out = default_out(base_source, label)
+    check_report_out(out, force)
+    report = evaluate(base_source, edited_source, direction=direction, **options)
+    json_path, png_path = save_report(report, out, force)
+    recorded = record_evaluation(edited_source.hf_dir, report) if record and edited_source is not None else None
+    return Evaluation(report, json_path, png_path, recorded)
