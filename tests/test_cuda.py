@@ -6,11 +6,12 @@ import pytest
 import torch
 from tiny import build, save, token_batch
 
-from refusal_edit.directions.extract import ExtractSettings, run_extract
+from refusal_edit.directions.extract import ExtractSettings
 from refusal_edit.directions.select import SelectionSettings
 from refusal_edit.interventions import ablation, addition
 from refusal_edit.loading import load_model
 from refusal_edit.prompts import builtin, chat_format
+from refusal_edit.workflows import run_extract
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

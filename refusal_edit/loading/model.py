@@ -7,15 +7,18 @@ what the streaming weight edit reads; `load_model` instantiates it for extractio
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.loading import placement
 from refusal_edit.loading.gguf import convert_gguf
-from refusal_edit.recipes import Recipe, find_recipe, load_recipe
+from refusal_edit.recipes import Recipe, find_recipe, load_recipe, recipe_not_found
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what a model is loaded in (auto: see _torch_dtype)
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -28,6 +31,7 @@ class ModelSource:
     hf_dir: Path
     sha256: str | None = None
     recipe: Recipe | None = None
+    origin: Path | None = None  # the file converted into hf_dir (a .gguf), never to be written over
 
     @property
     def name(self) -> str:
@@ -60,8 +64,26 @@ def _check_hf_dir(path: Path) -> None:
         raise RefusalEditError(f"no safetensors weights in {path}")
 
 
-def _gguf_dtype(dtype: str) -> str:
+def conversion_dtype(dtype: str, recipe: Recipe | None = None) -> str:
+    """The dtype a GGUF file is dequantized to: the one asked for, else the recipe's, else float32."""
+    if dtype == "auto" and recipe is not None:
+        dtype = recipe.dtype
+    if dtype not in LOAD_DTYPES:
+        raise RefusalEditError(f"unknown `dtype` {dtype!r} ({', '.join(LOAD_DTYPES)})")
     return "float32" if dtype == "auto" else dtype
+
+
+def _is_direction_file(path: Path) -> bool:
+    """A safetensors file with a `direction` tensor (what extract writes), not model weights."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return "direction" in fh.keys()
+    except Exception:
+        return False
 
 
 def resolve_source(spec: str, dtype: str = "auto") -> ModelSource:
@@ -70,21 +92,28 @@ def resolve_source(spec: str, dtype: str = "auto") -> ModelSource:
     if path.is_dir():
         _check_hf_dir(path)
         return ModelSource(spec, "dir", path)
+    if _is_direction_file(path):
+        raise RefusalEditError(f"{spec} is a direction file, not a model: pass it as `direction`")
     if path.suffix == ".gguf":
-        hf_dir, sha = convert_gguf(path, _gguf_dtype(dtype))
-        return ModelSource(spec, "gguf", hf_dir, sha)
+        hf_dir, sha = convert_gguf(path, conversion_dtype(dtype))
+        return ModelSource(spec, "gguf", hf_dir, sha, origin=path)
     recipe_path = find_recipe(spec)
     if recipe_path is not None:
         from refusal_edit.loading.fetch import fetch_recipe
 
         recipe = load_recipe(recipe_path)
         gguf_file = fetch_recipe(recipe)
-        hf_dir, sha = convert_gguf(gguf_file, _gguf_dtype(dtype if dtype != "auto" else recipe.dtype))
-        return ModelSource(spec, "recipe", hf_dir, sha, recipe)
+        hf_dir, sha = convert_gguf(gguf_file, conversion_dtype(dtype, recipe))
+        return ModelSource(spec, "recipe", hf_dir, sha, recipe, origin=gguf_file)
     if path.exists():
         raise RefusalEditError(f"not a model directory, .gguf file or recipe: {spec}")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return ModelSource(spec, "hub", _download(spec))
+    if "/" not in spec and "\\" not in spec and path.suffix not in (".gguf", ".toml"):
+        # A bare name can only have meant a recipe: name the close ones.
+        raise RefusalEditError(
+            f"model not found: {spec} (not a directory, .gguf file or Hub id); {recipe_not_found(spec)}"
+        )
     raise RefusalEditError(f"model not found: {spec} (a directory, a .gguf file, a recipe or a Hub id)")
 
 
@@ -95,9 +124,30 @@ def _download(repo_id: str) -> Path:
     try:
         local = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
-        raise RefusalEditError(f"cannot download {repo_id} from the Hub: {type(exc).__name__}: {exc}") from exc
+        if _no_network(exc):
+            raise RefusalEditError(
+                f"cannot download {repo_id} from the Hub: no network: pass a local directory, a .gguf file or a recipe"
+            ) from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RefusalEditError(f"cannot download {repo_id} from the Hub: {type(exc).__name__}: {first}") from exc
     _check_hf_dir(local)
     return local
+
+
+def _no_network(exc: BaseException) -> bool:
+    """Offline mode, or no connection (the client then finds no cached copy either)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OfflineModeIsEnabled | LocalEntryNotFoundError | ConnectionError | TimeoutError):
+            return True
+        if "connect" in type(exc).__name__.lower() or "timeout" in type(exc).__name__.lower():
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 @dataclass
@@ -106,32 +156,36 @@ class LoadedModel:
     tokenizer: Any
     source: ModelSource
     dtype: str
-    device: str
+    device: str  # cpu | cuda | auto (spread by accelerate: see `placement`)
+    placement: str | None = None  # where the layers went, e.g. "layers 0-9 cpu, 10-23 disk (...)"
 
 
-def _torch_dtype(dtype: str, device: str, config: dict[str, Any]):
+def _torch_dtype(dtype: str, device: str, config: dict[str, Any], hf_dir: Path | None = None) -> tuple[Any, str]:
+    """The load dtype and, when `dtype` auto chose by size, why (see `placement.choose_dtype`)."""
     import torch
 
-    if dtype not in DTYPES:
-        raise RefusalEditError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
-    if dtype == "auto":
-        # On CPU, float32 is both faster and exact; on GPU use the checkpoint's own dtype.
-        if device == "cpu":
-            return torch.float32
-        stored = config.get("dtype") or config.get("torch_dtype") or "float32"
-        return getattr(torch, stored, torch.float32)
-    return getattr(torch, dtype)
+    if dtype not in LOAD_DTYPES:
+        raise RefusalEditError(f"unknown `dtype` {dtype!r} ({', '.join(LOAD_DTYPES)})")
+    if dtype != "auto" or device == "cuda":
+        return placement.choose_dtype(dtype, device, config, 0, 0)
+    if hf_dir is None:
+        return torch.float32, ""
+    import psutil
+
+    try:
+        f32 = placement.model_bytes(placement._empty_model(hf_dir, torch.float32), torch.float32)
+    except Exception:  # sizing is advisory: load as before (float32 on the CPU)
+        return torch.float32, ""
+    return placement.choose_dtype(dtype, device, config, f32, psutil.virtual_memory().available)
 
 
 def _device(device: str) -> str:
     import torch
 
     if device not in DEVICES:
-        raise RefusalEditError(f"unknown device {device!r} ({', '.join(DEVICES)})")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        raise RefusalEditError(f"unknown `device` {device!r} ({', '.join(DEVICES)})")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RefusalEditError("--device cuda was requested but no CUDA device is available")
+        raise RefusalEditError("`device` cuda was requested but no CUDA device is available")
     return device
 
 
@@ -149,25 +203,72 @@ def load_tokenizer(hf_dir: Path):
 
 
 def load_model(
-    source: ModelSource | str, dtype: str = "auto", device: str = "cpu", tokenizer: bool = True
+    source: ModelSource | str,
+    dtype: str = "auto",
+    device: str = "cpu",
+    tokenizer: bool = True,
+    max_memory: str | dict[Any, Any] | None = None,
+    offload_dir: str | Path | None = None,
 ) -> LoadedModel:
-    """Instantiate a model in eval mode (stock transformers, never trust_remote_code)."""
-    from transformers import AutoModelForCausalLM
+    """Instantiate a model in eval mode (stock transformers, never trust_remote_code).
 
-    from refusal_edit.arch import get_spec
+    `device` cpu or cuda: the whole model there. `device` auto: accelerate places the layers over the GPUs
+    there are, then the CPU, then disk, within `max_memory` (`placement.parse_max_memory`; default: the free
+    memory); disk-offloaded weights are read from the checkpoint's own files, or written under `offload_dir`
+    (default `<cache>/offload`) when transformers converts them. Says in one line where the layers went.
+    """
+    from refusal_edit.arch import spec_for_config, stock_model_class
+    from refusal_edit.console import err
 
     src = source if isinstance(source, ModelSource) else resolve_source(source, dtype)
     config = src.config()
-    get_spec(config.get("model_type"))  # unsupported architectures fail before any weights are read
+    spec_for_config(config)  # unsupported architectures fail before any weights are read
     dev = _device(device)
-    torch_dtype = _torch_dtype(dtype, dev, config)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
-    if dev == "cuda":
-        kwargs["device_map"] = "auto" if device == "auto" else "cuda"
+    if dev != "auto" and (max_memory is not None or offload_dir is not None):
+        raise RefusalEditError("`max_memory` and `offload_dir` apply to `device` auto")
+    limits = placement.parse_max_memory(max_memory)
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dev == "auto":
+        if dtype not in LOAD_DTYPES:
+            raise RefusalEditError(f"unknown `dtype` {dtype!r} ({', '.join(LOAD_DTYPES)})")
+        plan = placement.plan_auto(src.hf_dir, config, dtype, limits, Path(offload_dir) if offload_dir else None)
+        torch_dtype, why = plan.dtype, "; ".join(plan.notes)
+        if plan.device_map is not None:
+            kwargs["device_map"] = plan.device_map
+        if plan.offload_dir is not None:
+            folder = placement.offload_folder(plan.offload_dir, src.name.replace("/", "--"))
+            kwargs["offload_folder"] = str(folder)
+    else:
+        torch_dtype, why = _torch_dtype(dtype, dev, config, src.hf_dir)
+        if dev == "cuda":
+            kwargs["device_map"] = "cuda"
+    if why:
+        err.print(f"[yellow]note:[/yellow] {why}", soft_wrap=True)
+    chatter = logging.getLogger("accelerate.big_modeling")  # "offloaded to the disk": the placement line says it
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)
+    to_disk = "disk" in (kwargs.get("device_map") or {}).values() if dev == "auto" else False
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(src.hf_dir), **kwargs)
+        with placement.read_without_mmap(to_disk):
+            model = stock_model_class(config).from_pretrained(str(src.hf_dir), dtype=torch_dtype, **kwargs)
     except Exception as exc:
+        if "offload_folder" in kwargs:
+            shutil.rmtree(kwargs["offload_folder"], ignore_errors=True)
         raise RefusalEditError(f"cannot load the model from {src.hf_dir}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        chatter.setLevel(level)
     model.eval()
+    if "offload_folder" in kwargs:
+        placement.remove_with(model, Path(kwargs["offload_folder"]))
+    from refusal_edit.offload import describe_placement, dispatched, input_device
+
+    try:
+        where = describe_placement(model)
+    except Exception:  # a model the table cannot take apart still runs: say where its first weight is
+        where = f"on {input_device(model)}"
+    if dev == "auto":
+        err.print(f"placed by accelerate ({str(torch_dtype).removeprefix('torch.')}): {where}", soft_wrap=True)
+        if not dispatched(model):
+            dev = input_device(model).type  # it all fit on one device: a plain model there
     tok = load_tokenizer(src.hf_dir) if tokenizer else None
-    return LoadedModel(model, tok, src, str(torch_dtype).removeprefix("torch."), dev)
+    return LoadedModel(model, tok, src, str(torch_dtype).removeprefix("torch."), dev, where)

@@ -1,0 +1,153 @@
+"""Models that accelerate spread over devices (GPUs, then CPU, then disk): where their parts are, and what
+running them needs that a model in one place does not.
+
+`load_model(device="auto")` has transformers place the modules (`device_map`), and accelerate's hooks move
+each module's inputs to its execution device and, for offloaded modules, load the weights just before the
+module runs and drop them right after. The rest of the package only needs three things from here: where to
+put inputs (`input_device`), one line saying where the layers went (`describe_placement`), and a backward
+pass that does not keep every offloaded weight alive (`reloaded_in_backward`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def device_map(model: nn.Module) -> dict[str, Any] | None:
+    """The map accelerate dispatched the model with (module name -> GPU index, "cpu" or "disk"), else None."""
+    found = getattr(model, "hf_device_map", None)
+    return dict(found) if isinstance(found, dict) and found else None
+
+
+def device_name(device: Any) -> str:
+    """A device-map value as a word: 0 -> "cuda:0"; "cpu" and "disk" as they are."""
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    return str(device)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a forward pass's inputs go.
+
+    A dispatched model runs on its main device (accelerate's rule: the first accelerator in the map, else
+    the CPU); its first parameter may sit on the meta device, offloaded. Any other model: where its first
+    parameter is.
+    """
+    mapped = device_map(model)
+    if mapped is None:
+        return next(model.parameters()).device
+    accelerators = [d for d in mapped.values() if d not in ("cpu", "disk")]
+    return torch.device(device_name(accelerators[0]) if accelerators else "cpu")
+
+
+def module_device(model: nn.Module, module: nn.Module) -> str:
+    """Where `module` of `model` lives: its device-map entry (the longest prefix of its name), or the device
+    of its first parameter when the model was not dispatched."""
+    mapped = device_map(model)
+    if mapped is None:
+        first = next(module.parameters(), None)
+        return "cpu" if first is None else str(first.device)
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if name is None:
+        return "?"
+    best, length = mapped.get("", "?"), -1
+    for key, device in mapped.items():
+        if (key == name or name.startswith(key + ".")) and len(key) > length:
+            best, length = device, len(key)
+    return device_name(best)
+
+
+def _runs(devices: list[str]) -> str:
+    """["cpu", "cpu", "disk"] -> "0-1 cpu, 2 disk"."""
+    parts, start = [], 0
+    for i in range(1, len(devices) + 1):
+        if i == len(devices) or devices[i] != devices[start]:
+            span = str(start) if i - 1 == start else f"{start}-{i - 1}"
+            parts.append(f"{span} {devices[start]}")
+            start = i
+    return ", ".join(parts)
+
+
+def layer_devices(model: nn.Module) -> list[str]:
+    """The device of every decoder layer, in order."""
+    from refusal_edit.anatomy import anatomy
+
+    return [module_device(model, layer) for layer in anatomy(model).layers]
+
+
+def describe_placement(model: nn.Module) -> str:
+    """One line saying where the layers went, e.g. "layers 0-9 cpu, 10-23 disk (embeddings cpu, head disk)"."""
+    from refusal_edit.anatomy import anatomy
+
+    anat = anatomy(model)
+    line = f"layers {_runs(layer_devices(model))}"
+    ends = {"embeddings": anat.embeddings[0] if anat.embeddings else None, "head": model.get_output_embeddings()}
+    extra = [f"{what} {module_device(model, m)}" for what, m in ends.items() if m is not None]
+    return f"{line} ({', '.join(extra)})" if extra else line
+
+
+def offloaded_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules whose weights accelerate keeps off their execution device (CPU or disk) between calls."""
+    from accelerate.utils import has_offloaded_params
+
+    return [m for m in model.modules() if has_offloaded_params(m)]
+
+
+def dispatched(model: nn.Module) -> bool:
+    """Whether accelerate spread the model over several devices or offloaded part of it (hooks in place)."""
+    mapped = device_map(model)
+    return mapped is not None and (len(set(mapped.values())) > 1 or "disk" in mapped.values())
+
+
+def on_disk(model: nn.Module) -> bool:
+    """Whether any part of the model is offloaded to disk (weights that cannot be edited in place)."""
+    mapped = device_map(model)
+    return mapped is not None and "disk" in mapped.values()
+
+
+@contextmanager
+def reloaded_in_backward(model: nn.Module) -> Iterator[None]:
+    """Keep offloaded weights out of the autograd graph: a backward pass reloads them instead.
+
+    Autograd saves the weights a layer multiplied with, to compute input gradients. An offloaded module's
+    weights are loaded for its forward call only; saved by autograd, every offloaded weight of the model
+    would stay in memory until the backward pass ends (a model larger than RAM would not fit). Inside this
+    context a saved tensor that views an offloaded module's loaded weight is stored as a reference and loaded
+    again from the module's offload map when the backward pass needs it. Other tensors are kept as usual.
+    A model without offloaded modules is unaffected.
+    """
+    modules = offloaded_modules(model)
+    if not modules:
+        yield
+        return
+
+    def owner(t: torch.Tensor) -> tuple[nn.Module, str] | None:
+        base = t._base if t._base is not None else t
+        if not isinstance(base, nn.Parameter) or base.device.type == "meta":
+            return None
+        for module in modules:
+            for name, param in module._parameters.items():
+                if param is base:
+                    return module, name
+        return None
+
+    def pack(t: torch.Tensor) -> Any:
+        found = owner(t)
+        if found is None:
+            return t
+        return (found, t.dtype, t.device, t.size(), t.stride(), t.storage_offset())
+
+    def unpack(saved: Any) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        (module, name), dtype, device, size, stride, offset = saved
+        weight = module._hf_hook.weights_map[name].to(device=device, dtype=dtype)
+        return weight.as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

@@ -1,0 +1,429 @@
+"""Models spread by accelerate (`device` auto): a tiny model forced partly onto the CPU and partly onto disk by
+`max_memory` gives what the in-memory model gives - candidate means, the selected candidate, evaluation
+numbers, hooked logits, proxy gradients - and the sizing rules (dtype, batch size, disk room) say what they did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import json
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+
+from refusal_edit.directions.artifacts import load_direction, save_direction
+from refusal_edit.directions.extract import ExtractSettings
+from refusal_edit.directions.select import SelectionSettings
+from refusal_edit.edits.spec import full_ablation
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.evaluation.run import EvalSettings
+from refusal_edit.forward import BATCH_LIMIT, PromptBatch, parse_batch_size, resolve_batch_size
+from refusal_edit.interventions import RowGroups, ablation, addition, edit_hooks_by_row
+from refusal_edit.loading import load_model
+from refusal_edit.loading import placement as placement_module
+from refusal_edit.loading.placement import parse_max_memory
+from refusal_edit.offload import dispatched, input_device, layer_devices, reloaded_in_backward
+from refusal_edit.prompts import builtin, chat_format
+from refusal_edit.workflows import evaluate, run_extract
+
+SPLIT = "cpu=100KB"  # tiny qwen2 in float32: embeddings and layer 0 on the CPU, layers 1-2 and the head on disk
+ALL_DISK = "cpu=1KB"  # nothing fits: every module is read from disk when it runs
+
+
+def short(kind: str):
+    ps = builtin(kind)
+    ps.instructions = [t[:40] for t in ps.instructions]  # the tiny models have 128 positions
+    return ps
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    from refusal_edit.workflows import orthogonalize
+
+    root = tmp_path_factory.mktemp("offload")
+    base = tiny.save(tiny.build("qwen2"), root / "base")
+    g = torch.Generator().manual_seed(3)
+    direction = save_direction(root / "direction.safetensors", torch.randn(tiny.HIDDEN, generator=g), {"layer": 1})
+    edited = root / "edited"
+    orthogonalize(base, load_direction(direction), edited, base_model="org/base")
+    return {"root": root, "base": base, "edited": edited, "direction": direction}
+
+
+@pytest.fixture(scope="module")
+def models(env):
+    """The same checkpoint in memory, split over CPU and disk, and all on disk (float32 everywhere)."""
+    return {
+        "memory": load_model(str(env["base"]), dtype="float32"),
+        "split": load_model(str(env["base"]), dtype="float32", device="auto", max_memory=SPLIT),
+        "disk": load_model(str(env["base"]), dtype="float32", device="auto", max_memory=ALL_DISK),
+    }
+
+
+def texts(lm, n: int = 6) -> list[str]:
+    return chat_format(lm.tokenizer).format_all(short("harmful").instructions[:n])
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> bool:
+    return bool((a - b).abs().max() <= rel * b.abs().max())
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_max_memory_is_parsed_in_accelerates_syntax():
+    assert parse_max_memory("cpu=16GiB") == {"cpu": 16 * 2**30}
+    assert parse_max_memory(" cpu = 500MB , disk=1GB ") == {"cpu": 500 * 10**6, "disk": 10**9}
+    assert parse_max_memory({"cpu": "2KiB"}) == {"cpu": 2048}
+    assert parse_max_memory(None) is None
+    for bad, needle in [
+        ("cpu16GiB", "is not DEVICE=SIZE"),
+        ("cpu=lots", "is not a size"),
+        ("tpu=1GiB", "is not cpu, disk, mps, cuda:N"),
+        ("cpu=1GiB,cpu=2GiB", "names 'cpu' twice"),
+        ("", "is empty"),
+    ]:
+        with pytest.raises(RefusalEditError, match=needle):
+            parse_max_memory(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(RefusalEditError, match="cuda:0, but this machine has no CUDA device"):
+            parse_max_memory("cuda:0=70GiB,cpu=1GiB")
+
+
+def test_max_memory_splits_the_model_over_cpu_and_disk_and_says_where(models, capsys, env):
+    split, disk = models["split"], models["disk"]
+    assert split.device == "auto" and dispatched(split.model)
+    assert split.placement == "layers 0 cpu, 1-2 disk (embeddings cpu, head disk)"
+    assert layer_devices(split.model) == ["cpu", "disk", "disk"]
+    assert disk.placement == "layers 0-2 disk (embeddings disk, head disk)"
+    assert input_device(disk.model) == torch.device("cpu")  # the first parameter is on the meta device
+    assert next(disk.model.parameters()).device.type == "meta"
+    load_model(str(env["base"]), dtype="float32", device="auto", max_memory=SPLIT)
+    assert "placed by accelerate (float32): layers 0 cpu, 1-2 disk" in capsys.readouterr().err
+
+
+def test_auto_with_room_is_the_plain_model(env):
+    lm = load_model(str(env["base"]), device="auto")
+    assert lm.device == "cpu" and lm.dtype == "float32" and not dispatched(lm.model)
+    assert lm.placement == "layers 0-2 cpu (embeddings cpu, head cpu)"
+
+
+def test_offload_options_need_device_auto(env):
+    with pytest.raises(RefusalEditError, match="`max_memory` and `offload_dir` apply to `device` auto"):
+        load_model(str(env["base"]), max_memory="cpu=1GiB")
+
+
+def test_dtype_auto_picks_bfloat16_when_float32_would_not_fit_and_says_why(env, capsys):
+    lm = load_model(str(env["base"]), device="auto", max_memory="cpu=60KB")  # float32 needs ~140 KiB
+    assert lm.dtype == "bfloat16"
+    assert "dtype auto: bfloat16, since in float32 the weights" in capsys.readouterr().err
+    import psutil
+
+    class Tight:
+        available = 10_000
+
+    real = psutil.virtual_memory
+    try:
+        psutil.virtual_memory = lambda: Tight()  # the plain CPU load: the free RAM is the budget
+        assert load_model(str(env["base"])).dtype == "bfloat16"
+    finally:
+        psutil.virtual_memory = real
+
+
+def test_no_room_on_disk_is_an_error_before_any_weight_is_read(env, monkeypatch, tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(placement_module, "_needs_copy", lambda model: True)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    from transformers import Qwen2ForCausalLM
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(
+        RefusalEditError, match=r"the model does not fit: .* go to disk offload, but .* has 1000 B free"
+    ):
+        load_model(str(env["base"]), dtype="float32", device="auto", max_memory=SPLIT, offload_dir=tmp_path / "off")
+    assert not (tmp_path / "off").exists()
+
+
+def test_offloaded_loads_read_the_checkpoint_without_a_memory_map(env, monkeypatch):
+    """transformers reads every tensor while loading, offloaded ones too: through a memory map the whole
+    checkpoint would count in RSS at once (measured: 3.4 GiB peak for a 3 GB model, 1.7 GiB with pread)."""
+    import transformers.modeling_utils as loader
+
+    seen: list[str | None] = []
+    real = loader.safe_open
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "safe_open", spy)
+    load_model(str(env["base"]), dtype="float32", device="auto", max_memory=SPLIT)
+    assert seen and set(seen) == {"pread"}
+    seen.clear()
+    load_model(str(env["base"]), dtype="float32")  # nothing on disk: the memory map, as transformers does
+    assert set(seen) == {"mmap"} and loader.safe_open is spy
+
+
+def test_a_rewritten_offload_goes_to_its_own_folder_removed_with_the_model(env, monkeypatch, tmp_path):
+    monkeypatch.setattr(placement_module, "_needs_copy", lambda model: True)
+    root = tmp_path / "off"
+    lm = load_model(str(env["base"]), dtype="float32", device="auto", max_memory=SPLIT, offload_dir=root)
+    (folder,) = list(root.iterdir())
+    assert folder.name.startswith("base-")
+    x = tiny.token_batch()
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(x).logits).all()
+    del lm
+    gc.collect()
+    assert not folder.exists() and root.exists()
+
+
+# ---------------------------------------------------------------- the same numbers
+
+
+def test_logits_and_hooks_match_in_memory(models):
+    ref, outs = models["memory"].model, {k: v.model for k, v in models.items() if k != "memory"}
+    x = tiny.token_batch()
+    r = torch.randn(tiny.HIDDEN, generator=torch.Generator().manual_seed(1))
+    rows = RowGroups([0, 1, 0])
+    edits = [None, full_ablation(r / r.norm(), 3)]
+
+    def run(model):
+        with torch.no_grad():
+            plain = model(x).logits
+            with ablation(model, r):
+                ablated = model(x).logits
+            with addition(model, r, 1, coeff=2.0, site="attn"):
+                added = model(x).logits
+            with edit_hooks_by_row(model, edits, rows):
+                rows.select([0, 1, 2])
+                grouped = model(x).logits
+        return plain, ablated, added, grouped
+
+    want = run(ref)
+    for model in outs.values():
+        for a, b in zip(run(model), want, strict=True):
+            assert close(a, b)
+
+
+def test_prefix_cache_reuse_works_offloaded(models):
+    ref = models["memory"]
+    batch = PromptBatch(ref.tokenizer, texts(ref), batch_size=4)
+    assert batch.prefix_len(models["split"].model) > 0  # the shared prefix's KV cache is reused offloaded too
+    want = PromptBatch(ref.tokenizer, texts(ref), batch_size=4, share_prefix=False).run(ref.model)
+    for name in ("split", "disk"):
+        assert close(batch.run(models[name].model), want)
+
+
+def test_tune_proxies_match_in_memory(models):
+    from refusal_edit.tuning.proxies import ProxyScorer
+
+    r = torch.randn(tiny.HIDDEN, generator=torch.Generator().manual_seed(2))
+    edit = full_ablation(r / r.norm(), 3)
+    scores = {}
+    for name, lm in models.items():
+        harmless = chat_format(lm.tokenizer).format_all(short("harmless").instructions[:4])
+        scorer = ProxyScorer(lm.model, lm.tokenizer, texts(lm, 4), harmless, [5, 6], batch_size=3)
+        scores[name] = (scorer.base, scorer.score(edit))
+    for name in ("split", "disk"):
+        for a, b in zip(scores[name], scores["memory"], strict=True):
+            assert a.refusal == pytest.approx(b.refusal, rel=1e-5)
+            assert a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-7)
+
+
+def test_backward_reloads_offloaded_weights_instead_of_keeping_them(models):
+    from refusal_edit.directions.proxy import attribution_bypass
+
+    ref, disk = models["memory"], models["disk"]
+    R = torch.nn.functional.normalize(torch.randn(4, tiny.HIDDEN, generator=torch.Generator().manual_seed(4)), dim=-1)
+    want, base = attribution_bypass(ref.model, ref.tokenizer, texts(ref, 4), R, [5, 6], 4)
+    got, got_base = attribution_bypass(disk.model, disk.tokenizer, texts(disk, 4), R, [5, 6], 4)
+    assert close(got, want, 1e-5) and got_base == pytest.approx(base, rel=1e-6)
+
+    def loaded_weights_alive(model, reload: bool) -> int:
+        """Weights (parameters that were not there before: loaded copies) still alive after a forward."""
+
+        def parameters() -> set[int]:
+            gc.collect()
+            return {id(o) for o in gc.get_objects() if isinstance(o, torch.nn.Parameter) and o.device.type != "meta"}
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True))
+        try:
+            before = parameters()
+            with reloaded_in_backward(model) if reload else contextlib.nullcontext():
+                out = model(tiny.token_batch()).logits.sum()
+            count = len(parameters() - before)
+            out.backward()
+            return count
+        finally:
+            handle.remove()
+
+    assert loaded_weights_alive(disk.model, reload=False) > 0  # autograd keeps what it multiplied with
+    assert loaded_weights_alive(disk.model, reload=True) == 0
+
+
+def test_extract_offloaded_gives_the_same_means_and_the_same_candidate(models, tmp_path):
+    settings = ExtractSettings(
+        n_train=6,
+        n_val=4,
+        batch_size=4,
+        refusal_tokens=["i", "as"],
+        selection=SelectionSettings(kl_threshold=1e9, induce_threshold=-1e9, top_k=2, batch_size=4),
+    )
+    done = {}
+    for name in ("memory", "split"):  # the split model reads part of its weights from disk
+        lm = models[name]
+        fmt = chat_format(lm.tokenizer)
+        done[name] = run_extract(lm, fmt, short("harmful"), short("harmless"), settings, tmp_path / name)
+    ref = done["memory"]
+    for name in ("split",):
+        res = done[name]
+        for side in ("harmful", "harmless"):
+            a, b = getattr(res.candidates, side), getattr(ref.candidates, side)
+            assert close(a.sum_all, b.sum_all) and a.count_all == b.count_all
+            assert a.sum_all.dtype == torch.float64 and a.sum_all.device.type == "cpu"
+        assert close(res.candidates.mean_diff, ref.candidates.mean_diff)
+        assert (res.selection.chosen.layer, res.selection.chosen.position) == (
+            ref.selection.chosen.layer,
+            ref.selection.chosen.position,
+        )
+        assert res.selection.chosen.bypass == pytest.approx(ref.selection.chosen.bypass, rel=1e-5)
+        run = json.loads((tmp_path / name / "run.json").read_text())
+        assert run["device"] == "auto" and run["placement"] == models[name].placement
+
+
+def test_evaluate_offloaded_gives_the_same_numbers(env):
+    fast = EvalSettings(n=4, max_new_tokens=4, batch_size=3, samples=3)
+
+    def numbers(**placed):
+        report = evaluate(str(env["base"]), str(env["edited"]), settings=fast, dtype="float32", **placed)
+        summary = report.summary()
+        return {k: v for k, v in summary.items() if isinstance(v, int | float) and "seconds" not in k}, report
+
+    want, ref = numbers()
+    got, rep = numbers(device="auto", max_memory=SPLIT)
+    assert rep.base["device"] == "auto"
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert [s.edited for s in rep.samples] == [s.edited for s in ref.samples]
+
+
+# ---------------------------------------------------------------- batch size
+
+
+def test_batch_size_auto_is_a_number_that_fits(models, capsys):
+    lm = models["split"]
+    assert parse_batch_size("auto") == "auto" and parse_batch_size("8") == 8 and parse_batch_size(3) == 3
+    with pytest.raises(RefusalEditError, match="`batch_size` must be a whole number or auto"):
+        parse_batch_size("many")
+    rows = resolve_batch_size("auto", lm.model, lm.tokenizer, texts(lm))
+    assert 1 <= rows <= 6
+    assert f"batch size auto: {rows}" in capsys.readouterr().err
+    assert resolve_batch_size(5, lm.model, lm.tokenizer, texts(lm)) == 5
+
+
+def test_out_of_memory_backs_off_once_and_says_so(env, capsys):
+    from refusal_edit.generation import generate
+
+    lm = load_model(str(env["base"]), dtype="float32")
+    prompts = texts(lm, 6)
+    want = PromptBatch(lm.tokenizer, prompts, batch_size=6).run(lm.model)
+    want_gen = [g.token_ids for g in generate(lm.model, lm.tokenizer, prompts, 3, batch_size=6, description=None)]
+    forward = lm.model.forward
+    biggest: list[int] = []
+
+    @functools.wraps(forward)
+    def tight(*args, **kwargs):
+        rows = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]
+        biggest.append(rows)
+        if rows > 3:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
+        return forward(*args, **kwargs)
+
+    lm.model.forward = tight
+    got = PromptBatch(lm.tokenizer, prompts, batch_size=6).run(lm.model)
+    assert close(got, want) and getattr(lm.model, BATCH_LIMIT) == 3
+    assert capsys.readouterr().err.count("out of memory at 6 prompts per batch: continuing with 3") == 1
+    biggest.clear()
+    gen = [g.token_ids for g in generate(lm.model, lm.tokenizer, prompts, 3, batch_size=6, description=None)]
+    assert gen == want_gen and max(biggest) == 3  # later calls use the smaller batch from the start
+
+    @functools.wraps(forward)
+    def tighter(*args, **kwargs):
+        if (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0] > 1:
+            raise RuntimeError("CUDA error: out of memory.")
+        return forward(*args, **kwargs)
+
+    lm.model.forward = tighter
+    with pytest.raises(RefusalEditError, match="out of memory with 3 prompts per batch after backing off once"):
+        PromptBatch(lm.tokenizer, prompts, batch_size=6).run(lm.model)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_extract_with_device_auto(env, tmp_path, cli):
+    fast = ["--n-train", "6", "--n-val", "4", "--top-k", "2", "--refusal-tokens", "i,as"]
+    permissive = ["--kl-threshold", "1e9", "--induce-threshold", "-1e9"]
+    args = ["--device", "auto", "--max-memory", SPLIT, "--dtype", "float32", "--batch-size", "auto"]
+    res = cli("extract", env["base"], "--out", tmp_path / "run", *fast, *permissive, *args)
+    assert res.code == 0, res.text
+    assert "placed by accelerate (float32): layers 0 cpu, 1-2 disk" in res.err and "batch size auto:" in res.err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["placement"].startswith("layers 0 cpu, 1-2 disk") and run["settings"]["batch_size"] >= 1
+    res = cli("extract", env["base"], "--out", tmp_path / "r2", "--max-memory", "cpu=1GiB")
+    assert res.code == 1 and "--max-memory and --offload-dir apply to --device auto" in res.err
+    res = cli("extract", env["base"], "--out", tmp_path / "r3", "--device", "auto", "--max-memory", "cpu:1GiB")
+    assert res.code == 1 and "--max-memory entry 'cpu:1GiB' is not DEVICE=SIZE" in res.err
+    res = cli("extract", env["base"], "--out", tmp_path / "r4", "--batch-size", "lots")
+    assert res.code == 1 and "--batch-size must be a whole number or auto" in res.err
+    assert not any((tmp_path / n).exists() for n in ("r2", "r3", "r4"))
+
+
+# ---------------------------------------------------------------- CUDA (skipped without one)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cpu_and_disk_split_matches_the_cpu_run(env, tmp_path):
+    settings = ExtractSettings(
+        n_train=6,
+        n_val=4,
+        batch_size=4,
+        refusal_tokens=["i", "as"],
+        selection=SelectionSettings(kl_threshold=1e9, induce_threshold=-1e9, top_k=2, batch_size=4),
+    )
+    ref = load_model(str(env["base"]), dtype="float32")
+    spread = load_model(str(env["base"]), dtype="float32", device="auto", max_memory="0=60KB,cpu=40KB")
+    assert "cuda:0" in spread.placement and dispatched(spread.model)
+    a = run_extract(ref, chat_format(ref.tokenizer), short("harmful"), short("harmless"), settings, tmp_path / "a")
+    b = run_extract(spread, chat_format(ref.tokenizer), short("harmful"), short("harmless"), settings, tmp_path / "b")
+    cos = torch.nn.functional.cosine_similarity(a.candidates.mean_diff.flatten(), b.candidates.mean_diff.flatten(), 0)
+    assert cos > 0.9999
+    assert (a.selection.chosen.layer, a.selection.chosen.position) == (
+        b.selection.chosen.layer,
+        b.selection.chosen.position,
+    )
+
+
+def test_sandwich_norm_hooks_work_offloaded(tmp_path):
+    """Gemma 2's sandwich-norm gains are read for the hooks even when the norm's weights sit on disk."""
+    base = tiny.save(tiny.build("gemma2"), tmp_path / "gemma2")
+    memory = load_model(str(base), dtype="float32")
+    disk = load_model(str(base), dtype="float32", device="auto", max_memory=ALL_DISK)
+    x = tiny.token_batch()
+    r = torch.randn(tiny.HIDDEN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with ablation(memory.model, r):
+            want = memory.model(x).logits
+        with ablation(disk.model, r):
+            got = disk.model(x).logits
+    assert close(got, want, rel=1e-5)
