@@ -1,0 +1,52 @@
+"""`refusal-edit export-cvec DIRECTION --out refusal.gguf`: the direction as a llama.cpp control vector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from refusal_edit.cli.app import app, quiet_libraries
+from refusal_edit.cli.options import FORCE
+from refusal_edit.console import err, show
+
+
+@app.command("export-cvec")
+def export_cvec(
+    direction: Path = typer.Argument(
+        ..., metavar="DIRECTION", help="direction.safetensors written by extract (or its folder)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Control-vector GGUF to write.", metavar="<file>"),
+    coeff: float = typer.Option(
+        1.0, help="Multiple of the vector baked into the file (+1 induces refusal, -1 bypasses)."
+    ),
+    layers: str | None = typer.Option(
+        None,
+        help="HF layers whose input receives the vector: A:B (A..B-1) or one layer; the first possible is 2.",
+        show_default="the direction's layer",
+    ),
+    unit: bool = typer.Option(False, "--unit", help="Use the unit direction instead of the raw mean difference."),
+    model: Path | None = typer.Option(
+        None, "--model", help="The GGUF it is for: checks the hidden size and layers.", metavar="<file>"
+    ),
+    force: bool = FORCE,
+) -> None:
+    """Write a llama.cpp control vector (activation addition at run time; it cannot ablate)."""
+    quiet_libraries()
+    from refusal_edit.directions.artifacts import direction_path, load_direction
+    from refusal_edit.gguf.cvec import write_control_vector
+
+    d = load_direction(direction_path(direction))
+    cv = write_control_vector(d, out, coeff=coeff, layers=layers, unit=unit, model=model, force=force)
+    table = Table(title=escape(f"control vector: {out}"))
+    for col in ("HF layer (input)", "tensor", "norm"):
+        table.add_column(col, justify="right")
+    for layer, name in zip(cv.layers, cv.tensors, strict=True):
+        table.add_row(str(layer), name, f"{cv.norm:.3f}")
+    show(table)
+    err.print(
+        escape(f"- use: llama-cli -m MODEL.gguf --control-vector {out}  (or --control-vector-scaled {out} S)"),
+        soft_wrap=True,
+    )

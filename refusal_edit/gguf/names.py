@@ -1,0 +1,89 @@
+"""Hugging Face view of a GGUF file: the config from its metadata, HF names for its tensors.
+
+Both come from transformers' own GGUF loader, so a GGUF edit sees exactly the names, config and basis that
+`refusal-edit fetch` (which dequantizes through transformers) gave the model the direction was found on:
+- config: transformers' table of GGUF metadata keys (`GGUF_CONFIG_MAPPING`), read for the architecture's own
+  keys only (its loader also parses the whole vocabulary, seconds for nothing here);
+- names: transformers' `get_gguf_hf_weights_map` on the model built from that config on the meta device
+  (no memory), which runs gguf-py's tensor-name table over the model's real parameter names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.gguf.file import GGUFFile
+
+# GGUF architecture -> (key of transformers' config table, HF model_type), where they differ from the name.
+# The same renames transformers' `load_gguf_checkpoint` applies.
+_ARCH_RENAMES = {
+    "qwen2moe": ("qwen2_moe", "qwen2_moe"),
+    "qwen3moe": ("qwen3_moe", "qwen3_moe"),
+    "gemma3": ("gemma3", "gemma3_text"),
+}
+# Architectures whose GGUF layout is not the HF layout reversed (llama.cpp transposes GPT-2's Conv1D).
+_TRANSPOSED = ("gpt2",)
+
+
+def hf_model_type(gguf: GGUFFile) -> str:
+    return _ARCH_RENAMES.get(gguf.arch, (gguf.arch, gguf.arch))[1]
+
+
+def hf_config(gguf: GGUFFile) -> dict[str, Any]:
+    """The HF config of the model in `gguf`, from its metadata and tensor shapes."""
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    from refusal_edit.arch import ARCHITECTURES
+
+    table_key, model_type = _ARCH_RENAMES.get(gguf.arch, (gguf.arch, gguf.arch))
+    table = GGUF_CONFIG_MAPPING.get(table_key)
+    if gguf.arch in _TRANSPOSED or table is None or model_type not in ARCHITECTURES:
+        readable = sorted(a for a in GGUF_CONFIG_MAPPING if _ARCH_RENAMES.get(a, (a, a))[1] in ARCHITECTURES)
+        readable = [a for a in readable if a not in _TRANSPOSED]
+        raise RefusalEditError(
+            f"GGUF architecture {gguf.arch!r} cannot be edited as GGUF; supported: {', '.join(readable)}"
+        )
+    config: dict[str, Any] = {"model_type": model_type}
+    prefix = gguf.arch + "."
+    for key in gguf.keys():
+        if not key.startswith(prefix):
+            continue
+        target = table.get(key[len(prefix) :])
+        if target:
+            value = gguf.value(key)
+            config[target] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}).items():
+        config.setdefault(key, value)
+    embed = gguf.tensors.get("token_embd.weight")
+    if embed is not None and len(embed.ne) == 2:
+        config.setdefault("hidden_size", embed.ne[0])
+        config.setdefault("vocab_size", embed.ne[1])
+    config["tie_word_embeddings"] = "output.weight" not in gguf.tensors
+    for key in ("hidden_size", "num_hidden_layers"):
+        if not isinstance(config.get(key), int):
+            raise RefusalEditError(f"{gguf.path.name}: metadata {gguf.arch}.* gives no {key}")
+    return config
+
+
+def weights_map(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, str]:
+    """GGUF tensor name -> HF parameter name for every parameter of the architecture (present in the file or
+    not: a tied model's `output.weight` maps to `lm_head.weight`). Fused expert parameters have no `.weight`
+    in HF; their entries are given with the `.weight` their GGUF tensors carry."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    model_type = config["model_type"]
+    try:
+        hf = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf)
+    except Exception as exc:
+        raise RefusalEditError(
+            f"cannot build the {model_type} layout from {gguf.path.name}'s metadata: {exc}"
+        ) from None
+    arch = next((k for k, (_, mt) in _ARCH_RENAMES.items() if mt == model_type), model_type)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf.to_dict())
+    mapping = get_gguf_hf_weights_map(model, processor, model_type=arch, num_layers=int(config["num_hidden_layers"]))
+    return {(k if k.endswith((".weight", ".bias")) else k + ".weight"): v for k, v in mapping.items()}

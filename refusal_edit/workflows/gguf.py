@@ -1,0 +1,105 @@
+"""GGUF in, GGUF out as a workflow: resolve MODEL (a .gguf file or a recipe) and the edit, plan it on the file
+(`GGUFSource`), build the record (`build_record`, as the safetensors path) and write the GGUF (`gguf.edit`).
+
+`refusal_edit.workflows.orthogonalize` routes an `out` ending in `.gguf` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refusal_edit.directions.artifacts import DirectionFile, load_direction
+from refusal_edit.edits import check_edit, plan_direction_edit
+from refusal_edit.edits.plan import EditPlan
+from refusal_edit.edits.spec import EditSpec
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
+from refusal_edit.gguf.source import GGUFSource
+from refusal_edit.loading.gguf import gguf_model
+from refusal_edit.workflows import sources
+from refusal_edit.workflows.editing import build_record, front_point, plan_variant
+
+
+@dataclass
+class GGUFEditResult:
+    write: GGUFWriteResult
+    plan: EditPlan
+    record: Any  # EditRecord, with the requantization figures
+    warnings: list[str] = field(default_factory=list)
+
+
+def orthogonalize_gguf(
+    model: str | Path,
+    direction: Any,
+    out: str | Path,
+    *,
+    mode: str = "ablate",
+    coeff: float = 1.0,
+    layer: int | None = None,
+    site: str | None = None,
+    unit: bool = False,
+    keep_tied: bool = False,
+    force: bool = False,
+    replace_any: bool = False,
+    base_model: str | None = None,
+    name: str | None = None,
+    spec: Any = None,
+) -> GGUFEditResult:
+    """Edit a GGUF file (a `.gguf` path or a recipe) by a direction file (or `DirectionFile`), or by an edit
+    variant (`spec`: an `EditSpec` or a tune front point), and write the edited GGUF to `out`.
+
+    The same plan as the safetensors path (`plan_direction_edit` / `plan_variant` on a `GGUFSource`) and the
+    same record (`build_record`), embedded as `refusal_edit.record` plus flat `refusal_edit.*` keys.
+    """
+    spec_info: dict[str, Any] | None = None
+    if spec is not None:
+        check_edit(mode, coeff, layer, site, unit)
+        if mode != "ablate":
+            raise RefusalEditError("`spec` describes an ablation variant; it does not combine with `mode` add")
+        if isinstance(spec, EditSpec):
+            spec_info = {}
+        else:
+            spec, tuned_with, spec_info = front_point(sources.expand(str(spec)))
+            direction = direction if direction is not None else tuned_with
+    if direction is None:
+        raise RefusalEditError("give `direction` (a direction file) or `spec` (a tune front point)")
+    d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
+    if spec_info and spec_info.get("direction_sha256") not in (None, d.sha256):
+        raise RefusalEditError(f"{d.path} is not the direction file the front was tuned with (its sha256 differs)")
+    model_source = gguf_model(model)
+    assert model_source.origin is not None
+    source = GGUFSource(model_source.origin)
+    if spec is not None:
+        plan, at, mode = plan_variant(source, d, spec, keep_tied), None, "spec"  # type: ignore[arg-type]
+    else:
+        plan, at = plan_direction_edit(source, d, mode, coeff, layer, site, unit, keep_tied)  # type: ignore[arg-type]
+    record = build_record(
+        plan,
+        d,
+        Path(out),
+        base_model=sources.base_model(model_source, base_model),
+        source_model={"path": str(source.path), "name": source.path.name},
+        previous=previous_record(source),
+        mode=mode,
+        coeff=coeff,
+        layer=at,
+        site=site,
+        unit=unit,
+        name=name,
+        format="gguf",
+        spec=None if spec is None else {"edit": spec.to_json(), **(spec_info or {})},
+    )
+    inputs = tuple(p for p in (d.path,) if p is not None)
+    result = write_gguf(
+        source, plan, Path(out), record=record.to_dict(), force=force, replace_any=replace_any, inputs=inputs
+    )
+    final = type(record).from_dict(result.record, RECORD_KEY)
+    plan.notes.extend(summary(result.tensors))  # requantization figures, shown with the plan's notes
+    warnings = list(result.notes)  # type fallbacks, one per tensor
+    if final.base_model is None:
+        warnings.append(
+            "the base model is unknown (a local file): the record names none; pass `base_model` ORG/NAME to name it"
+        )
+    return GGUFEditResult(result, plan, final, warnings)
