@@ -138,7 +138,20 @@ def test_orthogonalized_checkpoint_is_exact_and_stops_refusing(edited, extracted
 
 
 def test_evaluate_reports_before_and_after(edited, workdir):
-    proc = run("evaluate", DEMO, edited, "--n-test", "20", "--max-new-tokens", "32", "--borderline", "none", "--out", workdir / "eval", "--json")
+    proc = run(
+        "evaluate",
+        DEMO,
+        edited,
+        "--n-test",
+        "20",
+        "--max-new-tokens",
+        "32",
+        "--borderline",
+        "none",
+        "--out",
+        workdir / "eval",
+        "--json",
+    )
     report = json.loads(proc.stdout)
     text = json.dumps(report)
     assert "first_token_kl" in text and "multi_token_kl" in text

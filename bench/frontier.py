@@ -1,0 +1,481 @@
+"""Side-by-side benchmark: refusal vs. damage fronts of the paper's edit, `refusal-edit tune` and heretic.
+
+Every point of every method is a checkpoint on disk, judged by one harness: our `evaluate` against the base
+model on the built-in test split (100 harmful + 100 harmless prompts, which no method trains or tunes on),
+greedy 64 new tokens, the model's default system prompt. For each point: harmful refusal rate, first-token
+KL and multi-token KL on the harmless replies; for each method: wall time and peak RSS of producing its front.
+
+    flock /tmp/heavy.lock .venv/bin/python bench/frontier.py [--model RECIPE] [--direction D] [--methods paper,tune]
+        [--peer heretic [--peer-run DIR]] [--trials 24] [--reuse] [--out runs/frontier] [--workdir runs/peers]
+
+--peer heretic installs heretic-llm 1.4.0 into its own venv (WORKDIR/heretic-venv, CPU torch 2.13.0), runs it
+on our train prompts (its own scoring on our val prompts, its system prompt "You are a helpful assistant."),
+and exports every point of its final Pareto front merged (bench/peers/heretic.py). --reuse keeps every finished
+step: heretic's run and exports, tune's study, each written point and each point's judge report. --peer-run DIR
+takes a finished heretic run (DIR holds heretic-run.json, every front point exported) instead of running heretic.
+
+The paper's edit is the recipe's direction (--direction, e.g. the demo direction) ablated from every residual
+writer; tune runs with its defaults on that direction; tune's reference point (the same all-writers edit) is
+judged once, as the paper's point. The table ends with whether tune's confirmed front dominates each heretic
+point on the test split: a tune point with no more harmful refusals, first-token KL and multi-token KL.
+
+Writes OUT/frontier.json (every point of every method, with each tool's own numbers next to ours) and
+OUT/frontier.png (harmful refusal vs. first-token KL and vs. multi-token KL, one series per method), and each
+judge report in OUT/judge/<method>/<point>/. Not part of CI: a full run takes hours on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RECIPE = "qwen2.5-coder-0.5b-instruct"
+PEERS = ("heretic",)
+DIRECTION = Path("/tmp/lead/demo-direction/direction.safetensors")  # the demo direction (make demo's extract)
+JUDGE = {"split": "test", "n": 100, "max_new_tokens": 64, "system_prompt": "the model's default (chat template)"}
+
+
+@dataclass
+class Point:
+    """One checkpoint on a method's front: the method's own numbers (`own`) and ours on the test split (`test`)."""
+
+    method: str
+    id: str
+    path: str | None
+    own: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, Any] | None = None
+
+
+@dataclass
+class Method:
+    """A method's front and what producing it cost (the search/edit, not the judging)."""
+
+    name: str
+    points: list[Point] = field(default_factory=list)
+    wall_s: float | None = None
+    peak_rss_mib: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+# ---------------------------------------------------------------- cost of a command
+
+
+@dataclass
+class Cost:
+    """What one command cost: wall and CPU seconds, peak RSS, and the machine's load around it (shared cores)."""
+
+    wall_s: float
+    cpu_s: float
+    peak_rss_mib: float
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    threads: str | None = field(default_factory=lambda: os.environ.get("OMP_NUM_THREADS"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def timed(cmd: Sequence[str], **kwargs: Any) -> Cost:
+    """Run `cmd` to completion; its wall and CPU time and the peak RSS of it and its waited-for descendants.
+
+    `os.wait4` reports this child's own rusage, so the peaks of earlier commands do not leak in. CPU time is
+    reported because the wall time on a shared machine depends on everyone else (the load averages say how much).
+    """
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), **kwargs)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, list(cmd))
+    cpu = usage.ru_utime + usage.ru_stime
+    return Cost(wall, cpu, usage.ru_maxrss / 1024, load0, os.getloadavg())
+
+
+def cli(*args: str) -> list[str]:
+    return [str(ROOT / ".venv" / "bin" / "refusal-edit"), *args]
+
+
+# ---------------------------------------------------------------- the judge (one harness for every method)
+
+
+def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
+    """Our `evaluate` of `point_dir` against `base` on the built-in test split; the report goes to `out`.
+
+    `base` is the base model as `evaluate` takes it (recipe name, directory or a loaded model: load it once
+    to judge many points). Kept in this one function: the evaluate API is still moving.
+    """
+    report_json = out / "report.json"
+    if reuse and report_json.is_file():
+        return _test_numbers(json.loads(report_json.read_text())["summary"])
+    from refusal_edit.evaluation.run import EvalSettings
+    from refusal_edit.workflows import evaluate, save_report
+
+    # Explicit, not evaluate's defaults (which moved to 128 tokens + the borderline set): one fixed harness.
+    settings = EvalSettings(n=JUDGE["n"], max_new_tokens=JUDGE["max_new_tokens"], borderline=False)
+    report = evaluate(base, point_dir, settings=settings)  # test split + default system prompt are its defaults
+    save_report(report, out, force=True)
+    return _test_numbers(report.summary())
+
+
+def _test_numbers(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "harmful_refusal_base",
+        "harmful_refusal_edited",
+        "harmless_refusal_base",
+        "harmless_refusal_edited",
+        "empty_responses_edited",
+        "harmful_complied_edited",
+        "harmful_degenerate_edited",
+        "degenerate_rate_edited",
+        "first_token_kl",
+        "multi_token_kl",
+        "harmful_prompts",
+        "harmless_prompts",
+        "max_new_tokens",
+    )
+    return {k: summary.get(k) for k in keys}
+
+
+# ---------------------------------------------------------------- methods
+
+
+def _cached_cost(path: Path, reuse: bool, cmd: Sequence[str], done: bool) -> dict[str, Any]:
+    """Run `cmd` once and keep its cost in `path`; with `reuse` and its output in place (`done`), read it back."""
+    if reuse and done and path.is_file():
+        return json.loads(path.read_text())
+    cost = timed(cmd).to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, cost)
+    return cost
+
+
+def _written(ckpt: Path) -> bool:
+    return (ckpt / "config.json").is_file() and (ckpt / "refusal_edit.json").is_file()
+
+
+def run_paper(model: str, direction: Path, out: Path, reuse: bool) -> Method:
+    """The paper's single edit (Arditi et al.): `direction` ablated from every residual writer (orthogonalize).
+
+    Its cost is orthogonalize's; extracting the direction is the same step for the paper's edit and tune, and its
+    own timings (from the direction's run.json, when present) are reported alongside.
+    """
+    ckpt = out / "checkpoint"
+    cmd = cli("orthogonalize", model, "--direction", str(direction), "--out", str(ckpt), "--force")
+    cost = _cached_cost(out / "cost.json", reuse, cmd, _written(ckpt))
+    run_json = (direction if direction.is_dir() else direction.parent) / "run.json"
+    extract = json.loads(run_json.read_text()).get("timings") if run_json.is_file() else None
+    point = Point("paper", "paper", str(ckpt), params={"direction": str(direction), "edit": "every writer, weight 1"})
+    details = {"orthogonalize": cost, "extract_timings_s": extract}
+    return Method("paper", [point], cost["wall_s"], cost["peak_rss_mib"], details)
+
+
+def run_tune(model: str, direction: Path, out: Path, reuse: bool) -> Method:
+    """Our `tune` front with tune's defaults: every confirmed point written with `orthogonalize --spec
+    front.json#ID` and judged like every other point. The cost reported is tune's (search + confirmation); the
+    reference point (the paper's all-writers edit, which tune confirms for comparison) is judged as `paper`.
+    """
+    study, front = out / "study", out / "study" / "front.json"
+    cmd = cli("tune", model, "--direction", str(direction), "--out", str(study), "--force")
+    cost = _cached_cost(out / "cost.json", reuse, cmd, front.is_file())
+    data = json.loads(front.read_text())
+    points = []
+    for c in data["confirmed"]:
+        own = {k: v for k, v in c["confirmed"].items() if k != "samples"} | {"proxy": c.get("proxy")}
+        params = {"spec": c["spec"], "describe": c.get("describe"), "trial": c.get("trial")}
+        if c.get("reference"):
+            points.append(Point("tune", c["id"], None, own, params | {"same_edit_as": "paper"}))
+            continue
+        ckpt = out / "points" / c["id"]
+        write = cli("orthogonalize", model, "--spec", f"{front}#{c['id']}", "--out", str(ckpt), "--force")
+        params["orthogonalize"] = _cached_cost(out / "points" / f"{c['id']}.cost.json", reuse, write, _written(ckpt))
+        points.append(Point("tune", c["id"], str(ckpt), own, params))
+    details = {
+        "tune": cost,
+        "tune_timings_s": data.get("timings"),
+        "settings": data.get("settings"),
+        "chosen": data.get("chosen"),
+        "rule": data.get("rule"),
+        "front": str(front),
+        "trials": len(data.get("trials", [])),
+    }
+    return Method("tune", points, cost["wall_s"], cost["peak_rss_mib"], details)
+
+
+def run_peer_heretic(model_dir: Path, workdir: Path, trials: int, reuse: bool, run_dir: Path | None = None) -> Method:
+    """heretic-llm 1.4.0 in its own venv on our train prompts; every point of its final front exported merged.
+
+    With `run_dir`, a finished run there is used as it is (never re-run; an error if it is not finished).
+    """
+    sys.path.insert(0, str(BENCH / "peers"))
+    try:
+        import heretic_peer as peer  # bench/peers/heretic_peer.py
+    finally:
+        sys.path.pop(0)
+
+    if run_dir is not None:
+        found = peer.load_run(run_dir)
+        if found is None:
+            raise SystemExit(f"{run_dir} holds no finished, fully exported heretic run (heretic-run.json)")
+        run = found
+    else:
+        run = peer.run_heretic(model_dir, workdir, trials, reuse=reuse)
+    points = [
+        Point(
+            "heretic",
+            p.id,
+            p.path,
+            own={
+                "refusals": p.refusals,
+                "n_bad_prompts": p.n_bad_prompts,
+                "base_refusals": p.base_refusals,
+                "refusal_rate": p.refusals / p.n_bad_prompts,
+                "first_token_kl": p.kl_divergence,
+                "reached_s": p.reached_s,
+                "prompts": "builtin val split, heretic's system prompt, 48 greedy tokens",
+            },
+            params={"direction_index": p.direction_index, **p.parameters},
+        )
+        for p in run.points
+    ]
+    details = {
+        "version": peer.VERSION,
+        "trials": run.trials,
+        "search_wall_s": run.search_wall_s,
+        "total_wall_s (with exports)": run.total_wall_s,
+        "peak_rss_search_mib": run.peak_rss_search_mib,
+        "cost": run.cost,
+        "settings": run.settings,
+        "system_prompt": peer.SYSTEM_PROMPT,
+        "summary": str(run.summary),
+    }
+    cost = run.cost or {}
+    wall, rss = cost.get("search_wall_s", run.search_wall_s), cost.get("peak_rss_mib", run.peak_rss_mib)
+    return Method("heretic", points, wall, rss, details)
+
+
+# ---------------------------------------------------------------- output
+
+
+def _xy(p: Point, key: str, own: bool) -> tuple[float, float] | None:
+    """A point's (KL, refusal %) on the test split, or with `own` from the tool's own numbers (None if missing)."""
+    if not own:
+        return None if p.test is None else (p.test[key], 100 * p.test["harmful_refusal_edited"])
+    x, y = p.own.get(key), p.own.get("refusal_rate")
+    return None if x is None or y is None else (x, 100 * y)
+
+
+def plot(methods: list[Method], base: dict[str, Any] | None, path: Path, own: bool = False) -> None:
+    """Harmful refusal rate against first-token KL (left) and multi-token KL (right), one series per method.
+
+    With `own` (nothing judged yet), each tool's own numbers on the val split are drawn instead: provisional, as
+    the tools measure with different prompts counts, system prompts and reply lengths (the title says so).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    markers = {"paper": "s", "tune": "o", "heretic": "^"}
+    panels = (("first_token_kl", "first-token KL"), ("multi_token_kl", "multi-token KL"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        if base is not None:
+            ax.scatter([0.0], [100 * base["harmful_refusal_base"]], c="k", marker="x", label="base model")
+        for m in methods:
+            got = sorted((xy, p) for p in m.points if (xy := _xy(p, key, own)) is not None)
+            if not got:
+                continue
+            pts = [p for _, p in got]
+            xs, ys = [xy[0] for xy, _ in got], [xy[1] for xy, _ in got]
+            ax.plot(xs, ys, marker=markers.get(m.name, "D"), linestyle="-" if len(pts) > 1 else "", label=m.name)
+            for p, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(p.id, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"{label} on harmless {'val' if own else 'test'} prompts (nats)")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"harmful refusal rate on {'val' if own else 'test'} prompts (%)")
+    axes[0].set_ylim(-2, max(10.0, axes[0].get_ylim()[1]))
+    axes[0].legend(fontsize=8)
+    title = f"Refusal vs. damage, judged by refusal-edit evaluate (test split, {JUDGE['max_new_tokens']} tokens)"
+    if own:
+        title = "PROVISIONAL: each tool's own val-split numbers (not one harness; not judged on test)"
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=RECIPE, help="recipe name (or model directory) to edit and judge against")
+    ap.add_argument("--direction", type=Path, default=DIRECTION, help="direction.safetensors for paper and tune")
+    ap.add_argument("--methods", default="paper,tune", help="ours, comma-separated: paper, tune ('' for none)")
+    ap.add_argument("--peer", action="append", default=[], choices=PEERS, help="peers to run (repeatable)")
+    ap.add_argument("--peer-run", type=Path, help="use heretic's finished run in this folder (do not run it)")
+    ap.add_argument("--trials", type=int, default=24, help="heretic's trial count (its default, 200, takes ~4 h here)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "frontier")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "peers", help="peers' venvs, runs and exports")
+    ap.add_argument("--reuse", action="store_true", help="keep finished steps (peer runs, exports, judge reports)")
+    ap.add_argument("--no-judge", action="store_true", help="produce the fronts only")
+    ap.add_argument("--judge-only", help="judge only these points, in this order (METHOD/ID,...; default: all)")
+    args = ap.parse_args()
+
+    from refusal_edit.workflows import resolve_model
+
+    source = resolve_model(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ours: dict[str, Callable[[str, Path, Path, bool], Method]] = {"paper": run_paper, "tune": run_tune}
+    machine = {"cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    machine["load_at_start"] = os.getloadavg()
+    methods: list[Method] = []
+    for name in [m for m in args.methods.split(",") if m]:
+        if name not in ours:
+            ap.error(f"unknown method {name!r} (paper, tune)")
+        print(f"{name} ...", file=sys.stderr)
+        methods.append(ours[name](args.model, args.direction, args.out / name, args.reuse))
+    if "heretic" in args.peer:
+        methods.append(run_peer_heretic(source.hf_dir, args.workdir, args.trials, args.reuse, args.peer_run))
+
+    by_name = {m.name: m for m in methods}
+    if "paper" in by_name and "tune" in by_name:  # tune confirms the paper's edit too: its own (val) numbers
+        ref = [p for p in by_name["tune"].points if p.params.get("same_edit_as") == "paper"]
+        if ref and by_name["paper"].points:
+            by_name["paper"].points[0].own = dict(ref[0].own)
+    base_numbers = None
+    if not args.no_judge:
+        from refusal_edit.loading.model import load_model
+
+        base = load_model(source)  # loaded once for every point
+        order = [(m, p) for m in methods for p in m.points if p.path is not None]
+        if args.judge_only:  # a short session judges the points that matter first; a later --reuse run adds the rest
+            wanted = args.judge_only.split(",")
+            found = {f"{m.name}/{p.id}": (m, p) for m, p in order}
+            order = [found[w] for w in wanted if w in found]
+        for m, p in order:
+            print(f"judging {m.name} {p.id} ...", file=sys.stderr)
+            t0, load0 = time.perf_counter(), os.getloadavg()
+            p.test = judge(base, Path(p.path), args.out / "judge" / m.name / p.id, reuse=args.reuse)
+            p.test["judge_wall_s"] = round(time.perf_counter() - t0, 1)  # ~0 when a report was reused
+            p.test["judge_load"] = [load0, os.getloadavg()]
+            base_numbers = base_numbers or p.test
+        same = {m.name: m for m in methods}
+        for m in methods:  # a point that is the same edit as another method's point takes that one's numbers
+            for p in m.points:
+                other = same.get(p.params.get("same_edit_as", ""))
+                if p.test is None and other is not None and other.points and other.points[0].test is not None:
+                    p.test = dict(other.points[0].test)
+
+    for m in methods:
+        if m.name in PEERS and not args.no_judge:  # the peer's front with our numbers, next to its run
+            write_json(args.workdir / f"{m.name}-points.json", {"judge": JUDGE, **asdict(m)})
+
+    data = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": {"spec": args.model, "hf_dir": str(source.hf_dir)},
+        "judge": {**JUDGE, "harness": "refusal_edit.workflows.evaluate"},
+        "machine": machine | {"load_at_end": os.getloadavg()},
+        "base": None
+        if base_numbers is None
+        else {k: base_numbers[k] for k in ("harmful_refusal_base", "harmless_refusal_base")},
+        "methods": {m.name: asdict(m) for m in methods},
+        "dominance": dominance(methods),
+    }
+    judged = any(p.test is not None for m in methods for p in m.points)
+    if not judged:
+        data["dominance_own_provisional"] = dominance(methods, own=True)
+    write_json(args.out / "frontier.json", data)
+    plot(methods, data["base"], args.out / "frontier.png", own=not judged)
+    print(json.dumps(_table(methods), indent=1))
+    for row in data["dominance"]:
+        by = ", ".join(row["dominated_by"]) or "none"
+        print(f"heretic {row['point']} {_fmt(row['heretic'])}: dominated by tune point(s): {by}")
+    for row in data.get("dominance_own_provisional", []):
+        by = ", ".join(row["dominated_by"]) or "none"
+        h = row["heretic"]
+        print(
+            f"PROVISIONAL (own val numbers, FT-KL only) heretic {row['point']} refusal {100 * h['refusal_rate']:.0f}%"
+            f" FT-KL {h['first_token_kl']:.4f}: tune point(s) with no more of either: {by}"
+        )
+    print(f"wrote {args.out / 'frontier.json'} and {args.out / 'frontier.png'}")
+
+
+KEYS = ("harmful_refusal_edited", "first_token_kl", "multi_token_kl")
+
+
+def _fmt(t: dict[str, Any]) -> str:
+    refusal, ft, mt = (t[k] for k in KEYS)
+    return f"refusal {100 * refusal:.0f}%, FT-KL {ft:.4f}, MT-KL {mt:.4f}"
+
+
+def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
+    """For each judged heretic point: the judged tune points with no more harmful refusals, no more first-token KL
+    and no more multi-token KL on the test split (ties count: "no more", as the issue states the target).
+
+    With `own`: the tools' own val-split numbers instead, refusal rate and first-token KL only (heretic measures
+    no multi-token KL) -- provisional, since the two tools measure with different prompts and system prompts.
+    """
+    if own:
+        keys = ("refusal_rate", "first_token_kl")
+        have = {m.name: [p for p in m.points if all(p.own.get(k) is not None for k in keys)] for m in methods}
+        out = []
+        for h in have.get("heretic", []):
+            ht = {k: h.own[k] for k in keys}
+            ours = [t.id for t in have.get("tune", []) if all(t.own[k] <= ht[k] for k in keys)]
+            out.append({"point": h.id, "heretic": ht, "dominated_by": ours})
+        return out
+    by = {m.name: [p for p in m.points if p.test is not None] for m in methods}
+    rows = []
+    for h in by.get("heretic", []):
+        ht = {k: h.test[k] for k in KEYS}  # type: ignore[index]
+        ours = [t for t in by.get("tune", []) if all(t.test[k] <= ht[k] for k in KEYS)]  # type: ignore[index]
+        rows.append({"point": h.id, "heretic": ht, "dominated_by": [t.id for t in ours]})
+    return rows
+
+
+def _table(methods: list[Method]) -> list[dict[str, Any]]:
+    """One row per point: the headline numbers on the test split (stdout)."""
+    rows = []
+    for m in methods:
+        for p in m.points:
+            t = p.test or {}
+            rows.append(
+                {
+                    "method": m.name,
+                    "point": p.id,
+                    "harmful_refusal": t.get("harmful_refusal_edited"),
+                    "first_token_kl": t.get("first_token_kl"),
+                    "multi_token_kl": t.get("multi_token_kl"),
+                    "own": p.own,
+                }
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""bench/frontier.py's bookkeeping (no models): the dominance verdict and heretic's time-to-trial over sessions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+frontier = _load("bench_frontier", BENCH / "frontier.py")
+peer = _load("bench_heretic_peer", BENCH / "peers" / "heretic_peer.py")
+
+
+def _point(method: str, pid: str, refusal: float, ft: float, mt: float):
+    test = {"harmful_refusal_edited": refusal, "first_token_kl": ft, "multi_token_kl": mt}
+    return frontier.Point(method, pid, f"/x/{pid}", test=test)
+
+
+def test_dominance_needs_all_three_no_worse_and_counts_ties():
+    tune = frontier.Method("tune", [_point("tune", "a", 0.05, 0.03, 0.004), _point("tune", "b", 0.02, 0.06, 0.030)])
+    heretic = frontier.Method(
+        "heretic",
+        [
+            _point("heretic", "h1", 0.18, 0.095, 0.012),  # a is better on all three
+            _point("heretic", "h2", 0.05, 0.03, 0.004),  # a ties on all three: "no more" holds
+            _point("heretic", "h3", 0.01, 0.20, 0.050),  # fewer refusals than any tune point
+            _point("heretic", "h4", 0.10, 0.05, 0.003),  # lower multi-token KL than a
+        ],
+    )
+    rows = {r["point"]: r["dominated_by"] for r in frontier.dominance([tune, heretic])}
+    assert rows == {"h1": ["a"], "h2": ["a"], "h3": [], "h4": []}
+
+
+def test_dominance_skips_unjudged_points():
+    tune = frontier.Method("tune", [frontier.Point("tune", "a", "/x")])
+    heretic = frontier.Method(
+        "heretic", [_point("heretic", "h1", 0.5, 0.5, 0.5), frontier.Point("heretic", "h2", "/y")]
+    )
+    assert frontier.dominance([tune, heretic]) == [
+        {
+            "point": "h1",
+            "heretic": {"harmful_refusal_edited": 0.5, "first_token_kl": 0.5, "multi_token_kl": 0.5},
+            "dominated_by": [],
+        }
+    ]
+
+
+def test_reached_over_sessions_is_setup_plus_trial_durations():
+    data = {
+        "search_wall_s": 100.0,
+        "trials": [{"trial": 1, "seconds": 10.0}, {"trial": 2, "seconds": 20.0}, {"trial": 3, "seconds": None}],
+    }
+    assert peer._reached(data, setup_s=5.0) == {1: 15.0, 2: 35.0}
+    assert peer._reached(data) == {2: 100.0, 1: 80.0}  # one uninterrupted session: wall less the later trials
+
+
+def test_load_run_reads_the_cost_over_sessions(tmp_path: Path):
+    export = tmp_path / "heretic" / "trial-3"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"")
+    run = tmp_path / "heretic-run"
+    run.mkdir()
+    point = {"trial": 3, "path": str(export), "refusals": 4, "n_bad_prompts": 60, "kl_divergence": 0.09}
+    trials = [{"trial": t, "state": "COMPLETE", "seconds": 10.0} for t in (1, 2, 3)]
+    summary = {"front": [point], "trials": trials, "search_wall_s": 50.0, "total_wall_s": 60.0, "peak_rss_mib": 1.0}
+    (run / "heretic-run.json").write_text(json.dumps(summary))
+    assert peer.load_run(run).cost is None
+    (run / "cost.json").write_text(json.dumps({"setup_s": 7.0, "search_wall_s": 37.0, "peak_rss_mib": 3000.0}))
+    loaded = peer.load_run(run)
+    assert loaded.trials == 3 and loaded.cost["peak_rss_mib"] == 3000.0
+    assert loaded.points[0].reached_s == pytest.approx(37.0)
