@@ -16,14 +16,28 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The demo is sized for ~15 min on 2 CPU cores: a shorter tune and smaller evaluation sets than the defaults
+# (the README shows the full run's commands and figures).
+DEMO_TUNE ?= --trials 24 --confirm 3 --n-val 24
+DEMO_EVAL ?= --n-test 20 --max-new-tokens 64
+
 demo: setup
 	$(BIN)/refusal-edit fetch $(DEMO_MODEL)
 	$(BIN)/refusal-edit extract $(DEMO_MODEL) --out $(DEMO_OUT)/direction --force
-	$(BIN)/refusal-edit orthogonalize $(DEMO_MODEL) --direction $(DEMO_OUT)/direction/direction.safetensors \
+	$(BIN)/refusal-edit tune $(DEMO_MODEL) --direction $(DEMO_OUT)/direction --out $(DEMO_OUT)/tune --force $(DEMO_TUNE)
+	$(BIN)/refusal-edit orthogonalize $(DEMO_MODEL) --spec $(DEMO_OUT)/tune/front.json \
 		--out $(DEMO_OUT)/abliterated --force
-	$(BIN)/refusal-edit evaluate $(DEMO_MODEL) $(DEMO_OUT)/abliterated --out $(DEMO_OUT)/report --record
+	$(BIN)/refusal-edit evaluate $(DEMO_MODEL) $(DEMO_OUT)/abliterated --out $(DEMO_OUT)/report --record --force $(DEMO_EVAL)
 
-test: setup lint
+# llama-cpp-python (sdist only: one C++ build of ~3.5 min on 2 cores, then pip's wheel cache) lets the suite check
+# our K-quant quantizers bit for bit against ggml and read our GGUF files with ggml's own reader. Best effort:
+# without it those tests skip with the reason. The demo does not need it.
+$(VENV)/.llamacpp: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --find-links $(WHEELS) 'llama-cpp-python==0.3.36' \
+		|| echo "llama-cpp-python was not built: the llama.cpp checks will skip"
+	touch $@
+
+test: setup $(VENV)/.llamacpp lint
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -36,7 +50,20 @@ format: setup
 
 bench: setup
 	$(BIN)/python bench/edit.py
-	$(BIN)/python bench/select.py
+	$(BIN)/python bench/selection.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# GGUF edits and control vectors checked in llama.cpp itself (pytest marker `llamacpp`). Not part of `make test`:
+# llama-cpp-python ships only an sdist whose C++ build takes minutes; the wheel is built once into WHEELS.
+WHEELS ?= $(HOME)/.cache/refusal-edit/wheels
+LLAMACPP_DIRECTION ?= runs/llamacpp/direction
+.PHONY: llamacpp
+llamacpp: setup
+	$(BIN)/python -m pip wheel -q --no-deps --find-links $(WHEELS) -w $(WHEELS) llama-cpp-python==0.3.36
+	$(BIN)/python -m pip install -q --find-links $(WHEELS) llama-cpp-python==0.3.36
+	$(BIN)/refusal-edit fetch $(DEMO_MODEL)
+	$(BIN)/refusal-edit fetch gemma-3-270m
+	test -e $(LLAMACPP_DIRECTION) || $(BIN)/refusal-edit extract $(DEMO_MODEL) --out $(LLAMACPP_DIRECTION)
+	REFUSAL_EDIT_DIRECTION=$(LLAMACPP_DIRECTION) $(BIN)/python -m pytest -q -s -m llamacpp tests/test_llamacpp.py
