@@ -140,18 +140,17 @@ class EditJob:
     inputs: list[Path]
 
 
-def plan_job(
-    model: str | Path | ModelSource,
+def edit_inputs(
     direction: DirectionFile | str | Path | None,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
-    keep_tied: bool = False,
-    spec: EditSpec | str | Path | None = None,
-) -> EditJob:
-    """Resolve MODEL, the direction and the variant, and plan the edit (nothing written: `plan_only` shows it)."""
+    spec: EditSpec | str | Path | None,
+    mode: str,
+    coeff: float,
+    layer: int | None,
+    site: str | None,
+    unit: bool,
+) -> tuple[DirectionFile, EditSpec | None, dict[str, Any] | None]:
+    """The direction file and the variant of an edit, whatever it is written to: a tune front point names its
+    direction (and must be given that one), an `EditSpec` or none uses `direction`."""
     spec_info: dict[str, Any] | None = None
     if spec is not None:
         check_edit(mode, coeff, layer, site, unit)
@@ -167,15 +166,44 @@ def plan_job(
     d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
     if spec_info and spec_info.get("direction_sha256") not in (None, d.sha256):
         raise RefusalEditError(f"{d.path} is not the direction file the front was tuned with (its sha256 differs)")
+    return d, spec, spec_info
+
+
+def plan_on(
+    source: Any,
+    d: DirectionFile,
+    spec: EditSpec | None,
+    mode: str,
+    coeff: float,
+    layer: int | None,
+    site: str | None,
+    unit: bool,
+    keep_tied: bool,
+) -> tuple[EditPlan, int | None, str]:
+    """The plan on any tensor source (a checkpoint, a GGUF file): (plan, the layer an addition is at, the mode)."""
+    if spec is not None:
+        return plan_variant(source, d, spec, keep_tied), None, "spec"
+    plan, at = plan_direction_edit(source, d, mode, coeff, layer, site, unit, keep_tied)
+    return plan, at, mode
+
+
+def plan_job(
+    model: str | Path | ModelSource,
+    direction: DirectionFile | str | Path | None,
+    mode: str = "ablate",
+    coeff: float = 1.0,
+    layer: int | None = None,
+    site: str | None = None,
+    unit: bool = False,
+    keep_tied: bool = False,
+    spec: EditSpec | str | Path | None = None,
+) -> EditJob:
+    """Resolve MODEL, the direction and the variant, and plan the edit (nothing written: `plan_only` shows it)."""
+    d, spec, spec_info = edit_inputs(direction, spec, mode, coeff, layer, site, unit)
     source = sources.resolve_model(model)
     inputs = [p for p in (d.path, source.origin) if p is not None]
     ckpt = open_checkpoint(source.hf_dir)
-    if spec is not None:
-        assert isinstance(spec, EditSpec)
-        plan, at = plan_variant(ckpt, d, spec, keep_tied), None
-        mode = "spec"
-    else:
-        plan, at = plan_direction_edit(ckpt, d, mode, coeff, layer, site, unit, keep_tied)
+    plan, at, mode = plan_on(ckpt, d, spec, mode, coeff, layer, site, unit, keep_tied)
     return EditJob(source, ckpt, d, plan, mode, at, spec, spec_info, [source.hf_dir, *inputs])
 
 

@@ -10,16 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refusal_edit.directions.artifacts import DirectionFile, load_direction
-from refusal_edit.edits import check_edit, plan_direction_edit
 from refusal_edit.edits.plan import EditPlan
-from refusal_edit.edits.spec import EditSpec
-from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
 from refusal_edit.gguf.source import GGUFSource
 from refusal_edit.loading.gguf import gguf_model
 from refusal_edit.workflows import sources
-from refusal_edit.workflows.editing import build_record, front_point, plan_variant
+from refusal_edit.workflows.editing import build_record, edit_inputs, plan_on
 
 
 @dataclass
@@ -53,28 +49,11 @@ def orthogonalize_gguf(
     The same plan as the safetensors path (`plan_direction_edit` / `plan_variant` on a `GGUFSource`) and the
     same record (`build_record`), embedded as `refusal_edit.record` plus flat `refusal_edit.*` keys.
     """
-    spec_info: dict[str, Any] | None = None
-    if spec is not None:
-        check_edit(mode, coeff, layer, site, unit)
-        if mode != "ablate":
-            raise RefusalEditError("`spec` describes an ablation variant; it does not combine with `mode` add")
-        if isinstance(spec, EditSpec):
-            spec_info = {}
-        else:
-            spec, tuned_with, spec_info = front_point(sources.expand(str(spec)))
-            direction = direction if direction is not None else tuned_with
-    if direction is None:
-        raise RefusalEditError("give `direction` (a direction file) or `spec` (a tune front point)")
-    d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
-    if spec_info and spec_info.get("direction_sha256") not in (None, d.sha256):
-        raise RefusalEditError(f"{d.path} is not the direction file the front was tuned with (its sha256 differs)")
+    d, spec, spec_info = edit_inputs(direction, spec, mode, coeff, layer, site, unit)
     model_source = gguf_model(model)
     assert model_source.origin is not None
     source = GGUFSource(model_source.origin)
-    if spec is not None:
-        plan, at, mode = plan_variant(source, d, spec, keep_tied), None, "spec"  # type: ignore[arg-type]
-    else:
-        plan, at = plan_direction_edit(source, d, mode, coeff, layer, site, unit, keep_tied)  # type: ignore[arg-type]
+    plan, at, mode = plan_on(source, d, spec, mode, coeff, layer, site, unit, keep_tied)
     record = build_record(
         plan,
         d,
