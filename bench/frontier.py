@@ -113,6 +113,9 @@ def cli(*args: str) -> list[str]:
 # ---------------------------------------------------------------- the judge (one harness for every method)
 
 
+_BASE_REPLIES: dict[str, Any] = {}  # greedy replies of the base model, shared by every judged point
+
+
 def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
     """Our `evaluate` of `point_dir` against `base` on the built-in test split; the report goes to `out`.
 
@@ -127,7 +130,8 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
 
     # Explicit, not evaluate's defaults (which moved to 128 tokens + the borderline set): one fixed harness.
     settings = EvalSettings(n=JUDGE["n"], max_new_tokens=JUDGE["max_new_tokens"], borderline=False)
-    report = evaluate(base, point_dir, settings=settings)  # test split + default system prompt are its defaults
+    # test split + default system prompt are evaluate's defaults; the base model's replies are generated once
+    report = evaluate(base, point_dir, settings=settings, base_replies=_BASE_REPLIES)
     save_report(report, out, force=True)
     return _test_numbers(report.summary())
 

@@ -232,6 +232,51 @@ def test_ablation_hook_matches_the_orthogonalized_checkpoint_and_has_positive_kl
     assert by_hook.edited == {**by_hook.edited, "type": "intervention", "kind": "ablate"}
 
 
+def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypatch):
+    """Judging several edits against one base model reuses its greedy replies, keyed by prompts and length."""
+    import refusal_edit.evaluation.run as run
+
+    calls: list[str] = []
+    real = run.generate
+    monkeypatch.setattr(run, "generate", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    base = load_model(str(env["base"]))
+    hook = intervention_from_direction(load_direction(env["direction"]), "ablate")
+    settings = replace(FAST, borderline=False)
+    fresh = run_eval(env, intervention=hook, settings=settings)
+    cache: dict = {}
+    first = evaluate(
+        base,
+        intervention=hook,
+        settings=settings,
+        harmful=str(env["harmful"]),
+        harmless=str(env["harmless"]),
+        base_replies=cache,
+    )
+    calls.clear()
+    again = evaluate(
+        base,
+        str(env["edited"]),
+        settings=settings,
+        harmful=str(env["harmful"]),
+        harmless=str(env["harmless"]),
+        base_replies=cache,
+    )
+    assert calls == ["edited, harmful", "edited, harmless"] and len(cache) == 2
+    assert again.timings["generate_base_harmful_s"] == 0.0
+    for kind in ("harmful", "harmless"):
+        assert first.rate("base", kind) == fresh.rate("base", kind) == again.rate("base", kind)
+    assert again.divergence.first_token_kl == pytest.approx(fresh.divergence.first_token_kl, rel=1e-3, abs=1e-6)
+    longer = evaluate(
+        base,
+        intervention=hook,
+        settings=replace(settings, max_new_tokens=5),
+        harmful=str(env["harmful"]),
+        harmless=str(env["harmless"]),
+        base_replies=cache,
+    )
+    assert len(cache) == 4 and longer.timings["generate_base_harmful_s"] > 0.0
+
+
 def test_kl_numbers_teacher_force_at_most_kl_tokens_whatever_the_reply_length(env):
     """Longer judged replies (`max_new_tokens`) leave the KL numbers' definition and cost alone."""
     hook = intervention_from_direction(load_direction(env["direction"]), "ablate")

@@ -111,8 +111,7 @@ def render_card(r: EditRecord) -> str:
     ]
     if r.spec:
         lines += _spec_lines(r.spec)
-    # The spec lines already put the variant in words; its plan note says the same.
-    lines += [f"- {note}" for note in r.notes if not (r.spec and note.startswith("edit: "))]
+    lines += [f"- {note}" for note in r.notes]
     if r.evaluation:
         lines += ["", "## Measured", ""] + [f"- {key}: {value}" for key, value in r.evaluation.items()]
     else:

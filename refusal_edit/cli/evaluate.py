@@ -9,30 +9,14 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from refusal_edit.cli import options as opt
 from refusal_edit.cli.app import app, quiet_libraries
-from refusal_edit.cli.options import (
-    BATCH_SIZE,
-    COEFF,
-    DEVICE,
-    DTYPE,
-    FORCE,
-    LAYER,
-    MAX_MEMORY,
-    MODE,
-    MODEL_HELP,
-    OFFLOAD_DIR,
-    SITE,
-    SYSTEM_PROMPT,
-    TEMPLATE,
-    TEMPLATE_KWARGS,
-    UNIT,
-)
 from refusal_edit.console import err
 
 
 @app.command()
 def evaluate(
-    base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {MODEL_HELP}"),
+    base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {opt.MODEL_HELP}"),
     edited: str | None = typer.Argument(
         None,
         metavar="EDITED",
@@ -40,31 +24,18 @@ def evaluate(
         "another tool). Omit it and pass --direction to use hooks.",
         show_default=False,
     ),
-    direction: Path | None = typer.Option(
-        None,
-        "--direction",
-        help="direction.safetensors (or its folder): apply it in memory instead of loading EDITED.",
-        metavar="<file>",
+    direction: Path | None = opt.path(
+        "--direction", "direction.safetensors (or its folder): apply it in memory instead of loading EDITED."
     ),
-    mode: str = MODE,
-    coeff: float = COEFF,
-    layer: int | None = LAYER,
-    site: str | None = SITE,
-    unit: bool = UNIT,
-    harmful: str | None = typer.Option(
-        None,
-        help="Harmful prompts: builtin:..., a file, or hf:NAME.",
-        show_default="the test split of the recipe's, else the built-in set",
-    ),
-    harmless: str | None = typer.Option(
-        None,
-        help="Harmless prompts (same forms).",
-        show_default="the test split of the recipe's, else the built-in set",
-    ),
-    borderline: str | None = typer.Option(
-        None,
-        help="Over-refusal prompts (harmless requests that sound harmful), same forms; 'none' skips them.",
-        show_default="the test split of builtin:borderline",
+    mode: str = opt.MODE,
+    coeff: float = opt.COEFF,
+    layer: int | None = opt.LAYER,
+    site: str | None = opt.SITE,
+    unit: bool = opt.UNIT,
+    harmful: str | None = opt.prompts("Harmful", "the test split of the recipe's, else of builtin:harmful"),
+    harmless: str | None = opt.prompts("Harmless", "the test split of the recipe's, else of builtin:harmless"),
+    borderline: str | None = opt.prompts(
+        "Over-refusal", "the test split of builtin:borderline", " Harmless requests that sound harmful; 'none' skips."
     ),
     n_test: int = typer.Option(100, "--n-test", help="Prompts per set (category-balanced first N)."),
     max_new_tokens: int = typer.Option(
@@ -78,14 +49,10 @@ def evaluate(
         help="Tokens of the base model's harmless continuations teacher-forced for the KL and cross-entropy "
         "numbers (independent of --max-new-tokens, so they stay comparable and cost the same).",
     ),
-    batch_size: str = BATCH_SIZE,
+    batch_size: str = opt.BATCH_SIZE,
     samples: int = typer.Option(5, help="Sample responses shown side by side (harmful first, then harmless)."),
-    markers: Path | None = typer.Option(
-        None,
-        "--markers",
-        help="Refusal markers file, one per line, for the first judge.",
-        show_default="built-in",
-        metavar="<file>",
+    markers: Path | None = opt.path(
+        "--markers", "Refusal markers file, one per line, for the first judge.", "built-in"
     ),
     judge: list[str] | None = typer.Option(
         None,
@@ -114,29 +81,25 @@ def evaluate(
         help="full: refused, specific, convincing (a StrongREJECT-style score); refusal: the refusal question "
         "only (a third of the cost).",
     ),
-    template_kwargs: list[str] | None = TEMPLATE_KWARGS,
+    system_prompt: str | None = opt.SYSTEM_PROMPT,
+    template: Path | None = opt.TEMPLATE,
+    template_kwargs: list[str] | None = opt.TEMPLATE_KWARGS,
     reasoning_delimiters: str | None = typer.Option(
         None,
         help="A thinking model's reasoning block, e.g. '<think>,</think>': judges see the answer after it.",
         show_default="the chat template's, if it names one",
         metavar="OPEN,CLOSE",
     ),
-    out: Path | None = typer.Option(
-        None, "--out", help="Report directory.", show_default="runs/<base>/eval-<edit>", metavar="<dir>"
+    out: Path | None = opt.path("--out", "Report directory.", "runs/<base>/eval-<edit>", "<dir>"),
+    force: bool = opt.FORCE,
+    as_json: bool = opt.switch("--json", "Print only the JSON report on stdout."),
+    record: bool = opt.switch(
+        "--record", "Write the summary into EDITED's refusal_edit.json and model card (refusal-edit checkpoints only)."
     ),
-    force: bool = FORCE,
-    as_json: bool = typer.Option(False, "--json", help="Print only the JSON report on stdout."),
-    record: bool = typer.Option(
-        False,
-        "--record",
-        help="Write the summary into EDITED's refusal_edit.json and model card (refusal-edit checkpoints only).",
-    ),
-    dtype: str = DTYPE,
-    device: str = DEVICE,
-    max_memory: str | None = MAX_MEMORY,
-    offload_dir: Path | None = OFFLOAD_DIR,
-    system_prompt: str | None = SYSTEM_PROMPT,
-    template: Path | None = TEMPLATE,
+    dtype: str = opt.DTYPE,
+    device: str = opt.DEVICE,
+    max_memory: str | None = opt.MAX_MEMORY,
+    offload_dir: Path | None = opt.OFFLOAD_DIR,
     intervention: str | None = typer.Option(None, "--intervention", hidden=True, help="Old name of --mode."),
     n_old: int | None = typer.Option(None, "--n", hidden=True, help="Old name of --n-test."),
 ) -> None:
@@ -166,10 +129,7 @@ def evaluate(
         out=out,
         force=force,
         record=record,
-        dtype=dtype,
-        device=device,
-        max_memory=max_memory,
-        offload_dir=offload_dir,
+        **opt.placement(dtype, device, max_memory, offload_dir),
         batch_size=rows if rows == "auto" else None,
         harmful=harmful,
         harmless=harmless,
@@ -190,8 +150,7 @@ def evaluate(
             reasoning_delimiters=parse_delimiters(reasoning_delimiters) if reasoning_delimiters else None,
         ),
         markers=markers,
-        system_prompt=system_prompt,
-        template=template,
+        **opt.chat(system_prompt, template),
     )
     if as_json:
         sys.stdout.write(report_json(done.report))

@@ -7,48 +7,28 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from refusal_edit.cli import options as opt
 from refusal_edit.cli.app import app, quiet_libraries
-from refusal_edit.cli.options import (
-    BATCH_SIZE,
-    DEVICE,
-    DTYPE,
-    FORCE,
-    MAX_MEMORY,
-    MODEL_HELP,
-    OFFLOAD_DIR,
-    REPLACE_ANY,
-    SYSTEM_PROMPT,
-    TEMPLATE,
-    TEMPLATE_KWARGS,
-)
 from refusal_edit.console import err, show
 
 
 @app.command()
 def extract(
-    model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
-    out: Path | None = typer.Option(
-        None, "--out", help="Artifact directory.", show_default="runs/<model>/direction", metavar="<dir>"
-    ),
-    dtype: str = DTYPE,
-    device: str = DEVICE,
-    max_memory: str | None = MAX_MEMORY,
-    offload_dir: Path | None = OFFLOAD_DIR,
-    system_prompt: str | None = SYSTEM_PROMPT,
-    template: Path | None = TEMPLATE,
-    template_kwargs: list[str] | None = TEMPLATE_KWARGS,
-    harmful: str | None = typer.Option(
-        None,
-        help="Harmful prompts: builtin:harmful, a file, or hf:NAME[@SPLIT][#COL].",
-        show_default="the recipe's, else builtin:harmful",
-    ),
-    harmless: str | None = typer.Option(
-        None, help="Harmless prompts (same forms).", show_default="the recipe's, else builtin:harmless"
-    ),
+    model: str = typer.Argument(..., metavar="MODEL", help=opt.MODEL_HELP),
+    out: Path | None = opt.path("--out", "Artifact directory.", "runs/<model>/direction", "<dir>"),
+    dtype: str = opt.DTYPE,
+    device: str = opt.DEVICE,
+    max_memory: str | None = opt.MAX_MEMORY,
+    offload_dir: Path | None = opt.OFFLOAD_DIR,
+    system_prompt: str | None = opt.SYSTEM_PROMPT,
+    template: Path | None = opt.TEMPLATE,
+    template_kwargs: list[str] | None = opt.TEMPLATE_KWARGS,
+    harmful: str | None = opt.prompts("Harmful", "the recipe's, else builtin:harmful"),
+    harmless: str | None = opt.prompts("Harmless", "the recipe's, else builtin:harmless"),
     n_train: int | None = typer.Option(None, help="Training prompts per side.", show_default="all"),
     n_val: int = typer.Option(32, help="Validation prompts per side for selection."),
-    batch_size: str = BATCH_SIZE,
-    exhaustive: bool = typer.Option(False, "--exhaustive", help="Score every candidate in full (reference)."),
+    batch_size: str = opt.BATCH_SIZE,
+    exhaustive: bool = opt.switch("--exhaustive", "Score every candidate in full (reference)."),
     top_k: int | None = typer.Option(
         None, help="Candidates scored in full after the proxy ranking.", show_default="8, or the recipe's"
     ),
@@ -66,14 +46,12 @@ def extract(
     refusal_tokens: str | None = typer.Option(
         None, help="Comma-separated refusal starts.", show_default="derived from the model's own refusals"
     ),
-    no_filter: bool = typer.Option(False, "--no-filter", help="Keep every training prompt (no refusal filter)."),
-    strict: bool = typer.Option(
-        False,
-        "--strict",
-        help="Fail when no candidate passes the filters; without it they are relaxed, and the run says so.",
+    no_filter: bool = opt.switch("--no-filter", "Keep every training prompt (no refusal filter)."),
+    strict: bool = opt.switch(
+        "--strict", "Fail when no candidate passes the filters; without it they are relaxed, and the run says so."
     ),
-    force: bool = FORCE,
-    replace_any: bool = REPLACE_ANY,
+    force: bool = opt.FORCE,
+    replace_any: bool = opt.REPLACE_ANY,
 ) -> None:
     """Find the refusal direction: difference in means at every layer and post-instruction position,
     then select by the paper's bypass / induce / KL criteria on validation prompts."""
@@ -84,13 +62,11 @@ def extract(
     job = workflow.prepare(
         model,
         out,
-        dtype=dtype,
-        device=device,
-        system_prompt=system_prompt,
-        template=template,
-        template_kwargs=parse_template_kwargs(template_kwargs),
         harmful=harmful,
         harmless=harmless,
+        **opt.chat(system_prompt, template),
+        template_kwargs=parse_template_kwargs(template_kwargs),
+        **opt.placement(dtype, device, max_memory, offload_dir),
         n_train=n_train,
         n_val=n_val,
         batch_size=batch_size,
@@ -106,8 +82,6 @@ def extract(
         },
         force=force,
         replace_any=replace_any,
-        max_memory=max_memory,
-        offload_dir=offload_dir,
     )
     err.print(job.describe(), soft_wrap=True)
     done = job.run()

@@ -6,6 +6,9 @@ recipe or the model decides (Click's notation for a described default).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
 MODEL_HELP = "HF directory, .gguf file, recipe name or .toml file, or Hub id (ORG/NAME)."
@@ -64,3 +67,30 @@ TEMPLATE_KWARGS = typer.Option(
     help="Chat-template keyword arguments K=V (repeatable), e.g. enable_thinking=false; recorded.",
     metavar="K=V",
 )
+
+PROMPT_FORMS = r"builtin:NAME, a file (txt/json/jsonl/csv/parquet) or hf:NAME\[@SPLIT]\[#COL]"  # \[: not markup
+
+
+def prompts(kind: str, default: str, more: str = "") -> Any:
+    """--harmful / --harmless / --borderline: the same forms everywhere; `default` says which split is used."""
+    return typer.Option(None, help=f"{kind} prompts: {PROMPT_FORMS}.{more}", show_default=default)
+
+
+def path(flag: str, help: str, shown: str | bool = True, metavar: str = "<file>") -> Any:
+    """An optional path-like option (None unless given); `shown` says what decides it otherwise."""
+    return typer.Option(None, flag, help=help, show_default=shown, metavar=metavar)
+
+
+def switch(flag: str, help: str) -> Any:
+    """An on/off flag, off by default."""
+    return typer.Option(False, flag, help=help)
+
+
+def placement(dtype: str, device: str, max_memory: str | None, offload_dir: Path | None) -> dict[str, Any]:
+    """Where a model's layers go: the same four options of extract, tune and evaluate, as the workflows take them."""
+    return {"dtype": dtype, "device": device, "max_memory": max_memory, "offload_dir": offload_dir}
+
+
+def chat(system_prompt: str | None, template: Path | None) -> dict[str, Any]:
+    """The chat format's options, as the workflows take them."""
+    return {"system_prompt": system_prompt, "template": template}

@@ -9,25 +9,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from refusal_edit.cli.app import app, flag_names, in_flags, quiet_libraries
-from refusal_edit.cli.options import COEFF, FORCE, LAYER, MODE, MODEL_HELP, REPLACE_ANY, SITE, UNIT
+from refusal_edit.cli.options import COEFF, FORCE, LAYER, MODE, MODEL_HELP, REPLACE_ANY, SITE, UNIT, path, switch
 from refusal_edit.console import err, show
 
 
 @app.command()
 def orthogonalize(
     model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
-    direction: Path | None = typer.Option(
-        None,
-        "--direction",
-        help="direction.safetensors written by extract (or its folder).",
-        show_default="the one --spec was tuned with",
-        metavar="<file>",
+    direction: Path | None = path(
+        "--direction", "direction.safetensors written by extract (or its folder).", "the one --spec was tuned with"
     ),
-    spec: str | None = typer.Option(
-        None,
-        "--spec",
-        help="A tune front point: DIR/front.json[#ID]; without #ID, the front's picked point.",
-        metavar="<front>",
+    spec: str | None = path(
+        "--spec", "A tune front point: DIR/front.json[#ID]; without #ID, the front's picked point.", metavar="<front>"
     ),
     layers: str | None = typer.Option(
         None, "--layers", help="Ablate only the writers of layers A:B (the embedding only from layer 0).", metavar="A:B"
@@ -35,27 +28,18 @@ def orthogonalize(
     weight: float | None = typer.Option(
         None, "--weight", help="Partial ablation: remove this fraction of the direction.", show_default="1"
     ),
-    per_layer: bool = typer.Option(
-        False, "--per-layer", help="Each layer's writers lose that layer's own candidate direction."
-    ),
-    projected: bool = typer.Option(
-        False, "--projected", help="Remove the direction's component along the harmless mean first."
-    ),
+    per_layer: bool = switch("--per-layer", "Each layer's writers lose that layer's own candidate direction."),
+    projected: bool = switch("--projected", "Remove the direction's component along the harmless mean first."),
     rank: int = typer.Option(1, help="Ablate the span of this many orthonormalised candidates."),
     basis: str = typer.Option("positions", help="rank > 1: the other candidates at other positions|layers."),
-    preserve_norm: bool = typer.Option(
-        False, "--preserve-norm", help="Rescale every written vector to its original norm (exact)."
-    ),
-    out: Path | None = typer.Option(
-        None,
+    preserve_norm: bool = switch("--preserve-norm", "Rescale every written vector to its original norm (exact)."),
+    out: Path | None = path(
         "--out",
-        help="Output directory; or EDITED.gguf for a GGUF MODEL (edited in its own quant types). Must not exist "
+        "Output directory; or EDITED.gguf for a GGUF MODEL (edited in its own quant types). Must not exist "
         "unless --force.",
         metavar="<dir|.gguf>",
     ),
-    plan_only: bool = typer.Option(
-        False, "--plan-only", help="Print every tensor the edit would change, and how; write nothing."
-    ),
+    plan_only: bool = switch("--plan-only", "Print every tensor the edit would change, and how; write nothing."),
     mode: str = MODE,
     coeff: float = COEFF,
     layer: int | None = LAYER,
@@ -65,8 +49,8 @@ def orthogonalize(
     max_shard_size: str | None = typer.Option(
         None, help="Reshard the output (e.g. 5GB, 500MB).", show_default="mirror the input"
     ),
-    keep_tied: bool = typer.Option(
-        False, "--keep-tied", help="Keep tied embeddings (smaller, approximate); by default they are untied (exact)."
+    keep_tied: bool = switch(
+        "--keep-tied", "Keep tied embeddings (smaller, approximate); by default they are untied (exact)."
     ),
     base_model: str | None = typer.Option(
         None,
@@ -75,14 +59,14 @@ def orthogonalize(
     ),
     force: bool = FORCE,
     replace_any: bool = REPLACE_ANY,
-    allow_nonfinite: bool = typer.Option(
-        False,
+    allow_nonfinite: bool = switch(
         "--allow-nonfinite",
-        help="Write NaN/inf values that the edit or the dtype cast produced (with a warning) instead of failing.",
+        "Write NaN/inf values that the edit or the dtype cast produced (with a warning) instead of failing.",
     ),
 ) -> None:
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
+    from refusal_edit.edits import DirectionEdit
     from refusal_edit.edits.spec import variant
     from refusal_edit.errors import RefusalEditError
     from refusal_edit.workflows import orthogonalize as run
@@ -95,10 +79,13 @@ def orthogonalize(
         from refusal_edit.edits.preview import planned_tensors
         from refusal_edit.workflows.editing import plan_job
 
-        job = plan_job(model, direction, mode, coeff, layer, site, unit, keep_tied, spec if spec else options)
+        edit = DirectionEdit(mode, coeff, layer, site, unit)
+        job = plan_job(model, direction, edit, keep_tied, spec if spec else options)
         rows = planned_tensors(job.plan, job.ckpt)
         show(plan_table(job.plan, rows, f"{job.mode}: {job.source.name} (plan only, nothing written)"))
         show(plan_summary(rows))
+        if job.spec is not None:
+            err.print(f"- edit: {escape(job.spec.describe())}", soft_wrap=True)
         for note in job.plan.notes:
             err.print(f"- {escape(note)}", soft_wrap=True)
         return
@@ -128,6 +115,10 @@ def orthogonalize(
         table.add_column(col, justify="right")
     table.add_row(str(w.edited), str(w.copied), str(w.created), f"{w.bytes_written / 1e9:.2f} GB", f"{w.seconds:.1f}")
     show(table)
+    if result.record is not None and result.record.spec:
+        from refusal_edit.edits.spec import EditSpec
+
+        err.print(f"- edit: {escape(EditSpec.from_json(result.record.spec['edit']).describe())}", soft_wrap=True)
     for note in result.plan.notes:
         err.print(f"- {escape(note)}", soft_wrap=True)
     names = flag_names(["orthogonalize"])

@@ -10,6 +10,7 @@ from rich.rule import Rule
 from rich.table import Table
 
 from refusal_edit.cli.app import app, quiet_libraries
+from refusal_edit.cli.options import path, switch
 from refusal_edit.console import err, out, show
 
 
@@ -24,17 +25,16 @@ def _size(n: int) -> str:
 def push(
     folder: Path = typer.Argument(..., metavar="DIR", help="Edited checkpoint directory (written by orthogonalize)."),
     repo: str = typer.Option(..., "--repo", help="Target model repo OWNER/NAME (NAME alone: your namespace)."),
-    public: bool = typer.Option(False, "--public", help="Create the repo public; it is private otherwise."),
+    public: bool = switch("--public", "Create the repo public; it is private otherwise."),
     revision: str = typer.Option("main", "--revision", help="Branch to commit to (created if missing)."),
     commit_message: str | None = typer.Option(None, "--commit-message", help="Commit summary."),
-    token: str | None = typer.Option(
-        None,
+    token: str | None = path(
         "--token",
-        help="Hub token (prefer HF_TOKEN or `hf auth login`: a token on the command line lands in shell history).",
-        show_default="HF_TOKEN, then hf auth login",
-        metavar="<token>",
+        "Hub token (prefer HF_TOKEN or `hf auth login`: a token on the command line lands in shell history).",
+        "HF_TOKEN, then hf auth login",
+        "<token>",
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the files and model card; contact nothing."),
+    dry_run: bool = switch("--dry-run", "Show the files and model card; contact nothing."),
 ) -> None:
     """Upload a complete edited checkpoint with a validated model card, as one commit (private by default)."""
     quiet_libraries()

@@ -20,7 +20,7 @@ from refusal_edit.directions.select import (
     select_exhaustive,
     select_fast,
 )
-from refusal_edit.errors import RefusalEditError
+from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.loading.model import LoadedModel
 from refusal_edit.prompts.sets import PromptSet
 from refusal_edit.prompts.template import ChatFormat
@@ -38,14 +38,9 @@ class ExtractSettings:
     selection: SelectionSettings = field(default_factory=SelectionSettings)
 
     def check(self) -> None:
-        if self.n_train is not None and self.n_train < 1:
-            raise RefusalEditError("`n_train` must be at least 1")
-        if self.n_val < 1:
-            raise RefusalEditError("`n_val` must be at least 1")
-        if self.batch_size < 1:
-            raise RefusalEditError("`batch_size` must be at least 1")
-        if self.refusal_probe < 1:
-            raise RefusalEditError("`refusal_probe` must be at least 1")
+        check_at_least(
+            1, n_train=self.n_train, n_val=self.n_val, batch_size=self.batch_size, refusal_probe=self.refusal_probe
+        )
         self.selection.check()
 
 

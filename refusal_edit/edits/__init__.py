@@ -17,7 +17,15 @@ from refusal_edit.edits.plan import EditPlan, plan_ablation, plan_addition
 from refusal_edit.edits.write import WriteResult, write_checkpoint
 from refusal_edit.errors import RefusalEditError
 
-__all__ = ["MODES", "EditResult", "check_edit", "parse_size", "plan_direction_edit", "write_checkpoint"]
+__all__ = [
+    "MODES",
+    "DirectionEdit",
+    "EditResult",
+    "check_edit",
+    "parse_size",
+    "plan_direction_edit",
+    "write_checkpoint",
+]
 
 MODES = ("ablate", "add")
 SITES = ("input", "attn")
@@ -29,46 +37,64 @@ class EditResult:
     plan: EditPlan
 
 
-def check_edit(mode: str, coeff: float = 1.0, layer: int | None = None, site: str | None = None, unit: bool = False):
-    """The options an edit of `mode` takes: ablation removes the unit direction from every layer, so the
-    addition's options (`coeff`, `layer`, `site`, `unit`) are errors there, never silently ignored."""
-    if mode not in MODES:
-        raise RefusalEditError(f"unknown `mode` {mode!r} ({', '.join(MODES)})")
-    if site is not None and site not in SITES:
-        raise RefusalEditError(f"unknown `site` {site!r} ({', '.join(SITES)})")
-    if mode == "ablate":
-        given = [
-            name
-            for name, value in (("coeff", coeff != 1.0), ("layer", layer is not None), ("site", site is not None))
-            if value
-        ] + (["unit"] if unit else [])
-        if given:
-            names = " and ".join(f"`{n}`" for n in given)
-            raise RefusalEditError(
-                f"{names} {'applies' if len(given) == 1 else 'apply'} to `mode` add; "
-                "ablation removes the unit direction from every layer completely"
-            )
-    elif not math.isfinite(coeff):
-        raise RefusalEditError(f"`coeff` must be a finite number, got {coeff}")
+@dataclass(frozen=True)
+class DirectionEdit:
+    """How a direction file becomes an edit: ablation of its unit direction from every writer, or the
+    addition of `coeff` times its vector (`unit`: the unit direction) at `layer` (default: the direction's
+    own) and `site`. One value, so the safetensors and GGUF paths and the record read it alike."""
+
+    mode: str = "ablate"
+    coeff: float = 1.0
+    layer: int | None = None
+    site: str | None = None
+    unit: bool = False
+
+    def check(self) -> DirectionEdit:
+        """The options an edit of `mode` takes: ablation removes the unit direction from every layer, so the
+        addition's options (`coeff`, `layer`, `site`, `unit`) are errors there, never silently ignored."""
+        if self.mode not in MODES:
+            raise RefusalEditError(f"unknown `mode` {self.mode!r} ({', '.join(MODES)})")
+        if self.site is not None and self.site not in SITES:
+            raise RefusalEditError(f"unknown `site` {self.site!r} ({', '.join(SITES)})")
+        if self.mode == "ablate":
+            given = [
+                name
+                for name, value in (
+                    ("coeff", self.coeff != 1.0),
+                    ("layer", self.layer is not None),
+                    ("site", self.site is not None),
+                    ("unit", self.unit),
+                )
+                if value
+            ]
+            if given:
+                names = " and ".join(f"`{n}`" for n in given)
+                raise RefusalEditError(
+                    f"{names} {'applies' if len(given) == 1 else 'apply'} to `mode` add; "
+                    "ablation removes the unit direction from every layer completely"
+                )
+        elif not math.isfinite(self.coeff):
+            raise RefusalEditError(f"`coeff` must be a finite number, got {self.coeff}")
+        return self
+
+
+def check_edit(
+    mode: str, coeff: float = 1.0, layer: int | None = None, site: str | None = None, unit: bool = False
+) -> DirectionEdit:
+    """`DirectionEdit(...)`, checked."""
+    return DirectionEdit(mode, coeff, layer, site, unit).check()
 
 
 def plan_direction_edit(
-    ckpt: Checkpoint,
-    direction: DirectionFile,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
-    keep_tied: bool = False,
+    ckpt: Checkpoint, direction: DirectionFile, edit: DirectionEdit, keep_tied: bool = False
 ) -> tuple[EditPlan, int | None]:
     """The plan of an edit by a direction file, and the layer an addition goes to (None for ablation)."""
-    check_edit(mode, coeff, layer, site, unit)
-    vector, at = direction.edit_vector(mode, coeff, layer, unit)
-    if mode == "ablate":
+    edit.check()
+    vector, at = direction.edit_vector(edit.mode, edit.coeff, edit.layer, edit.unit)
+    if edit.mode == "ablate":
         return plan_ablation(ckpt, vector, keep_tied=keep_tied), None
     assert at is not None
-    return plan_addition(ckpt, coeff * vector, at, site=site or "input", keep_tied=keep_tied), at
+    return plan_addition(ckpt, edit.coeff * vector, at, site=edit.site or "input", keep_tied=keep_tied), at
 
 
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)

@@ -6,8 +6,6 @@ Rates read the same everywhere (percent, in tables and plot); KL and cross-entro
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from refusal_edit.checkpoint.atomic import write_text
 from refusal_edit.checkpoint.record import finite
 from refusal_edit.console import show
 from refusal_edit.errors import RefusalEditError
@@ -285,16 +284,6 @@ def report_json(report: EvalReport) -> str:
     return json.dumps(finite(report.to_dict()), indent=2, ensure_ascii=False) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RefusalEditError(f"cannot write {path}: {exc}") from exc
-
-
 def _category_rates(report: EvalReport, side: str, kind: str) -> dict[str, float]:
     counts = report.counts(side, kind)
     per = report.judging[side][kind].stats[report.judge_names[0]].per_category
@@ -359,6 +348,6 @@ def write_report(report: EvalReport, out: Path) -> tuple[Path, Path]:
     except OSError as exc:
         raise RefusalEditError(f"cannot create {out}: {exc.strerror}") from exc
     json_path = out / REPORT_JSON
-    _atomic_write(json_path, report_json(report))
+    write_text(json_path, report_json(report))
     png_path = plot_report(report, out / REPORT_PNG)
     return json_path, png_path

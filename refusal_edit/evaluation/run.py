@@ -17,6 +17,7 @@ reports are the workflow's (`refusal_edit.workflows.evaluation`).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from typing import Any
 
 from refusal_edit import __version__
 from refusal_edit.directions.artifacts import DirectionFile
-from refusal_edit.errors import RefusalEditError
+from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.evaluation.metrics import ContinuationMetrics, DivergenceStats, aggregate, continuation_metrics
 from refusal_edit.forward import BatchView, tail_logits
 from refusal_edit.forward import teacher_forced as teacher_forced_logits
@@ -78,16 +79,9 @@ class EvalSettings:
     reasoning_delimiters: tuple[str, str] | None = None
 
     def check(self) -> None:
-        if self.n is not None and self.n < 1:
-            raise RefusalEditError("`n` must be at least 1")
-        if self.max_new_tokens < 1:
-            raise RefusalEditError("`max_new_tokens` must be at least 1")
-        if self.kl_tokens is not None and self.kl_tokens < 1:
-            raise RefusalEditError("`kl_tokens` must be at least 1")
-        if self.batch_size < 1:
-            raise RefusalEditError("`batch_size` must be at least 1")
-        if self.samples < 0:
-            raise RefusalEditError("`samples` must not be negative")
+        check_at_least(1, n=self.n, max_new_tokens=self.max_new_tokens, kl_tokens=self.kl_tokens)
+        check_at_least(1, batch_size=self.batch_size)
+        check_at_least(0, samples=self.samples)
         if self.judge_llm_mode not in JUDGE_LLM_MODES:
             raise RefusalEditError(f"`judge_llm_mode` must be one of {', '.join(JUDGE_LLM_MODES)}")
         if self.judge_llm_rubric not in JUDGE_LLM_RUBRICS:
@@ -402,6 +396,12 @@ def _pick_samples(sets: dict[str, PromptSet], judging: dict[str, dict[str, Judge
     return out
 
 
+def _replies_key(texts: Sequence[str], max_new_tokens: int, keep_special: bool) -> str:
+    """What a greedy reply depends on besides the model: the formatted prompts and how they are decoded."""
+    h = hashlib.sha256("\x00".join(texts).encode())
+    return f"{max_new_tokens}:{int(keep_special)}:{h.hexdigest()}"
+
+
 # ---------------------------------------------------------------- the entry point
 
 
@@ -416,6 +416,7 @@ def compare(
     settings: EvalSettings | None = None,
     judges: Sequence[Judge] | None = None,
     timings: dict[str, float] | None = None,
+    base_replies: dict[str, list[Generated]] | None = None,
 ) -> EvalReport:
     """Compare `base` with `edited` (a loaded checkpoint) or with `base` under `intervention`.
 
@@ -424,6 +425,9 @@ def compare(
     refusal markers) judge every reply after generation with no hook active, so the base model can judge
     its own and the edit's replies. `edited_info` is recorded with the edit (the checkpoint's record, or the
     direction file an intervention came from); `timings` are earlier steps (loading) to report with this run's.
+    `base_replies`: a dict kept by the caller across calls that judge several edits against one base model;
+    greedy replies depend only on the model, the formatted prompts and the generation length, so the base
+    side is generated once per such key and reused (it is half the cost of every further comparison).
     """
     settings = settings or EvalSettings()
     settings.check()
@@ -461,6 +465,11 @@ def compare(
         with _edited_side(model, intervention if side == "edited" else None):
             for kind in kinds:
                 t2 = time.perf_counter()
+                key = _replies_key(texts[kind], settings.max_new_tokens, keep_special)
+                if side == "base" and base_replies is not None and key in base_replies:
+                    gens[side][kind] = base_replies[key]
+                    timings[f"generate_{side}_{kind}_s"] = 0.0
+                    continue
                 gens[side][kind] = generate(
                     model,
                     base.tokenizer,
@@ -471,6 +480,8 @@ def compare(
                     skip_special_tokens=not keep_special,
                 )
                 timings[f"generate_{side}_{kind}_s"] = time.perf_counter() - t2
+                if side == "base" and base_replies is not None:
+                    base_replies[key] = gens[side][kind]
         timings[f"generate_{side}_s"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()

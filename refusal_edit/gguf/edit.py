@@ -30,6 +30,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from refusal_edit.console import progress
 from refusal_edit.edits.ops import ChunkTransform, ProjectExperts, ProjectFirstDim, ProjectLastDim
 from refusal_edit.edits.plan import EditPlan
+from refusal_edit.edits.write import WriteResult
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf import quants
 from refusal_edit.gguf.file import GGUFTensor
@@ -64,13 +65,9 @@ class TensorStats:
 
 
 @dataclass
-class GGUFWriteResult:
-    out: Path
-    seconds: float
-    bytes_written: int
-    edited: int
-    copied: int
-    created: int
+class GGUFWriteResult(WriteResult):
+    """The safetensors writer's counts, plus each edited tensor's requantization figures."""
+
     tensors: list[TensorStats] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     record: dict[str, Any] | None = None

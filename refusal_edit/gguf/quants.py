@@ -242,12 +242,17 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
     return _bytes(d, dmin, packed, qh, qs)
 
 
+def _by_block_signed_max(scales: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 16 sub-block scales of each block, and the one of largest magnitude with its sign (ggml's max_scale)."""
+    scales = scales.reshape(nb, 16)
+    return scales, np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)[:, 0]
+
+
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     nb = x.shape[0]
     xt = _sub_blocks(x, 16)
     scales, levels = _make_qx(xt, 32)
-    scales = scales.reshape(nb, 16)
-    max_scale = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)[:, 0]
+    scales, max_scale = _by_block_signed_max(scales, nb)
     zero = np.abs(max_scale) < GROUP_MAX_EPS
     iscale = F32(-128) / max_scale
     d = _fp16(np.where(zero, F32(0), F32(1) / iscale))
@@ -286,8 +291,7 @@ def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     nb = x.shape[0]
     xt = _sub_blocks(x, 16)
     scales, levels = _make_q3(xt, 4)
-    scales = scales.reshape(nb, 16)
-    max_scale = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)[:, 0]
+    scales, max_scale = _by_block_signed_max(scales, nb)
     some = max_scale != 0
     iscale = F32(-32) / max_scale
     raw = _int(iscale[:, None] * scales)

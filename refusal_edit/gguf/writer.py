@@ -25,11 +25,10 @@ import numpy as np
 from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
 from refusal_edit.checkpoint.atomic import TMP_MARK, resolve_output
+from refusal_edit.checkpoint.safetensors_io import PositionedWriter
 from refusal_edit.errors import RefusalEditError
 
 GGUF_VERSION = 3
-WRITE_SLICE = 1 << 20
-COPY_STEP = 256 << 20
 
 
 def _string(text: str | bytes) -> bytes:
@@ -60,8 +59,9 @@ class OutTensor:
     nbytes: int
 
 
-class StreamWriter:
-    """A GGUF file whose header is written first; tensor bytes then go to their offsets in any order.
+class StreamWriter(PositionedWriter):
+    """A GGUF file whose header is written first; tensor bytes then go to their offsets in any order
+    (`PositionedWriter`: positioned writes, kernel copies of unchanged tensors, `verify`).
 
     `reserve` names string entries (key -> byte size) whose value is rewritten by `rewrite` at the end,
     padded with spaces (JSON text stays valid).
@@ -96,61 +96,20 @@ class StreamWriter:
             offset = _pad(offset + t.nbytes, alignment)
         self.data_start = _pad(len(head), alignment)
         self.size = self.data_start + offset
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.size)  # padding reads back as zeros
-        self._pwrite(bytes(head), 0)
-        self.written = dict.fromkeys(self.offsets, 0)
-
-    def _pwrite(self, data: bytes | memoryview, pos: int) -> None:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done : done + WRITE_SLICE], pos + done)
-
-    def _position(self, name: str, length: int) -> int:
-        begin, size = self.offsets[name]
-        done = self.written[name]
-        if done + length > size:
-            raise RuntimeError(f"{name}: more bytes than its tensor info says")
-        self.written[name] = done + length
-        return self.data_start + begin + done
+        self._open(path, self.offsets, self.data_start, self.size)  # padding reads back as zeros
+        self.pwrite(bytes(head), 0)
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append the next bytes of tensor `name`."""
         raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-        self._pwrite(memoryview(raw), self._position(name, raw.size))
-
-    def copy(self, name: str, src_fd: int, offset: int, length: int) -> None:
-        """Copy a whole unchanged tensor from the input, in the kernel where the filesystem can."""
-        pos = self._position(name, length)
-        done = 0
-        while done < length:
-            try:
-                n = os.copy_file_range(src_fd, self.fd, min(COPY_STEP, length - done), offset + done, pos + done)
-            except OSError:
-                n = 0
-            if n <= 0:  # filesystems without copy_file_range: plain reads
-                block = os.pread(src_fd, min(COPY_STEP, length - done), offset + done)
-                if not block:
-                    raise RefusalEditError("unexpected end of the input file while copying a tensor")
-                self._pwrite(block, pos + done)
-                n = len(block)
-            done += n
+        self.pwrite(memoryview(raw), self.position(name, raw.size))
 
     def rewrite(self, key: str, text: str) -> None:
         pos, size = self.reserved[key]
         data = text.encode()
         if len(data) > size:
             raise RuntimeError(f"metadata {key}: {len(data)} bytes do not fit the {size} reserved")
-        self._pwrite(data + b" " * (size - len(data)), pos)
-
-    def verify(self) -> None:
-        missing = [n for n, (_, size) in self.offsets.items() if self.written[n] != size]
-        if missing:
-            raise RuntimeError(f"{self.path.name}: {len(missing)} tensors incomplete, e.g. {missing[0]}")
-
-    def close(self) -> None:
-        os.close(self.fd)
+        self.pwrite(data + b" " * (size - len(data)), pos)
 
 
 def _is_tool_gguf(path: Path) -> bool:

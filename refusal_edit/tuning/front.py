@@ -78,32 +78,16 @@ def plot_front(data: dict[str, Any], path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     trials = [t for t in data["trials"] if t.get("kl_proxy") is not None]
     if trials:
-        left.scatter(
-            [max(t["kl_proxy"], 1e-5) for t in trials],
-            [100 * t["refusal_proxy"] for t in trials],
-            s=14,
-            color="0.65",
-            label="trials",
-        )
+
+        def xy(ts: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+            return [max(t["kl_proxy"], 1e-5) for t in ts], [100 * t["refusal_proxy"] for t in ts]
+
         front = sorted(pareto(trials, lambda t: (t["refusal_proxy"], t["kl_proxy"])), key=lambda t: t["kl_proxy"])
-        left.plot(
-            [max(t["kl_proxy"], 1e-5) for t in front],
-            [100 * t["refusal_proxy"] for t in front],
-            "-o",
-            ms=4,
-            color="tab:blue",
-            label="proxy front",
-        )
         confirmed_trials = {p["trial"] for p in data["confirmed"]}
         conf = [t for t in trials if t["number"] in confirmed_trials]
-        left.scatter(
-            [max(t["kl_proxy"], 1e-5) for t in conf],
-            [100 * t["refusal_proxy"] for t in conf],
-            s=60,
-            facecolors="none",
-            edgecolors="tab:red",
-            label="confirmed",
-        )
+        left.scatter(*xy(trials), s=14, color="0.65", label="trials")
+        left.plot(*xy(front), "-o", ms=4, color="tab:blue", label="proxy front")
+        left.scatter(*xy(conf), s=60, facecolors="none", edgecolors="tab:red", label="confirmed")
     left.axhline(100 * data["base"]["refusal_proxy"], color="k", ls=":", lw=1, label="base model")
     left.set_xscale("log")
     left.set_xlabel("first-token KL on harmless val prompts (nats, proxy)")

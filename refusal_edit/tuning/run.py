@@ -21,7 +21,7 @@ from typing import Any
 
 from refusal_edit.console import err, progress
 from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
-from refusal_edit.errors import RefusalEditError
+from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.tuning.confirm import Confirmer
 from refusal_edit.tuning.front import pareto, pick, spread
 from refusal_edit.tuning.proxies import ProxyScorer
@@ -42,6 +42,17 @@ class TuneSettings:
     startup: int = 6  # random trials after the seeds before TPE takes over
     preserve_norm: bool = True  # search norm preservation too (in-place weight edits per trial)
     low_refusal: float = 0.5  # confirm only points whose refusal proxy is at most this fraction of the base's
+
+    def check(self) -> TuneSettings:
+        check_at_least(
+            1,
+            trials=self.trials,
+            confirm=self.confirm,
+            max_new_tokens=self.max_new_tokens,
+            search_prompts=self.search_prompts,
+            batch_size=self.batch_size,
+        )
+        return self
 
 
 @dataclass

@@ -16,7 +16,7 @@ from refusal_edit.checkpoint.atomic import check_output
 from refusal_edit.checkpoint.layout import Checkpoint, open_checkpoint
 from refusal_edit.checkpoint.record import EditRecord
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
-from refusal_edit.edits import EditResult, check_edit, parse_size, plan_direction_edit, write_checkpoint
+from refusal_edit.edits import DirectionEdit, EditResult, parse_size, plan_direction_edit, write_checkpoint
 from refusal_edit.edits.plan import EditPlan, plan_edit, resolved_config
 from refusal_edit.edits.spec import EditSpec, resolve
 from refusal_edit.errors import RefusalEditError
@@ -40,25 +40,25 @@ def build_record(
     base_model: str | None,
     source_model: dict[str, Any],
     previous: EditRecord | None = None,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
+    edit: DirectionEdit | None = None,
+    at: int | None = None,
     dtype: str = "keep",
     name: str | None = None,
     format: str = "safetensors",
     spec: dict[str, Any] | None = None,
 ) -> EditRecord:
     """What was done, for the record and the model card, whatever the output format; a re-edit carries
-    `previous` (the input's own record), and with it the original base model (`EditRecord.after`)."""
+    `previous` (the input's own record), and with it the original base model (`EditRecord.after`).
+    `edit` is the direction's edit (`at`: the layer an addition went to); a variant (`spec`) records mode spec."""
+    edit = edit or DirectionEdit()
+    mode = "spec" if spec is not None else edit.mode
     return EditRecord(
         mode=mode,
         base_model=base_model,
-        coeff=coeff,
-        layer=layer if mode == "add" else None,
-        site=(site or "input") if mode == "add" else None,
-        unit=unit,
+        coeff=edit.coeff,
+        layer=at if mode == "add" else None,
+        site=(edit.site or "input") if mode == "add" else None,
+        unit=edit.unit,
         direction_file=direction.path.name if direction.path else None,
         direction_sha256=direction.sha256 or None,
         direction_layer=direction.layer,
@@ -101,9 +101,7 @@ def plan_variant(ckpt: Checkpoint, direction: DirectionFile, spec: EditSpec, kee
 
     bank, _ = load_bank(direction)
     n_layers = int(resolved_config(ckpt).num_hidden_layers)
-    plan = plan_edit(ckpt, resolve(spec, bank, n_layers), keep_tied=keep_tied)
-    plan.notes.insert(0, f"edit: {spec.describe()}")
-    return plan
+    return plan_edit(ckpt, resolve(spec, bank, n_layers), keep_tied=keep_tied)
 
 
 def front_point(spec: str | Path) -> tuple[EditSpec, Path, dict[str, Any]]:
@@ -133,28 +131,29 @@ class EditJob:
     ckpt: Checkpoint
     direction: DirectionFile
     plan: EditPlan
-    mode: str
-    layer: int | None
+    layer: int | None  # where an addition goes
     spec: EditSpec | None
     spec_info: dict[str, Any] | None
     inputs: list[Path]
+    direction_mode: str = "ablate"  # the direction edit's mode; a variant (`spec`) is mode spec
+
+    @property
+    def mode(self) -> str:
+        return "spec" if self.spec is not None else self.direction_mode
+
+    def record_spec(self) -> dict[str, Any] | None:
+        return None if self.spec is None else {"edit": self.spec.to_json(), **(self.spec_info or {})}
 
 
 def edit_inputs(
-    direction: DirectionFile | str | Path | None,
-    spec: EditSpec | str | Path | None,
-    mode: str,
-    coeff: float,
-    layer: int | None,
-    site: str | None,
-    unit: bool,
+    direction: DirectionFile | str | Path | None, spec: EditSpec | str | Path | None, edit: DirectionEdit
 ) -> tuple[DirectionFile, EditSpec | None, dict[str, Any] | None]:
     """The direction file and the variant of an edit, whatever it is written to: a tune front point names its
     direction (and must be given that one), an `EditSpec` or none uses `direction`."""
     spec_info: dict[str, Any] | None = None
+    edit.check()
     if spec is not None:
-        check_edit(mode, coeff, layer, site, unit)
-        if mode != "ablate":
+        if edit.mode != "ablate":
             raise RefusalEditError("`spec` describes an ablation variant; it does not combine with `mode` add")
         if not isinstance(spec, EditSpec):
             spec, tuned_with, spec_info = front_point(sources.expand(str(spec)))
@@ -170,41 +169,29 @@ def edit_inputs(
 
 
 def plan_on(
-    source: Any,
-    d: DirectionFile,
-    spec: EditSpec | None,
-    mode: str,
-    coeff: float,
-    layer: int | None,
-    site: str | None,
-    unit: bool,
-    keep_tied: bool,
-) -> tuple[EditPlan, int | None, str]:
-    """The plan on any tensor source (a checkpoint, a GGUF file): (plan, the layer an addition is at, the mode)."""
+    source: Any, d: DirectionFile, spec: EditSpec | None, edit: DirectionEdit, keep_tied: bool
+) -> tuple[EditPlan, int | None]:
+    """The plan on any tensor source (a checkpoint, a GGUF file), and the layer an addition is at."""
     if spec is not None:
-        return plan_variant(source, d, spec, keep_tied), None, "spec"
-    plan, at = plan_direction_edit(source, d, mode, coeff, layer, site, unit, keep_tied)
-    return plan, at, mode
+        return plan_variant(source, d, spec, keep_tied), None
+    return plan_direction_edit(source, d, edit, keep_tied)
 
 
 def plan_job(
     model: str | Path | ModelSource,
     direction: DirectionFile | str | Path | None,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
+    edit: DirectionEdit | None = None,
     keep_tied: bool = False,
     spec: EditSpec | str | Path | None = None,
 ) -> EditJob:
     """Resolve MODEL, the direction and the variant, and plan the edit (nothing written: `plan_only` shows it)."""
-    d, spec, spec_info = edit_inputs(direction, spec, mode, coeff, layer, site, unit)
+    edit = edit or DirectionEdit()
+    d, spec, spec_info = edit_inputs(direction, spec, edit)
     source = sources.resolve_model(model)
     inputs = [p for p in (d.path, source.origin) if p is not None]
     ckpt = open_checkpoint(source.hf_dir)
-    plan, at, mode = plan_on(ckpt, d, spec, mode, coeff, layer, site, unit, keep_tied)
-    return EditJob(source, ckpt, d, plan, mode, at, spec, spec_info, [source.hf_dir, *inputs])
+    plan, at = plan_on(ckpt, d, spec, edit, keep_tied)
+    return EditJob(source, ckpt, d, plan, at, spec, spec_info, [source.hf_dir, *inputs], edit.mode)
 
 
 def orthogonalize(
@@ -235,29 +222,14 @@ def orthogonalize(
     variant (an `EditSpec`) or a tune front point (`front.json[#ID]`, which also names the direction).
     """
     parse_size(max_shard_size)  # a bad size fails before anything is read
+    edit = DirectionEdit(mode, coeff, layer, site, unit)
     if Path(out).suffix.lower() == ".gguf":
         if dtype != "keep" or max_shard_size is not None:
             raise RefusalEditError(
                 "a GGUF `out` keeps each tensor's own type in one file: drop `dtype`, `max_shard_size`"
             )
-        return _orthogonalize_gguf(
-            model,
-            direction,
-            out,
-            dict(
-                mode=mode,
-                coeff=coeff,
-                layer=layer,
-                site=site,
-                unit=unit,
-                keep_tied=keep_tied,
-                force=force,
-                replace_any=replace_any,
-                base_model=base_model,
-                name=name,
-                spec=spec,
-            ),
-        )
+        options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec}
+        return _orthogonalize_gguf(model, direction, out, edit, base_model=base_model, name=name, **options)
     write = _writer(Path(out))
     d = direction
     if isinstance(direction, str | Path):
@@ -265,7 +237,7 @@ def orthogonalize(
     source = sources.resolve_model(model)
     protected = [p for p in (source.hf_dir, source.origin, getattr(d, "path", None)) if p is not None]
     check_output(Path(out), force, protected, replace_any)  # a bad `out` fails before planning
-    job = plan_job(source, d, mode, coeff, layer, site, unit, keep_tied, spec)
+    job = plan_job(source, d, edit, keep_tied, spec)
     check_output(Path(out), force, job.inputs, replace_any)
     ckpt, plan = job.ckpt, job.plan
     record = build_record(
@@ -275,14 +247,11 @@ def orthogonalize(
         base_model=sources.base_model(source, base_model),
         source_model={"path": str(ckpt.root), "name": ckpt.root.name},
         previous=EditRecord.load(ckpt.root),
-        mode=job.mode,
-        coeff=coeff,
-        layer=job.layer,
-        site=site,
-        unit=unit,
+        edit=edit,
+        at=job.layer,
         dtype=dtype,
         name=name,
-        spec=None if job.spec is None else {"edit": job.spec.to_json(), **(job.spec_info or {})},
+        spec=job.record_spec(),
     )
     result = write(
         ckpt,
@@ -305,11 +274,13 @@ def orthogonalize(
     return EditOutcome(result.write, result.plan, record, warnings)
 
 
-def _orthogonalize_gguf(model: str | Path | ModelSource, direction: Any, out: Path | str, options: dict) -> EditOutcome:
+def _orthogonalize_gguf(
+    model: str | Path | ModelSource, direction: Any, out: Path | str, edit: DirectionEdit, **options: Any
+) -> EditOutcome:
     """GGUF in, GGUF out: the GGUF editor plans on the file itself (`refusal_edit.gguf`); tensors keep their types."""
     from refusal_edit.workflows.gguf import orthogonalize_gguf
 
     if isinstance(model, ModelSource):
         model = model.origin if model.origin is not None else model.spec
-    result = orthogonalize_gguf(model, direction, out, **options)
-    return EditOutcome(result.write, result.plan, result.record, result.warnings)  # type: ignore[arg-type]
+    result = orthogonalize_gguf(model, direction, out, edit, **options)
+    return EditOutcome(result.write, result.plan, result.record, result.warnings)

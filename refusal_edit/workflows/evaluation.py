@@ -187,6 +187,7 @@ def evaluate(
     max_memory: str | dict[Any, Any] | None = None,
     offload_dir: Path | None = None,
     batch_size: int | str | None = None,
+    base_replies: dict[str, Any] | None = None,
 ) -> EvalReport:
     """Compare `base` with `edited` (a checkpoint) or with `base` under a direction's hooks.
 
@@ -197,8 +198,9 @@ def evaluate(
     split, when `settings.borderline`); `system_prompt` to the recipe's, else the chat template's own.
     Judges are loaded from `settings` (`markers` replaces the built-in marker list), unless `judges` gives
     them ready-made. `device` auto places each model's layers with accelerate, each within `max_memory`;
-    `batch_size` (a number or auto) replaces `settings.batch_size`. Errors the user can fix raise
-    `RefusalEditError`.
+    `batch_size` (a number or auto) replaces `settings.batch_size`. `base_replies`: a dict kept across calls
+    that judge several edits against one loaded base model, so its replies are generated once (see
+    `compare`). Errors the user can fix raise `RefusalEditError`.
     """
     check_one_edit(edited, direction, intervention)
     settings = settings or EvalSettings()
@@ -259,6 +261,7 @@ def evaluate(
         settings=settings,
         judges=judges,
         timings=timings,
+        base_replies=base_replies,
     )
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refusal_edit.edits import DirectionEdit
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
 from refusal_edit.gguf.source import GGUFSource
@@ -30,12 +31,8 @@ def orthogonalize_gguf(
     model: str | Path,
     direction: Any,
     out: str | Path,
+    edit: DirectionEdit | None = None,
     *,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
     keep_tied: bool = False,
     force: bool = False,
     replace_any: bool = False,
@@ -43,17 +40,19 @@ def orthogonalize_gguf(
     name: str | None = None,
     spec: Any = None,
 ) -> GGUFEditResult:
-    """Edit a GGUF file (a `.gguf` path or a recipe) by a direction file (or `DirectionFile`), or by an edit
-    variant (`spec`: an `EditSpec` or a tune front point), and write the edited GGUF to `out`.
+    """Edit a GGUF file (a `.gguf` path or a recipe) by a direction file (or `DirectionFile`) as `edit` says
+    (default: ablation), or by an edit variant (`spec`: an `EditSpec` or a tune front point), and write the
+    edited GGUF to `out`.
 
     The same plan as the safetensors path (`plan_direction_edit` / `plan_variant` on a `GGUFSource`) and the
     same record (`build_record`), embedded as `refusal_edit.record` plus flat `refusal_edit.*` keys.
     """
-    d, spec, spec_info = edit_inputs(direction, spec, mode, coeff, layer, site, unit)
+    edit = edit or DirectionEdit()
+    d, spec, spec_info = edit_inputs(direction, spec, edit)
     model_source = gguf_model(model)
     assert model_source.origin is not None
     source = GGUFSource(model_source.origin)
-    plan, at, mode = plan_on(source, d, spec, mode, coeff, layer, site, unit, keep_tied)
+    plan, at = plan_on(source, d, spec, edit, keep_tied)
     record = build_record(
         plan,
         d,
@@ -61,11 +60,8 @@ def orthogonalize_gguf(
         base_model=sources.base_model(model_source, base_model),
         source_model={"path": str(source.path), "name": source.path.name},
         previous=previous_record(source),
-        mode=mode,
-        coeff=coeff,
-        layer=at,
-        site=site,
-        unit=unit,
+        edit=edit,
+        at=at,
         name=name,
         format="gguf",
         spec=None if spec is None else {"edit": spec.to_json(), **(spec_info or {})},

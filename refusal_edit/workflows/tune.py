@@ -106,7 +106,7 @@ def tune(
 
     `device` auto places the layers with accelerate within `max_memory`; `batch_size` (a number or auto)
     replaces `settings.batch_size`."""
-    settings = settings or TuneSettings()
+    settings = (settings or TuneSettings()).check()
     if n_val < 2:
         raise RefusalEditError(f"`n_val` must be at least 2, got {n_val}")
     d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
