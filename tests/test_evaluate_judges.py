@@ -373,3 +373,81 @@ def test_compare_needs_both_prompt_sets(env):
         run_module.compare(lm, chat_format(lm.tokenizer), sets, intervention=zero)
     with pytest.raises(RefusalEditError, match="judge_llm_rubric"):
         EvalSettings(judge_llm_rubric="long").check()
+
+
+# ---------------------------------------------------------------- judging a saved report again
+
+
+def test_rejudge_reproduces_a_report_and_adds_judges_without_generating(env, cli, tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    res = cli("evaluate", env["base"], env["ours"], *cli_prompts(env), "--max-new-tokens", "4", "--out", first)
+    assert res.code == 0, res.err
+    saved_bytes = (first / "report.json").read_bytes()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("rejudge must not generate")
+
+    monkeypatch.setattr(run_module, "generate", no_generation)
+    same = tmp_path / "same"
+    assert cli("evaluate", env["base"], "--rejudge", first, "--out", same).code == 0
+    before, after = json.loads(saved_bytes)["summary"], json.loads((same / "report.json").read_text())["summary"]
+    assert {k: v for k, v in after.items() if k != "evaluated"} == {k: v for k, v in before.items() if k != "evaluated"}
+
+    words = tmp_path / "words.txt"
+    words.write_text("the\n")  # a judge that calls almost every reply a refusal: it must disagree somewhere
+    more = tmp_path / "more"
+    res = cli(
+        "evaluate", env["base"], "--rejudge", first / "report.json", "--judge", f"markers:{words}",
+        "--judge-llm", "base", "--judge-llm-rubric", "refusal", "--out", more,
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    data = json.loads((more / "report.json").read_text())
+    assert list(data["judges"]) == ["markers", "markers:words.txt", "llm:base"]
+    assert (
+        data["settings"]["judge_llm"] == "base" and data["settings"]["rejudged"] == json.loads(saved_bytes)["created"]
+    )
+    assert data["divergence"] == json.loads(saved_bytes)["divergence"]
+    assert data["summary"]["harmful_refusal_edited"] == before["harmful_refusal_edited"]
+    assert "harmful_refusal_edited_llm_base" in data["summary"] and "judge_agreement" in data["summary"]
+    assert (first / "report.json").read_bytes() == saved_bytes  # the input is never modified
+
+
+def test_rejudge_errors(env, cli, tmp_path):
+    first = tmp_path / "first"
+    assert (
+        cli("evaluate", env["base"], env["ours"], *cli_prompts(env), "--max-new-tokens", "2", "--out", first).code == 0
+    )
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    data = json.loads((first / "report.json").read_text())
+    for side in data["judging"].values():
+        for kind in side.values():
+            kind.pop("samples")
+    (stripped / "report.json").write_text(json.dumps(data))
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    cases = [
+        (["--rejudge", first, "--out", first], "holds the report being judged again"),
+        (["--rejudge", first, "--out", first / "inside"], "holds the report being judged again"),
+        (["--rejudge", tmp_path / "nowhere"], "cannot read the report"),
+        (["--rejudge", tmp_path / "junk.json", "--out", tmp_path / "o1"], "not an evaluate report"),
+        (["--rejudge", stripped, "--out", tmp_path / "o2"], "does not keep every reply"),
+        (["--rejudge", first, "--direction", env["direction"], "--out", tmp_path / "o3"], "judges a saved report"),
+    ]
+    for args, message in cases:
+        res = cli("evaluate", env["base"], *args)
+        assert res.code == 1 and message in " ".join(res.err.split()), (args, res.err)
+        assert "Traceback" not in res.err
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    res = cli("evaluate", env["base"], env["ours"], "--rejudge", first, "--out", tmp_path / "o4")
+    assert res.code == 1 and "drop EDITED" in " ".join(res.err.split())
+
+
+def test_saved_replies_with_reasoning_are_rebuilt_for_old_reports():
+    delims = ("<think>", "</think>")
+    assert run_module._saved_reply({"answer": "no.", "reasoning": "hmm", "reply": "x"}, delims) == "x"
+    assert run_module._saved_reply({"answer": "no.", "reasoning": "hmm"}, delims) == "<think>hmm</think>no."
+    unclosed = {"answer": "", "reasoning": "hmm", "degenerate": "no-answer"}
+    assert run_module._saved_reply(unclosed, delims) == "<think>hmm"
+    assert run_module._saved_reply({"answer": "plain"}, None) == "plain"
+    with pytest.raises(RefusalEditError, match="delimiters"):
+        run_module._saved_reply({"answer": "no.", "reasoning": "hmm"}, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -24,7 +25,7 @@ def evaluate(
         "another tool). Omit it and pass --direction to use hooks.",
         show_default=False,
     ),
-    direction: Path | None = opt.path(
+    direction: Path | None = opt.optional(
         "--direction", "direction.safetensors (or its folder): apply it in memory instead of loading EDITED."
     ),
     mode: str = opt.MODE,
@@ -51,7 +52,7 @@ def evaluate(
     ),
     batch_size: str = opt.BATCH_SIZE,
     samples: int = typer.Option(5, help="Sample responses shown side by side (harmful first, then harmless)."),
-    markers: Path | None = opt.path(
+    markers: Path | None = opt.optional(
         "--markers", "Refusal markers file, one per line, for the first judge.", "built-in"
     ),
     judge: list[str] | None = typer.Option(
@@ -62,15 +63,15 @@ def evaluate(
         show_default="markers",
         metavar="SPEC",
     ),
-    judge_labels: str | None = typer.Option(
-        None,
-        help="Classifier label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.",
-        show_default="read from the label names",
-        metavar="MAP",
+    judge_labels: str | None = opt.optional(
+        "--judge-labels",
+        "Classifier label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.",
+        "read from the label names",
+        "MAP",
     ),
-    judge_llm: str | None = typer.Option(
-        None,
-        help="An LLM judge: a local chat model (same forms as BASE), or 'base' for the base model itself.",
+    judge_llm: str | None = opt.optional(
+        "--judge-llm",
+        "An LLM judge: a local chat model (same forms as BASE), or 'base' for the base model itself.",
         metavar="MODEL",
     ),
     judge_llm_mode: str = typer.Option(
@@ -84,13 +85,21 @@ def evaluate(
     system_prompt: str | None = opt.SYSTEM_PROMPT,
     template: Path | None = opt.TEMPLATE,
     template_kwargs: list[str] | None = opt.TEMPLATE_KWARGS,
-    reasoning_delimiters: str | None = typer.Option(
-        None,
-        help="A thinking model's reasoning block, e.g. '<think>,</think>': judges see the answer after it.",
-        show_default="the chat template's, if it names one",
-        metavar="OPEN,CLOSE",
+    reasoning_delimiters: str | None = opt.optional(
+        "--reasoning-delimiters",
+        "A thinking model's reasoning block, e.g. '<think>,</think>': judges see the answer after it.",
+        "the chat template's, if it names one",
+        "OPEN,CLOSE",
     ),
-    out: Path | None = opt.path("--out", "Report directory.", "runs/<base>/eval-<edit>", "<dir>"),
+    rejudge: Path | None = opt.optional(
+        "--rejudge",
+        "A saved report (report.json or its folder): judge its replies again with the judges given (the markers "
+        "first), nothing generated; KL numbers are carried over. BASE is loaded only for --judge-llm base.",
+        metavar="<report>",
+    ),
+    out: Path | None = opt.optional(
+        "--out", "Report directory.", "runs/<base>/eval-<edit>; with --rejudge: <report folder>-rejudged", "<dir>"
+    ),
     force: bool = opt.FORCE,
     as_json: bool = opt.switch("--json", "Print only the JSON report on stdout."),
     record: bool = opt.switch(
@@ -107,7 +116,6 @@ def evaluate(
     written): refusal rates per judge (harmful, harmless, borderline; per category), degenerate replies,
     judge agreement, first-token and multi-token KL, cross-entropy."""
     quiet_libraries()
-    from refusal_edit.evaluation.report import print_report, report_json
     from refusal_edit.evaluation.run import EvalSettings
     from refusal_edit.forward import parse_batch_size
     from refusal_edit.judging.reasoning import parse_delimiters
@@ -116,6 +124,24 @@ def evaluate(
 
     skip_borderline = borderline is not None and borderline.strip().lower() == "none"
     rows = parse_batch_size(batch_size)  # auto: chosen once the models are loaded
+    judging = {
+        "judges": ("markers", *(judge or ())),
+        "judge_labels": judge_labels,
+        "judge_llm": judge_llm,
+        "judge_llm_mode": judge_llm_mode,
+        "judge_llm_rubric": judge_llm_rubric,
+    }
+    if rejudge is not None:
+        if edited is not None or direction is not None:
+            from refusal_edit.errors import RefusalEditError
+
+            raise RefusalEditError("`rejudge` judges a saved report again: drop EDITED and `direction`")
+        settings = EvalSettings(batch_size=1 if rows == "auto" else int(rows), **judging)
+        done = workflow.rejudge(
+            rejudge, base, out=out, force=force, settings=settings, markers=markers, dtype=dtype, device=device
+        )
+        _show(done, as_json)
+        return
 
     done = workflow.run(
         base,
@@ -140,11 +166,7 @@ def evaluate(
             kl_tokens=kl_tokens,
             batch_size=1 if rows == "auto" else int(rows),
             samples=samples,
-            judges=("markers", *(judge or ())),
-            judge_labels=judge_labels,
-            judge_llm=judge_llm,
-            judge_llm_mode=judge_llm_mode,
-            judge_llm_rubric=judge_llm_rubric,
+            **judging,
             borderline=not skip_borderline,
             template_kwargs=parse_template_kwargs(template_kwargs),
             reasoning_delimiters=parse_delimiters(reasoning_delimiters) if reasoning_delimiters else None,
@@ -152,6 +174,12 @@ def evaluate(
         markers=markers,
         **opt.chat(system_prompt, template),
     )
+    _show(done, as_json)
+
+
+def _show(done: Any, as_json: bool) -> None:
+    from refusal_edit.evaluation.report import print_report, report_json
+
     if as_json:
         sys.stdout.write(report_json(done.report))
         sys.stdout.flush()

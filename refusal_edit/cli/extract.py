@@ -15,7 +15,7 @@ from refusal_edit.console import err, show
 @app.command()
 def extract(
     model: str = typer.Argument(..., metavar="MODEL", help=opt.MODEL_HELP),
-    out: Path | None = opt.path("--out", "Artifact directory.", "runs/<model>/direction", "<dir>"),
+    out: Path | None = opt.optional("--out", "Artifact directory.", "runs/<model>/direction", "<dir>"),
     dtype: str = opt.DTYPE,
     device: str = opt.DEVICE,
     max_memory: str | None = opt.MAX_MEMORY,

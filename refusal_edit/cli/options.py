@@ -76,8 +76,8 @@ def prompts(kind: str, default: str, more: str = "") -> Any:
     return typer.Option(None, help=f"{kind} prompts: {PROMPT_FORMS}.{more}", show_default=default)
 
 
-def path(flag: str, help: str, shown: str | bool = True, metavar: str = "<file>") -> Any:
-    """An optional path-like option (None unless given); `shown` says what decides it otherwise."""
+def optional(flag: str, help: str, shown: str | bool = True, metavar: str = "<file>") -> Any:
+    """An option that is None unless given; `shown` says what decides it otherwise."""
     return typer.Option(None, flag, help=help, show_default=shown, metavar=metavar)
 
 

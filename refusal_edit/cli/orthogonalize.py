@@ -9,17 +9,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from refusal_edit.cli.app import app, flag_names, in_flags, quiet_libraries
-from refusal_edit.cli.options import COEFF, FORCE, LAYER, MODE, MODEL_HELP, REPLACE_ANY, SITE, UNIT, path, switch
+from refusal_edit.cli.options import COEFF, FORCE, LAYER, MODE, MODEL_HELP, REPLACE_ANY, SITE, UNIT, optional, switch
 from refusal_edit.console import err, show
 
 
 @app.command()
 def orthogonalize(
     model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
-    direction: Path | None = path(
+    direction: Path | None = optional(
         "--direction", "direction.safetensors written by extract (or its folder).", "the one --spec was tuned with"
     ),
-    spec: str | None = path(
+    spec: str | None = optional(
         "--spec", "A tune front point: DIR/front.json[#ID]; without #ID, the front's picked point.", metavar="<front>"
     ),
     layers: str | None = typer.Option(
@@ -33,7 +33,7 @@ def orthogonalize(
     rank: int = typer.Option(1, help="Ablate the span of this many orthonormalised candidates."),
     basis: str = typer.Option("positions", help="rank > 1: the other candidates at other positions|layers."),
     preserve_norm: bool = switch("--preserve-norm", "Rescale every written vector to its original norm (exact)."),
-    out: Path | None = path(
+    out: Path | None = optional(
         "--out",
         "Output directory; or EDITED.gguf for a GGUF MODEL (edited in its own quant types). Must not exist "
         "unless --force.",

@@ -10,7 +10,7 @@ from rich.rule import Rule
 from rich.table import Table
 
 from refusal_edit.cli.app import app, quiet_libraries
-from refusal_edit.cli.options import path, switch
+from refusal_edit.cli.options import optional, switch
 from refusal_edit.console import err, out, show
 
 
@@ -28,7 +28,7 @@ def push(
     public: bool = switch("--public", "Create the repo public; it is private otherwise."),
     revision: str = typer.Option("main", "--revision", help="Branch to commit to (created if missing)."),
     commit_message: str | None = typer.Option(None, "--commit-message", help="Commit summary."),
-    token: str | None = path(
+    token: str | None = optional(
         "--token",
         "Hub token (prefer HF_TOKEN or `hf auth login`: a token on the command line lands in shell history).",
         "HF_TOKEN, then hf auth login",

@@ -22,7 +22,7 @@ def tune(
     direction: Path = typer.Option(
         ..., "--direction", help="direction.safetensors (or its run folder) written by extract.", metavar="<file>"
     ),
-    out: Path | None = opt.path("--out", "Study folder.", "runs/<model>/tune", "<dir>"),
+    out: Path | None = opt.optional("--out", "Study folder.", "runs/<model>/tune", "<dir>"),
     trials: int = typer.Option(32, help="Optuna trials in all (the seed points included)."),
     confirm: int = typer.Option(4, help="Front points confirmed by greedy generation (plus the paper's edit)."),
     max_kl: float = typer.Option(0.1, help="Pick: fewest refusals with first-token KL (nats) at most this."),

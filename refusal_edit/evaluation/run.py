@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import combinations
 from typing import Any
 
@@ -35,6 +35,7 @@ from refusal_edit.forward import teacher_forced as teacher_forced_logits
 from refusal_edit.generation import Generated, generate
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging import Judge, JudgeReport, MarkerJudge, judge_all
+from refusal_edit.judging.degenerate import NO_ANSWER
 from refusal_edit.judging.reasoning import delimiters_from_template, special_delimiters
 from refusal_edit.judging.report import Agreement, Counts, agreement
 from refusal_edit.loading.model import LoadedModel
@@ -362,7 +363,7 @@ def teacher_forced(
     )
 
 
-def _pick_samples(sets: dict[str, PromptSet], judging: dict[str, dict[str, JudgeReport]], count: int) -> list[Sample]:
+def _pick_samples(judging: dict[str, dict[str, JudgeReport]], count: int) -> list[Sample]:
     """The first rows of each set (category-balanced by `PromptSet.sample`): half harmful, the rest shared
     by the other sets."""
     kinds = [k for k in KINDS if k in judging["base"]]
@@ -373,16 +374,15 @@ def _pick_samples(sets: dict[str, PromptSet], judging: dict[str, dict[str, Judge
         wanted[kind] = (count - harmful) // len(others) + (i < (count - harmful) % len(others))
     out: list[Sample] = []
     for kind in kinds:
-        ps = sets[kind]
         b, e = judging["base"][kind], judging["edited"][kind]
         first = b.names[0]
-        for i in range(min(wanted[kind], len(ps))):
+        for i in range(min(wanted[kind], len(b.samples))):
             sb, se = b.samples[i], e.samples[i]
             out.append(
                 Sample(
                     kind,
-                    ps.categories[i],
-                    ps.instructions[i],
+                    sb.category,
+                    sb.prompt,
                     sb.reply,
                     se.reply,
                     bool(sb.verdicts[first].refused),
@@ -527,9 +527,73 @@ def compare(
         judges={j.name: j.describe() for j in judges},
         judging=judging,
         divergence=divergence,
-        samples=_pick_samples(sets, judging, settings.samples),
+        samples=_pick_samples(judging, settings.samples),
         reasoning_delimiters=delimiters,
         versions=versions(),
         timings={k: round(v, 3) for k, v in timings.items()},
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+
+
+def _saved_reply(row: dict[str, Any], delimiters: tuple[str, str] | None) -> str:
+    """The generated reply of a saved sample (reports before `reply` was kept: rebuilt from its parts)."""
+    if "reply" in row or not row.get("reasoning"):
+        return row.get("reply", row["answer"])
+    if delimiters is None:
+        raise RefusalEditError("the report keeps reasoning blocks but not their delimiters: it cannot be judged again")
+    closed = not str(row.get("degenerate", "")).startswith(NO_ANSWER)
+    return delimiters[0] + row["reasoning"] + (delimiters[1] + row["answer"] if closed else "")
+
+
+def rejudge(saved: dict[str, Any], judges: Sequence[Judge], settings: dict[str, Any] | None = None) -> EvalReport:
+    """A saved report (`EvalReport.to_dict()`) judged again by `judges` (the first gives the headline rates).
+
+    Nothing is generated or teacher-forced: the replies and the KL numbers are the saved ones, so a new
+    judge costs only its verdicts, and every judge sees exactly the replies the first report counted.
+    `settings` replaces the judge settings recorded with the report.
+    """
+    t0 = time.perf_counter()
+    try:
+        sides = saved["judging"]
+        kinds = [k for k in KINDS if k in sides["base"]]
+        delimiters = tuple(saved["reasoning_delimiters"]) if saved.get("reasoning_delimiters") else None
+        rows = {s: {k: sides[s][k].get("samples") or [] for k in kinds} for s in SIDES}
+        divergence = DivergenceStats(**{f.name: saved["divergence"][f.name] for f in fields(DivergenceStats)})
+        count = len(saved.get("samples") or [])
+    except (KeyError, TypeError) as exc:
+        raise RefusalEditError(f"not an evaluate report (missing {exc})") from None
+    if not kinds or any(
+        len(rows[s][k]) != sides[s][k]["count"] or any("answer" not in r for r in rows[s][k])
+        for s in SIDES
+        for k in kinds
+    ):
+        raise RefusalEditError("the report does not keep every reply with its text: it cannot be judged again")
+    delim = delimiters if delimiters is None else (str(delimiters[0]), str(delimiters[1]))
+    judging = {
+        side: {
+            kind: judge_all(
+                judges,
+                [r["prompt"] for r in rows[side][kind]],
+                [_saved_reply(r, delim) for r in rows[side][kind]],
+                [r["category"] for r in rows[side][kind]],
+                reasoning_delimiters=delim,
+            )
+            for kind in kinds
+        }
+        for side in SIDES
+    }
+    return EvalReport(
+        base=saved["base"],
+        edited=saved["edited"],
+        chat_format=saved["chat_format"],
+        prompts=saved["prompts"],
+        settings={**saved["settings"], **(settings or {}), "rejudged": saved.get("created")},
+        judges={j.name: j.describe() for j in judges},
+        judging=judging,
+        divergence=divergence,
+        samples=_pick_samples(judging, count),
+        reasoning_delimiters=delim,
+        versions=versions(),
+        timings={**saved.get("timings", {}), "rejudge_s": round(time.perf_counter() - t0, 3)},
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )

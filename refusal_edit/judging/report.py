@@ -168,6 +168,8 @@ class JudgedSample:
             out["answer"] = self.answer
             if self.reasoning:
                 out["reasoning"] = self.reasoning
+            if self.reply != self.answer:
+                out["reply"] = self.reply  # what was generated: a saved report can be judged again
         if self.degenerate is not None:
             out["degenerate"] = self.degenerate
         out["verdicts"] = {k: v.to_dict() for k, v in self.verdicts.items()}

@@ -9,6 +9,7 @@ direction file), never replacing one without `force`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -21,11 +22,13 @@ from refusal_edit.edits import check_edit
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.report import REPORT_JSON, REPORT_PNG, write_report
 from refusal_edit.evaluation.run import EvalReport, EvalSettings, compare, intervention_from_direction
+from refusal_edit.evaluation.run import rejudge as rejudge_saved
 from refusal_edit.forward import resolve_batch_size
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging import Judge, MarkerJudge
 from refusal_edit.judging.markers import REFUSAL_MARKERS, load_markers
 from refusal_edit.loading.model import LoadedModel, ModelSource, load_model
+from refusal_edit.paths import is_within
 from refusal_edit.prompts import PromptSet, chat_format
 from refusal_edit.workflows import sources
 
@@ -45,7 +48,7 @@ def _markers(markers: str | Path | Sequence[str] | None) -> tuple[tuple[str, ...
 
 def build_judges(
     settings: EvalSettings,
-    base: LoadedModel,
+    base: LoadedModel | None,
     markers: str | Path | Sequence[str] | None = None,
     dtype: str = "auto",
     device: str = "cpu",
@@ -62,9 +65,11 @@ def build_judges(
             judges.append(load_judge(sources.expand(spec), labels=settings.judge_labels, device=device))
     if settings.judge_llm:
         reuse = settings.judge_llm == "base"
+        if reuse and base is None:
+            raise RefusalEditError("the LLM judge `base` is the base model: give the base model")
         judges.append(
             load_llm_judge(
-                base.source if reuse else sources.resolve_model(settings.judge_llm, dtype),
+                base.source if reuse and base is not None else sources.resolve_model(settings.judge_llm, dtype),
                 mode=settings.judge_llm_mode,
                 rubric=settings.judge_llm_rubric,
                 batch_size=max(1, settings.batch_size // 4),
@@ -325,3 +330,51 @@ def run(
     json_path, png_path = save_report(report, out, force)
     recorded = record_evaluation(edited_source.hf_dir, report) if record and edited_source is not None else None
     return Evaluation(report, json_path, png_path, recorded)
+
+
+JUDGE_SETTINGS = ("judges", "judge_labels", "judge_llm", "judge_llm_mode", "judge_llm_rubric")
+
+
+def rejudge(
+    report: str | Path,
+    base: str | Path | ModelSource | LoadedModel | None = None,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    settings: EvalSettings | None = None,
+    markers: str | Path | Sequence[str] | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+) -> Evaluation:
+    """`evaluate --rejudge REPORT`: a saved report's replies judged again by the judges `settings` names
+    (`evaluation.run.rejudge`: nothing generated, the KL numbers carried over), written to `out` (default:
+    the report's folder + `-rejudged`; never the report's own folder). `base` is loaded only for the LLM
+    judge `base`."""
+    path = Path(sources.expand(str(report)))
+    path = path / REPORT_JSON if path.is_dir() else path
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RefusalEditError(f"cannot read the report {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(saved, dict):
+        raise RefusalEditError(f"{path} is not an evaluate report")
+    settings = settings or EvalSettings()
+    settings.check()
+    _markers(markers)
+    target = Path(out) if out is not None else path.parent.with_name(path.parent.name + "-rejudged")
+    if is_within(target.resolve(), path.parent.resolve()):
+        raise RefusalEditError(f"`out` {target} holds the report being judged again: give another folder")
+    check_report_out(target, force)
+    loaded = None
+    if settings.judge_llm == "base":
+        if base is None:
+            raise RefusalEditError("the LLM judge `base` is the base model: give the base model")
+        loaded = (
+            base
+            if isinstance(base, LoadedModel)
+            else load_model(sources.resolve_model(base, dtype), dtype=dtype, device=device)
+        )
+    judges = build_judges(settings, loaded, markers, dtype=dtype, device=device)
+    new = rejudge_saved(saved, judges, {k: getattr(settings, k) for k in JUDGE_SETTINGS})
+    json_path, png_path = save_report(new, target, force)
+    return Evaluation(new, json_path, png_path)
