@@ -38,7 +38,7 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 	touch $@
 
 test: setup $(VENV)/.llamacpp lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check refusal_edit tests bench

@@ -4,16 +4,22 @@ running them needs that a model in one place does not.
 `load_model(device="auto")` has transformers place the modules (`device_map`), and accelerate's hooks move
 each module's inputs to its execution device and, for offloaded modules, load the weights just before the
 module runs and drop them right after. The rest of the package only needs three things from here: where to
-put inputs (`input_device`), one line saying where the layers went (`describe_placement`), and a backward
-pass that does not keep every offloaded weight alive (`reloaded_in_backward`).
+put inputs (`input_device`), one line saying where the layers went (`describe_placement`), a backward
+pass that does not keep every offloaded weight alive (`reloaded_in_backward`), and offloaded weights read
+without memory maps (`read_offloaded_in_chunks`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -151,3 +157,76 @@ def reloaded_in_backward(model: nn.Module) -> Iterator[None]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
+
+
+def read_offloaded_in_chunks(model: nn.Module) -> int:
+    """Have the model's offloaded weights read without memory maps, converted to their dtype chunk by chunk.
+
+    Why: accelerate loads an offloaded weight kept in place in a safetensors file through a memory map, copies
+    it, then converts the copy (bfloat16 file, float32 model): the mapped pages, the copy and the converted
+    tensor are all resident at once - 1.9 GiB for a 0.47 GB bfloat16 embedding used in float32, several times
+    the module's own size, every time it runs. Weights it rewrote (`.dat` files) are memory-mapped and copied
+    too. Here each weight is read with `pread` into its final tensor, a chunk at a time, so a module costs its
+    own size plus one chunk. accelerate has no option for this; its loader objects (one per model) get our
+    subclass. Returns how many loaders were switched (0: nothing offloaded to disk).
+    """
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    switched = 0
+    for module in offloaded_modules(model):
+        loader = getattr(getattr(module._hf_hook, "weights_map", None), "dataset", None)
+        if type(loader) is OffloadedWeightsLoader:
+            loader.__class__ = _chunked_loader_class()
+            switched += 1
+    return switched
+
+
+@functools.cache
+def _chunked_loader_class() -> type:
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    class ChunkedWeightsLoader(OffloadedWeightsLoader):
+        def __getitem__(self, key: str) -> torch.Tensor:
+            if key in self.state_dict or self.device not in (None, "cpu"):
+                return super().__getitem__(key)
+            info = self.index[key]
+            if info.get("safetensors_file") is not None:
+                dtype = getattr(torch, info["dtype"]) if "dtype" in info else None
+                return read_tensor(info["safetensors_file"], info.get("weight_name", key), dtype)
+            return _read_dat(os.path.join(self.save_folder, f"{key}.dat"), info)
+
+    return ChunkedWeightsLoader
+
+
+def read_tensor(path: str | os.PathLike[str], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Tensor `name` of a safetensors file, read with `pread` in row chunks straight into a tensor of `dtype`."""
+    from refusal_edit.checkpoint.safetensors_io import DTYPES, TensorReader, chunk_rows
+
+    header = _header(str(path))
+    info = header.tensors[name]
+    out = torch.empty(info.shape, dtype=dtype or DTYPES[info.dtype])
+    with TensorReader(header) as reader:
+        if not info.shape:
+            return reader.tensor(info).to(out.dtype)
+        for start, stop in chunk_rows(info):
+            out[start:stop].copy_(reader.rows(info, start, stop))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _header(path: str) -> Any:
+    from refusal_edit.checkpoint.safetensors_io import read_header
+
+    return read_header(Path(path))
+
+
+def _read_dat(path: str, info: dict[str, Any]) -> torch.Tensor:
+    """accelerate's `.dat` format (raw bytes; bfloat16 stored as int16, float8 as int8), read without a map."""
+    name = info["dtype"]
+    stored = "int16" if name == "bfloat16" else "int8" if name.startswith("float8_") else name
+    shape = tuple(info["shape"]) or (1,)
+    array = np.fromfile(path, dtype=stored, count=math.prod(shape)).reshape(shape)
+    tensor = torch.from_numpy(array)
+    if stored != name:
+        tensor = tensor.view(getattr(torch, name))
+    return tensor if info["shape"] else tensor[0]

@@ -170,6 +170,43 @@ def test_offloaded_loads_read_the_checkpoint_without_a_memory_map(env, monkeypat
     assert set(seen) == {"mmap"} and loader.safe_open is spy
 
 
+@pytest.mark.parametrize("rewritten", [False, True], ids=["in-place", "dat"])
+def test_offloaded_weights_are_read_without_a_map_chunk_by_chunk(env, monkeypatch, rewritten):
+    """accelerate maps, copies, then converts each offloaded weight every time its module runs (a bfloat16
+    embedding used in float32: 1.9 GiB resident for a 0.47 GB tensor); ours reads it with pread into its final
+    tensor. Same tensors, same logits, and none of accelerate's mapped reads while running."""
+    import accelerate.utils.offload as acc
+
+    import refusal_edit.checkpoint.safetensors_io as sio
+    from refusal_edit.offload import offloaded_modules
+
+    if rewritten:  # weights accelerate rewrote into its own .dat files
+        monkeypatch.setattr(placement_module, "_needs_copy", lambda model: True)
+    lm = load_model(str(env["base"]), dtype="bfloat16", device="auto", max_memory=ALL_DISK)
+    loaders = {id(m._hf_hook.weights_map.dataset): m._hf_hook.weights_map.dataset for m in offloaded_modules(lm.model)}
+    assert loaders and {type(x).__name__ for x in loaders.values()} == {"ChunkedWeightsLoader"}
+    (loader,) = loaders.values()
+    real = functools.partial(acc.OffloadedWeightsLoader.__getitem__, loader)
+    small = sio.chunk_rows
+    monkeypatch.setattr(sio, "chunk_rows", lambda info: small(info, budget=100))  # many chunks per tensor
+    for key in loader.index:
+        ours, theirs = loader[key], real(key)
+        assert ours.dtype == theirs.dtype == torch.bfloat16 and torch.equal(ours, theirs), key
+
+    def mapped(*args, **kwargs):
+        raise AssertionError("a memory-mapped read while running")
+
+    monkeypatch.setattr(acc, "safe_open", mapped)
+    monkeypatch.setattr(acc, "load_offloaded_weight", mapped)
+    x = tiny.token_batch()
+    with torch.no_grad():
+        logits = lm.model(x).logits
+    monkeypatch.undo()
+    loader.__class__ = acc.OffloadedWeightsLoader
+    with torch.no_grad():
+        assert torch.equal(logits, lm.model(x).logits)
+
+
 def test_a_rewritten_offload_goes_to_its_own_folder_removed_with_the_model(env, monkeypatch, tmp_path):
     monkeypatch.setattr(placement_module, "_needs_copy", lambda model: True)
     root = tmp_path / "off"
@@ -235,6 +272,20 @@ def test_tune_proxies_match_in_memory(models):
         for a, b in zip(scores[name], scores["memory"], strict=True):
             assert a.refusal == pytest.approx(b.refusal, rel=1e-5)
             assert a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-7)
+
+
+def test_proxy_backward_takes_one_prompt_at_a_time_when_weights_are_on_disk(models, monkeypatch):
+    """The backward keeps every layer's activations of its batch, which no weight budget covers."""
+    import refusal_edit.directions.proxy as proxy
+
+    sizes: list[int] = []
+    real = proxy.PromptBatch
+    monkeypatch.setattr(proxy, "PromptBatch", lambda tok, t, size, **kw: sizes.append(size) or real(tok, t, size, **kw))
+    R = torch.nn.functional.normalize(torch.randn(2, tiny.HIDDEN, generator=torch.Generator().manual_seed(4)), dim=-1)
+    for name in ("disk", "split", "memory"):
+        lm = models[name]
+        proxy.attribution_bypass(lm.model, lm.tokenizer, texts(lm, 4), R, [5, 6], 4)
+    assert sizes == [1, 1, 4]
 
 
 def test_backward_reloads_offloaded_weights_instead_of_keeping_them(models):

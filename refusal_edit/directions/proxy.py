@@ -24,7 +24,7 @@ from refusal_edit.console import track
 from refusal_edit.forward import PromptBatch, model_device, positions
 from refusal_edit.judging.scores import refusal_scores
 from refusal_edit.linalg import sandwich_rows
-from refusal_edit.offload import reloaded_in_backward
+from refusal_edit.offload import on_disk, reloaded_in_backward
 
 
 def attribution_bypass(
@@ -35,7 +35,15 @@ def attribution_bypass(
     refusal_ids: Sequence[int],
     batch_size: int = 8,
 ) -> tuple[torch.Tensor, float]:
-    """First-order bypass estimates for unit `directions` [C, H]; returns (estimates [C], base score)."""
+    """First-order bypass estimates for unit `directions` [C, H]; returns (estimates [C], base score).
+
+    A model with weights offloaded to disk runs one prompt per backward pass: the backward keeps every
+    layer's activations of its batch (about 40 MB per prompt and layer at 1.5B scale in float32, 1.2 GB for
+    4 prompts over 28 layers), which a memory budget for the weights does not cover. The estimate is a sum
+    over prompts either way.
+    """
+    if on_disk(model):
+        batch_size = 1
     device = model_device(model)
     R = directions.float().to(device)
     writers = anatomy(model).writers()

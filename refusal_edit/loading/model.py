@@ -260,7 +260,10 @@ def load_model(
     model.eval()
     if "offload_folder" in kwargs:
         placement.remove_with(model, Path(kwargs["offload_folder"]))
-    from refusal_edit.offload import describe_placement, dispatched, input_device
+    from refusal_edit.offload import describe_placement, dispatched, input_device, read_offloaded_in_chunks
+
+    if to_disk:
+        read_offloaded_in_chunks(model)  # each offloaded module then costs its own size while it runs
 
     try:
         where = describe_placement(model)
