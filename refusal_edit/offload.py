@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,19 +199,38 @@ def _chunked_loader_class() -> type:
     return ChunkedWeightsLoader
 
 
+READ_CHUNK = 8 << 20  # float32 bytes per chunk; the stored bytes go through one reused buffer of at most this
+
+
 def read_tensor(path: str | os.PathLike[str], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Tensor `name` of a safetensors file, read with `pread` in row chunks straight into a tensor of `dtype`."""
+    """Tensor `name` of a safetensors file, read with `pread` in row chunks straight into a tensor of `dtype`.
+
+    The chunks land in one buffer kept for the process: a fresh buffer per chunk (tens of MB, under glibc's
+    dynamic mmap threshold) left the freed memory on the heap, and resident memory grew with every layer
+    read (measured: 2.52 GiB vs 2.24 with accelerate's loader on a 28-layer model, before this buffer).
+    """
     from refusal_edit.checkpoint.safetensors_io import DTYPES, TensorReader, chunk_rows
 
     header = _header(str(path))
     info = header.tensors[name]
     out = torch.empty(info.shape, dtype=dtype or DTYPES[info.dtype])
-    with TensorReader(header) as reader:
+    with _BUFFER_LOCK, TensorReader(header) as reader:
         if not info.shape:
             return reader.tensor(info).to(out.dtype)
-        for start, stop in chunk_rows(info):
-            out[start:stop].copy_(reader.rows(info, start, stop))
+        for start, stop in chunk_rows(info, READ_CHUNK):
+            out[start:stop].copy_(reader.rows(info, start, stop, _buffer(info.row_span(start, stop)[1])))
     return out
+
+
+_BUFFER_LOCK = threading.Lock()
+_BUFFERS: list[torch.Tensor] = []
+
+
+def _buffer(size: int) -> torch.Tensor:
+    """The reused read buffer, at least `size` bytes (call with `_BUFFER_LOCK` held)."""
+    if not _BUFFERS or _BUFFERS[0].numel() < size:
+        _BUFFERS[:] = [torch.empty(max(size, READ_CHUNK), dtype=torch.uint8)]
+    return _BUFFERS[0]
 
 
 @functools.lru_cache(maxsize=64)

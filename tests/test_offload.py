@@ -188,7 +188,7 @@ def test_offloaded_weights_are_read_without_a_map_chunk_by_chunk(env, monkeypatc
     (loader,) = loaders.values()
     real = functools.partial(acc.OffloadedWeightsLoader.__getitem__, loader)
     small = sio.chunk_rows
-    monkeypatch.setattr(sio, "chunk_rows", lambda info: small(info, budget=100))  # many chunks per tensor
+    monkeypatch.setattr(sio, "chunk_rows", lambda info, budget: small(info, budget=100))  # many chunks per tensor
     for key in loader.index:
         ours, theirs = loader[key], real(key)
         assert ours.dtype == theirs.dtype == torch.bfloat16 and torch.equal(ours, theirs), key
