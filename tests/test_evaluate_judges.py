@@ -440,6 +440,11 @@ def test_rejudge_errors(env, cli, tmp_path):
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
     res = cli("evaluate", env["base"], env["ours"], "--rejudge", first, "--out", tmp_path / "o4")
     assert res.code == 1 and "drop EDITED" in " ".join(res.err.split())
+    from refusal_edit.workflows import evaluation as workflow
+
+    with pytest.raises(RefusalEditError, match="give the base model"):
+        workflow.rejudge(first, None, out=tmp_path / "o5", settings=EvalSettings(judge_llm="base"))
+    assert not (tmp_path / "o5").exists()
 
 
 def test_saved_replies_with_reasoning_are_rebuilt_for_old_reports():

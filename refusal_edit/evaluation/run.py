@@ -80,8 +80,9 @@ class EvalSettings:
     reasoning_delimiters: tuple[str, str] | None = None
 
     def check(self) -> None:
-        check_at_least(1, n=self.n, max_new_tokens=self.max_new_tokens, kl_tokens=self.kl_tokens)
-        check_at_least(1, batch_size=self.batch_size)
+        check_at_least(
+            1, n=self.n, max_new_tokens=self.max_new_tokens, kl_tokens=self.kl_tokens, batch_size=self.batch_size
+        )
         check_at_least(0, samples=self.samples)
         if self.judge_llm_mode not in JUDGE_LLM_MODES:
             raise RefusalEditError(f"`judge_llm_mode` must be one of {', '.join(JUDGE_LLM_MODES)}")
@@ -556,7 +557,8 @@ def rejudge(saved: dict[str, Any], judges: Sequence[Judge], settings: dict[str, 
     try:
         sides = saved["judging"]
         kinds = [k for k in KINDS if k in sides["base"]]
-        delimiters = tuple(saved["reasoning_delimiters"]) if saved.get("reasoning_delimiters") else None
+        found = saved.get("reasoning_delimiters")
+        delim = (str(found[0]), str(found[1])) if found else None
         rows = {s: {k: sides[s][k].get("samples") or [] for k in kinds} for s in SIDES}
         divergence = DivergenceStats(**{f.name: saved["divergence"][f.name] for f in fields(DivergenceStats)})
         count = len(saved.get("samples") or [])
@@ -568,7 +570,6 @@ def rejudge(saved: dict[str, Any], judges: Sequence[Judge], settings: dict[str, 
         for k in kinds
     ):
         raise RefusalEditError("the report does not keep every reply with its text: it cannot be judged again")
-    delim = delimiters if delimiters is None else (str(delimiters[0]), str(delimiters[1]))
     judging = {
         side: {
             kind: judge_all(

@@ -365,10 +365,8 @@ def rejudge(
     if is_within(target.resolve(), path.parent.resolve()):
         raise RefusalEditError(f"`out` {target} holds the report being judged again: give another folder")
     check_report_out(target, force)
-    loaded = None
-    if settings.judge_llm == "base":
-        if base is None:
-            raise RefusalEditError("the LLM judge `base` is the base model: give the base model")
+    loaded = None  # build_judges says so when the LLM judge `base` needs it and none is given
+    if settings.judge_llm == "base" and base is not None:
         loaded = (
             base
             if isinstance(base, LoadedModel)
