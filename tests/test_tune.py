@@ -64,6 +64,8 @@ def test_front_is_written_and_valid(tuned):
     assert len(data["trials"]) == 10
     seeds = [t for t in data["trials"] if t["seed"]]
     assert len(seeds) >= 5 and seeds[0]["spec"]["attn"] == {"weight": 1.0}  # the paper's edit comes first
+    attention_only = [t["spec"] for t in seeds if t["spec"]["mlp"]["weight"] == 0.0]
+    assert [(s["direction"], s["embedding"], s["attn"]["weight"]) for s in attention_only] == [("layer", 0.0, 1.0)]
     for t in data["trials"]:
         assert 0 <= t["refusal_proxy"] <= 1 and t["kl_proxy"] >= 0
     confirmed = data["confirmed"]
@@ -78,6 +80,29 @@ def test_front_is_written_and_valid(tuned):
     assert data["direction"]["candidates"] is True
     assert (root / "tune" / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "tune" / "study.journal").is_file()
+
+
+def test_the_search_ends_with_its_strongest_front_point_at_lower_strengths(tuned):
+    from refusal_edit.tuning.front import pareto
+    from refusal_edit.tuning.run import REFINE_FACTORS
+
+    _src, root, _run = tuned
+    trials = json.loads((root / "tune" / "front.json").read_text())["trials"]
+    refined = [t for t in trials if t["refine"]]
+    assert [t["number"] for t in refined] == [8, 9]  # a quarter of 10 trials, last
+    earlier = trials[:8]
+    paper_kl = next(t["kl_proxy"] for t in earlier if t["spec"]["attn"] == {"weight": 1.0} and t["number"] == 0)
+    front = [t for t in pareto(earlier, lambda t: (t["refusal_proxy"], t["kl_proxy"])) if t["kl_proxy"] < paper_kl]
+    shape = min(front, key=lambda t: t["refusal_proxy"])["spec"]
+
+    def weights(spec):
+        return [spec[site].get("weight", 0.0) for site in ("attn", "mlp")] + [spec["embedding"]]
+
+    for t, factor in zip(refined, REFINE_FACTORS, strict=True):
+        assert weights(t["spec"]) == pytest.approx([factor * w for w in weights(shape)], abs=1e-9)
+        assert t["spec"]["direction"] == shape["direction"]
+        for site in ("attn", "mlp"):
+            assert t["spec"][site].get("peak") == shape[site].get("peak")
 
 
 def test_resume_continues_and_force_is_needed_to_restart(tuned):

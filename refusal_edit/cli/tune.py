@@ -24,6 +24,9 @@ def tune(
     ),
     out: Path | None = opt.optional("--out", "Study folder.", "runs/<model>/tune", "<dir>"),
     trials: int = typer.Option(32, help="Optuna trials in all (the seed points included)."),
+    refine: int = typer.Option(
+        6, help="Last trials (at most a quarter): the lowest-refusal front points at 0.8 and 0.6 of their strength."
+    ),
     confirm: int = typer.Option(4, help="Front points confirmed by greedy generation (plus the paper's edit)."),
     max_kl: float = typer.Option(0.1, help="Pick: fewest refusals with first-token KL (nats) at most this."),
     n_val: int = typer.Option(32, help="Harmful validation prompts whose replies confirm each point."),
@@ -57,6 +60,7 @@ def tune(
     settings = TuneSettings(
         trials=trials,
         confirm=confirm,
+        refine=refine,
         max_kl=max_kl,
         max_new_tokens=max_new_tokens,
         search_prompts=search_prompts,

@@ -2,7 +2,10 @@
 
 1. Search: an Optuna multi-objective study (TPE) over `SearchSpace`; every trial is the edit applied in
    memory (hooks, or in-place weights for norm preservation - nothing is written), scored by the two
-   proxies of `proxies`. The study lives in a journal file, so an interrupted or finished study resumes.
+   proxies of `proxies`. Its last `refine` trials sweep the lowest-refusal front points down in strength
+   (`REFINE_FACTORS`): a few dozen trials leave TPE little room to explore the low-damage end, and a good
+   shape at a lower strength is usually a good low-damage point. The study lives in a journal file, so an
+   interrupted or finished study resumes.
 2. Confirm: the paper's edit (for reference) and up to `confirm` points spread along the low-refusal part
    of the proxy front are measured by greedy generation and teacher-forced KL (`confirm`).
 3. Pick: the documented rule of `front.pick` among the confirmed points.
@@ -28,6 +31,7 @@ from refusal_edit.tuning.proxies import ProxyScorer
 from refusal_edit.tuning.space import SearchSpace
 
 STUDY = "study.journal"
+REFINE_FACTORS = (0.8, 0.6)  # strengths of the refinement sweep, as fractions of the swept point's weights
 
 
 @dataclass
@@ -41,7 +45,10 @@ class TuneSettings:
     seed: int = 0
     startup: int = 6  # random trials after the seeds before TPE takes over
     preserve_norm: bool = True  # search norm preservation too (in-place weight edits per trial)
-    low_refusal: float = 0.5  # confirm only points whose refusal proxy is at most this fraction of the base's
+    # Confirm only points whose refusal proxy is at most this fraction of the base's: high enough to keep the
+    # front's low-damage end (on the demo model its best points keep ~60 %: 0.38 of the base's 0.62).
+    low_refusal: float = 0.75
+    refine: int = 6  # the study's last trials (at most a quarter): lowest-refusal front points, weaker
 
     def check(self) -> TuneSettings:
         check_at_least(
@@ -52,7 +59,13 @@ class TuneSettings:
             search_prompts=self.search_prompts,
             batch_size=self.batch_size,
         )
+        check_at_least(0, refine=self.refine)
         return self
+
+    @property
+    def refine_trials(self) -> int:
+        """The refinement sweep's share of the trials: `refine`, at most a quarter of them."""
+        return min(self.refine, self.trials // 4)
 
 
 @dataclass
@@ -114,6 +127,7 @@ def _trial_record(t: Any) -> dict[str, Any]:
         "refusal_logodds": t.user_attrs.get("refusal_logodds"),
         "seconds": t.user_attrs.get("seconds"),
         "seed": t.user_attrs.get("seed", False),
+        "refine": t.user_attrs.get("refine", False),
     }
 
 
@@ -126,14 +140,11 @@ def search(
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the study up to `settings.trials` completed trials; every trial's record, in order."""
-    import optuna
 
     study = _study(storage, settings, resume, seeds=len(space.seeds()))
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not study.trials:
         for params in space.seeds():
             study.enqueue_trial(params, user_attrs={"seed": True})
-    todo = max(0, settings.trials - len(done))
 
     def objective(trial: Any) -> tuple[float, float]:
         start = time.perf_counter()
@@ -144,6 +155,8 @@ def search(
         trial.set_user_attr("seconds", time.perf_counter() - start)
         return scores.refusal, scores.kl
 
+    main = settings.trials - settings.refine_trials
+    todo = max(0, settings.trials - len(_completed(study)))
     if todo:
         with progress() as bar:
             task = bar.add_task("search", total=todo)
@@ -152,8 +165,50 @@ def search(
                 values = trial.values or [math.nan, math.nan]
                 bar.update(task, advance=1, description=f"search (last: refusal {values[0]:.3f}, KL {values[1]:.4f})")
 
-            study.optimize(objective, n_trials=todo, callbacks=[advance], catch=(RefusalEditError,))
-    return [_trial_record(t) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            def run(until: int) -> None:
+                n = until - len(_completed(study))
+                if n > 0:
+                    study.optimize(objective, n_trials=n, callbacks=[advance], catch=(RefusalEditError,))
+
+            run(main)
+            if not any(t.user_attrs.get("refine") for t in study.trials):
+                for params in _refinements(study, space, settings):
+                    study.enqueue_trial(params, user_attrs={"refine": True})
+            run(settings.trials)
+    return [_trial_record(t) for t in _completed(study)]
+
+
+def _completed(study: Any) -> list[Any]:
+    import optuna
+
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list[dict[str, Any]]:
+    """The refinement sweep (module docstring): the proxy front's lowest-refusal points with less KL than the
+    paper's edit, each at every strength of `REFINE_FACTORS`; `settings.refine` parameter sets at most."""
+    trials = _completed(study)
+    records = [_trial_record(t) for t in trials]
+    front = _front(records, kl_cap=_reference_kl(records))
+    by_number = {t.number: t for t in trials}
+    per_shape = len(REFINE_FACTORS)
+    shapes = sorted(front, key=lambda r: r["refusal_proxy"])[: math.ceil(settings.refine_trials / per_shape)]
+    params = [space.scaled(by_number[r["number"]].params, f) for r in shapes for f in REFINE_FACTORS]
+    return params[: settings.refine_trials]
+
+
+def _reference_kl(records: Sequence[dict[str, Any]]) -> float | None:
+    """The KL proxy of the paper's edit (the first seed), when the study has it."""
+    paper = EditSpec().to_json()
+    return next((r["kl_proxy"] for r in records if r["spec"] == paper), None)
+
+
+def _front(records: Sequence[dict[str, Any]], kl_cap: float | None) -> list[dict[str, Any]]:
+    """The proxy front, without points that damage more than the paper's edit (`kl_cap`) when any is left."""
+    front = pareto(records, lambda t: (t["refusal_proxy"], t["kl_proxy"]))
+    if kl_cap is not None:
+        front = [t for t in front if t["kl_proxy"] < kl_cap] or front
+    return front
 
 
 def to_confirm(
@@ -161,9 +216,7 @@ def to_confirm(
 ) -> list[dict[str, Any]]:
     """Up to `settings.confirm` proxy-front trials with low refusal and no more KL than `kl_cap` (the paper's
     edit: a point that damages more than it is not worth confirming), spread along the KL axis."""
-    front = pareto(trials, lambda t: (t["refusal_proxy"], t["kl_proxy"]))
-    if kl_cap is not None:
-        front = [t for t in front if t["kl_proxy"] < kl_cap] or front
+    front = _front(trials, kl_cap)
     low = [t for t in front if t["refusal_proxy"] <= settings.low_refusal * base_refusal]
     if not low:  # nothing lowers refusal that much: confirm the lowest-refusal end of the front
         low = sorted(front, key=lambda t: t["refusal_proxy"])[: settings.confirm]

@@ -3,8 +3,12 @@
 Per site (attention, MLP) a kernel over layers - peak weight, peak layer, width, floor (as a fraction of
 the peak weight) -, one weight for the embedding, the direction (the selected one, each layer's own, or
 one interpolated between layers), and the projected and norm-preserving variants. The seeds put the
-paper's edit and a few known-good shapes (a window of layers around the direction's layer, no embedding)
-on the front from the first trials, so the sampler refines rather than discovers them.
+paper's edit and a few known-good shapes (a window of layers around the direction's layer, no embedding;
+the attention writers alone around it, each with its layer's own direction: on the demo model the
+lowest-damage shape measured, 31 % of harmful val prompts refused (base 56 %) at first-token KL 0.018 and
+multi-token KL 0.0025) on the front from the first trials, so the sampler refines rather than discovers them.
+`scaled` gives a point's shape at another strength: the search ends by sweeping its strongest front points
+down, which fills the front's low-damage end with shapes that already proved themselves.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class SearchSpace:
     def params(
         self,
         weight: float = 1.0,
+        mlp: float | None = None,
         peak: float | None = None,
         width: float | None = None,
         floor: float = 1.0,
@@ -64,11 +69,12 @@ class SearchSpace:
         projected: bool = False,
         preserve_norm: bool = False,
     ) -> dict[str, Any]:
-        """Optuna parameters of a point (for `enqueue_trial`); defaults: the paper's edit."""
+        """Optuna parameters of a point (for `enqueue_trial`); defaults: the paper's edit. `mlp`: the MLP
+        writers' weight when it differs from the attention writers' `weight`."""
         center = float(self.direction_layer if self.direction_layer is not None else self.n_layers // 2)
         p: dict[str, Any] = {"direction": direction}
         for site in ("attn", "mlp"):
-            p[f"{site}_weight"] = weight
+            p[f"{site}_weight"] = mlp if site == "mlp" and mlp is not None else weight
             p[f"{site}_peak"] = min(max(peak if peak is not None else center, 0.0), self.n_layers - 1.0)
             p[f"{site}_width"] = min(max(width if width is not None else float(self.n_layers), 1.0), self.n_layers)
             p[f"{site}_floor"] = floor
@@ -94,4 +100,17 @@ class SearchSpace:
             seeds.append(self.params(preserve_norm=True))
         if self.harmless_means:
             seeds.append(self.params(peak=center - 2, width=narrow + 1, floor=0.0, embedding=0.0, projected=True))
+        if self.per_layer:
+            seeds.append(
+                self.params(peak=center - 2, width=narrow + 2, floor=0.0, embedding=0.0, mlp=0.0, direction="layer")
+            )
         return seeds
+
+    def scaled(self, params: dict[str, Any], factor: float) -> dict[str, Any]:
+        """`params` with the attention, MLP and embedding weights times `factor` (kept in their ranges; the
+        floors are fractions of the weights, so they scale too): the same shape at another strength."""
+        p = dict(params)
+        for key in ("attn_weight", "mlp_weight"):
+            p[key] = min(max(p[key] * factor, 0.0), MAX_WEIGHT)
+        p["embedding"] = min(max(p["embedding"] * factor, 0.0), 1.0)
+        return p
