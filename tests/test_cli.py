@@ -298,6 +298,16 @@ def test_extract_rejects_a_prompt_file_too_small_to_split_before_loading(cli, mo
     assert tree(tmp_path) == before
 
 
+def test_tune_rejects_a_negative_refinement_sweep_before_loading(cli, model, direction, tmp_path, monkeypatch):
+    import refusal_edit.workflows.tune as wf
+
+    monkeypatch.setattr(wf, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    before = tree(tmp_path)
+    res = cli("tune", model, "--direction", direction, "--out", tmp_path / "tune", "--refine", "-1")
+    one_error_line(res, "--refine must be at least 0")
+    assert tree(tmp_path) == before
+
+
 def test_evaluate_out_of_range_numbers(cli, model, direction, workdir):
     res = cli("evaluate", model, "--direction", direction, "--n-test", "0")
     one_error_line(res, "--n-test must be at least 1")

@@ -140,7 +140,6 @@ def search(
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the study up to `settings.trials` completed trials; every trial's record, in order."""
-
     study = _study(storage, settings, resume, seeds=len(space.seeds()))
     if not study.trials:
         for params in space.seeds():
@@ -186,10 +185,11 @@ def _completed(study: Any) -> list[Any]:
 
 def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list[dict[str, Any]]:
     """The refinement sweep (module docstring): the proxy front's lowest-refusal points with less KL than the
-    paper's edit, each at every strength of `REFINE_FACTORS`; `settings.refine` parameter sets at most."""
+    paper's edit, each at every strength of `REFINE_FACTORS`; `settings.refine_trials` parameter sets at most."""
     trials = _completed(study)
     records = [_trial_record(t) for t in trials]
-    front = _front(records, kl_cap=_reference_kl(records))
+    reference = _reference(records)
+    front = _front(records, kl_cap=None if reference is None else reference["kl_proxy"])
     by_number = {t.number: t for t in trials}
     per_shape = len(REFINE_FACTORS)
     shapes = sorted(front, key=lambda r: r["refusal_proxy"])[: math.ceil(settings.refine_trials / per_shape)]
@@ -197,10 +197,10 @@ def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list
     return params[: settings.refine_trials]
 
 
-def _reference_kl(records: Sequence[dict[str, Any]]) -> float | None:
-    """The KL proxy of the paper's edit (the first seed), when the study has it."""
+def _reference(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trial of the paper's edit (the first seed), when the study has it."""
     paper = EditSpec().to_json()
-    return next((r["kl_proxy"] for r in records if r["spec"] == paper), None)
+    return next((r for r in records if r["spec"] == paper), None)
 
 
 def _front(records: Sequence[dict[str, Any]], kl_cap: float | None) -> list[dict[str, Any]]:
@@ -247,8 +247,7 @@ def tune(
     timings["search_s"] = time.perf_counter() - start
     if not trials:
         raise RefusalEditError("no trial completed")
-    paper = EditSpec().to_json()
-    reference = next((t for t in trials if t["spec"] == paper), None)
+    reference = _reference(trials)
     kl_cap = reference["kl_proxy"] if reference is not None else None
     chosen_trials = to_confirm(trials, scorer.base.refusal, settings, kl_cap)
     if reference is not None and reference not in chosen_trials:

@@ -5,8 +5,8 @@ the peak weight) -, one weight for the embedding, the direction (the selected on
 one interpolated between layers), and the projected and norm-preserving variants. The seeds put the
 paper's edit and a few known-good shapes (a window of layers around the direction's layer, no embedding;
 the attention writers alone around it, each with its layer's own direction: on the demo model the
-lowest-damage shape measured, 31 % of harmful val prompts refused (base 56 %) at first-token KL 0.018 and
-multi-token KL 0.0025) on the front from the first trials, so the sampler refines rather than discovers them.
+low-damage end of the front is made of such shapes, see the README's side-by-side bench) on the
+front from the first trials, so the sampler refines rather than discovers them.
 `scaled` gives a point's shape at another strength: the search ends by sweeping its strongest front points
 down, which fills the front's low-damage end with shapes that already proved themselves.
 """
