@@ -5,8 +5,9 @@ model on the built-in test split (100 harmful + 100 harmless prompts, which no m
 greedy 64 new tokens, the model's default system prompt. For each point: harmful refusal rate, first-token
 KL and multi-token KL on the harmless replies; for each method: wall time and peak RSS of producing its front.
 
-    flock /tmp/heavy.lock .venv/bin/python bench/frontier.py [--model RECIPE] [--direction D] [--methods paper,tune]
-        [--peer heretic [--peer-run DIR]] [--trials 24] [--reuse] [--out runs/frontier] [--workdir runs/peers]
+    flock /tmp/heavy.lock .venv/bin/python bench/frontier.py [--model RECIPE] [--direction D]
+        [--methods paper,window,tune] [--window A:B] [--peer heretic [--peer-run DIR]] [--trials 24] [--reuse]
+        [--out runs/frontier] [--workdir runs/peers]
 
 --peer heretic installs heretic-llm 1.4.0 into its own venv (WORKDIR/heretic-venv, CPU torch 2.13.0), runs it
 on our train prompts (its own scoring on our val prompts, its system prompt "You are a helpful assistant."),
@@ -15,13 +16,16 @@ step: heretic's run and exports, tune's study, each written point and each point
 takes a finished heretic run (DIR holds heretic-run.json, every front point exported) instead of running heretic.
 
 The paper's edit is the recipe's direction (--direction, e.g. the demo direction) ablated from every residual
-writer; tune runs with its defaults on that direction; tune's reference point (the same all-writers edit) is
-judged once, as the paper's point. The table ends with whether tune's confirmed front dominates each heretic
-point on the test split: a tune point with no more harmful refusals, first-token KL and multi-token KL.
+writer; the window edit is the same direction ablated from the writers of a fixed window of layers only
+(--window, default the 5 layers up to the direction's: the issue's hook probe); tune runs with its defaults on
+that direction; tune's reference point (the same all-writers edit) is judged once, as the paper's point. The
+table ends with whether tune's confirmed front dominates each point of heretic and of the two simple edits on
+the test split: a tune point with no more harmful refusals, first-token KL and multi-token KL.
 
 Writes OUT/frontier.json (every point of every method, with each tool's own numbers next to ours) and
 OUT/frontier.png (harmful refusal vs. first-token KL and vs. multi-token KL, one series per method), and each
-judge report in OUT/judge/<method>/<point>/. Not part of CI: a full run takes hours on 2 CPU cores.
+judge report in OUT/judge/<method>/<point>/; the base model's replies are kept in OUT/judge/base-replies.json for
+the next run. Not part of CI: a full run takes hours on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -116,6 +120,22 @@ def cli(*args: str) -> list[str]:
 _BASE_REPLIES: dict[str, Any] = {}  # greedy replies of the base model, shared by every judged point
 
 
+def load_base_replies(path: Path) -> None:
+    """The base model's replies kept by an earlier bench process (they are half the cost of judging a point)."""
+    if not path.is_file():
+        return
+    from refusal_edit.generation import Generated
+
+    for key, rows in json.loads(path.read_text()).items():
+        _BASE_REPLIES.setdefault(key, [Generated(**r) for r in rows])
+
+
+def save_base_replies(path: Path) -> None:
+    """Keep the base model's replies for the next bench process (keyed by what a greedy reply depends on)."""
+    if _BASE_REPLIES:
+        write_json(path, {k: [asdict(g) for g in v] for k, v in _BASE_REPLIES.items()})
+
+
 def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
     """Our `evaluate` of `point_dir` against `base` on the built-in test split; the report goes to `out`.
 
@@ -186,6 +206,25 @@ def run_paper(model: str, direction: Path, out: Path, reuse: bool) -> Method:
     point = Point("paper", "paper", str(ckpt), params={"direction": str(direction), "edit": "every writer, weight 1"})
     details = {"orthogonalize": cost, "extract_timings_s": extract}
     return Method("paper", [point], cost["wall_s"], cost["peak_rss_mib"], details)
+
+
+def default_window(direction: Path) -> str:
+    """The fixed window of the issue's hook probe: the writers of the 5 layers up to the direction's layer."""
+    from refusal_edit.directions.artifacts import load_direction
+
+    layer = load_direction(direction).layer
+    return f"{max(0, layer - 4)}:{layer + 1}"
+
+
+def run_window(model: str, direction: Path, out: Path, reuse: bool, window: str) -> Method:
+    """The other simple edit: `direction` ablated from the writers of a fixed window of layers only (`--layers
+    A:B`, no embedding unless A is 0), at full weight."""
+    ckpt = out / "checkpoint"
+    cmd = cli("orthogonalize", model, "--direction", str(direction), "--layers", window, "--out", str(ckpt), "--force")
+    cost = _cached_cost(out / "cost.json", reuse, cmd, _written(ckpt))
+    params = {"direction": str(direction), "edit": f"writers of layers {window}, weight 1"}
+    point = Point("window", f"layers-{window.replace(':', '-')}", str(ckpt), params=params)
+    return Method("window", [point], cost["wall_s"], cost["peak_rss_mib"], {"orthogonalize": cost, "layers": window})
 
 
 def run_tune(model: str, direction: Path, out: Path, reuse: bool) -> Method:
@@ -295,7 +334,7 @@ def plot(methods: list[Method], base: dict[str, Any] | None, path: Path, own: bo
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    markers = {"paper": "s", "tune": "o", "heretic": "^"}
+    markers = {"paper": "s", "window": "P", "tune": "o", "heretic": "^"}
     panels = (("first_token_kl", "first-token KL"), ("multi_token_kl", "multi-token KL"))
     for ax, (key, label) in zip(axes, panels, strict=True):
         if base is not None:
@@ -339,7 +378,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=RECIPE, help="recipe name (or model directory) to edit and judge against")
     ap.add_argument("--direction", type=Path, default=DIRECTION, help="direction.safetensors for paper and tune")
-    ap.add_argument("--methods", default="paper,tune", help="ours, comma-separated: paper, tune ('' for none)")
+    ap.add_argument("--methods", default="paper,window,tune", help="ours: paper, window, tune ('' for none)")
+    ap.add_argument("--window", help="the window method's layers A:B (default: the 5 up to the direction's)")
     ap.add_argument("--peer", action="append", default=[], choices=PEERS, help="peers to run (repeatable)")
     ap.add_argument("--peer-run", type=Path, help="use heretic's finished run in this folder (do not run it)")
     ap.add_argument("--trials", type=int, default=24, help="heretic's trial count (its default, 200, takes ~4 h here)")
@@ -354,13 +394,18 @@ def main() -> None:
 
     source = resolve_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    ours: dict[str, Callable[[str, Path, Path, bool], Method]] = {"paper": run_paper, "tune": run_tune}
+    window = args.window or default_window(args.direction)
+    ours: dict[str, Callable[[str, Path, Path, bool], Method]] = {
+        "paper": run_paper,
+        "window": lambda *a: run_window(*a, window=window),
+        "tune": run_tune,
+    }
     machine = {"cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     machine["load_at_start"] = os.getloadavg()
     methods: list[Method] = []
     for name in [m for m in args.methods.split(",") if m]:
         if name not in ours:
-            ap.error(f"unknown method {name!r} (paper, tune)")
+            ap.error(f"unknown method {name!r} ({', '.join(ours)})")
         print(f"{name} ...", file=sys.stderr)
         methods.append(ours[name](args.model, args.direction, args.out / name, args.reuse))
     if "heretic" in args.peer:
@@ -376,6 +421,8 @@ def main() -> None:
         from refusal_edit.loading.model import load_model
 
         base = load_model(source)  # loaded once for every point
+        replies = args.out / "judge" / "base-replies.json"
+        load_base_replies(replies)
         order = [(m, p) for m in methods for p in m.points if p.path is not None]
         if args.judge_only:  # a short session judges the points that matter first; a later --reuse run adds the rest
             wanted = args.judge_only.split(",")
@@ -385,6 +432,7 @@ def main() -> None:
             print(f"judging {m.name} {p.id} ...", file=sys.stderr)
             t0, load0 = time.perf_counter(), os.getloadavg()
             p.test = judge(base, Path(p.path), args.out / "judge" / m.name / p.id, reuse=args.reuse)
+            save_base_replies(replies)
             p.test["judge_wall_s"] = round(time.perf_counter() - t0, 1)  # ~0 when a report was reused
             p.test["judge_load"] = [load0, os.getloadavg()]
             base_numbers = base_numbers or p.test
@@ -418,10 +466,10 @@ def main() -> None:
     print(json.dumps(_table(methods), indent=1))
     for row in data["dominance"]:
         by = ", ".join(row["dominated_by"]) or "none"
-        print(f"heretic {row['point']} {_fmt(row['heretic'])}: dominated by tune point(s): {by}")
+        print(f"{row['method']} {row['point']} {_fmt(row['numbers'])}: dominated by tune point(s): {by}")
     for row in data.get("dominance_own_provisional", []):
         by = ", ".join(row["dominated_by"]) or "none"
-        h = row["heretic"]
+        h = row["numbers"]
         print(
             f"PROVISIONAL (own val numbers, FT-KL only) heretic {row['point']} refusal {100 * h['refusal_rate']:.0f}%"
             f" FT-KL {h['first_token_kl']:.4f}: tune point(s) with no more of either: {by}"
@@ -437,28 +485,34 @@ def _fmt(t: dict[str, Any]) -> str:
     return f"refusal {100 * refusal:.0f}%, FT-KL {ft:.4f}, MT-KL {mt:.4f}"
 
 
+RIVALS = ("heretic", "paper", "window")  # the points tune's front must dominate: the peer's and the simple edits'
+
+
 def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
-    """For each judged heretic point: the judged tune points with no more harmful refusals, no more first-token KL
-    and no more multi-token KL on the test split (ties count: "no more", as the issue states the target).
+    """For each judged point of a rival method (heretic, the paper's edit, the fixed window): the judged tune
+    points with no more harmful refusals, no more first-token KL and no more multi-token KL on the test split
+    (ties count: "no more", as the issue states the target).
 
     With `own`: the tools' own val-split numbers instead, refusal rate and first-token KL only (heretic measures
     no multi-token KL) -- provisional, since the two tools measure with different prompts and system prompts.
     """
-    if own:
-        keys = ("refusal_rate", "first_token_kl")
-        have = {m.name: [p for p in m.points if all(p.own.get(k) is not None for k in keys)] for m in methods}
-        out = []
-        for h in have.get("heretic", []):
-            ht = {k: h.own[k] for k in keys}
-            ours = [t.id for t in have.get("tune", []) if all(t.own[k] <= ht[k] for k in keys)]
-            out.append({"point": h.id, "heretic": ht, "dominated_by": ours})
-        return out
-    by = {m.name: [p for p in m.points if p.test is not None] for m in methods}
+    keys = ("refusal_rate", "first_token_kl") if own else KEYS
+
+    def numbers(p: Point) -> dict[str, Any] | None:
+        source = p.own if own else p.test or {}
+        got = {k: source.get(k) for k in keys}
+        return None if any(v is None for v in got.values()) else got
+
+    tune = [(t.id, n) for m in methods if m.name == "tune" for t in m.points if (n := numbers(t)) is not None]
     rows = []
-    for h in by.get("heretic", []):
-        ht = {k: h.test[k] for k in KEYS}  # type: ignore[index]
-        ours = [t for t in by.get("tune", []) if all(t.test[k] <= ht[k] for k in KEYS)]  # type: ignore[index]
-        rows.append({"point": h.id, "heretic": ht, "dominated_by": [t.id for t in ours]})
+    for m in methods:
+        if m.name not in RIVALS or (own and m.name != "heretic"):
+            continue
+        for p in m.points:
+            if (mine := numbers(p)) is None:
+                continue
+            ours = [tid for tid, n in tune if all(n[k] <= mine[k] for k in keys)]
+            rows.append({"method": m.name, "point": p.id, "numbers": mine, "dominated_by": ours})
     return rows
 
 

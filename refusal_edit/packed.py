@@ -94,17 +94,22 @@ class PackedPrompts:
         return torch.stack(results)  # type: ignore[arg-type]
 
 
-def packed_or_padded(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int) -> PackedPrompts | PromptBatch:
-    """Packed prompts when this model computes them exactly as padded batches (checked once), else padded."""
+def packed_or_padded(
+    model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int
+) -> tuple[PackedPrompts | PromptBatch, torch.Tensor]:
+    """Packed prompts when this model computes them exactly as padded batches (checked once), else padded; and
+    the last-position logits of `texts` from the returned batch (the check computed them: callers need the
+    model's own logits anyway, and running the batch again would cost one more pass)."""
     from refusal_edit.arch import is_recurrent
 
     padded = PromptBatch(tokenizer, texts, batch_size)
     if is_recurrent(model.config):
-        return padded
+        return padded, padded.run(model)
     try:
         packed = PackedPrompts(tokenizer, texts)
-        a, b = packed.run(model), padded.run(model)
+        a = packed.run(model)
     except Exception:  # a model that rejects custom masks or logit indices: the padded path is always right
-        return padded
+        return padded, padded.run(model)
+    b = padded.run(model)
     scale = float(b.abs().max()) or 1.0
-    return packed if float((a - b).abs().max()) <= CHECK_TOLERANCE * scale else padded
+    return (packed, a) if float((a - b).abs().max()) <= CHECK_TOLERANCE * scale else (padded, b)

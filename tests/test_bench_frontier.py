@@ -41,8 +41,15 @@ def test_dominance_needs_all_three_no_worse_and_counts_ties():
             _point("heretic", "h4", 0.10, 0.05, 0.003),  # lower multi-token KL than a
         ],
     )
-    rows = {r["point"]: r["dominated_by"] for r in frontier.dominance([tune, heretic])}
-    assert rows == {"h1": ["a"], "h2": ["a"], "h3": [], "h4": []}
+    paper = frontier.Method("paper", [_point("paper", "paper", 0.01, 0.127, 0.048)])
+    rows = {(r["method"], r["point"]): r["dominated_by"] for r in frontier.dominance([tune, heretic, paper])}
+    assert rows == {
+        ("heretic", "h1"): ["a"],
+        ("heretic", "h2"): ["a"],
+        ("heretic", "h3"): [],
+        ("heretic", "h4"): [],
+        ("paper", "paper"): [],  # the simple edits are rivals too: b refuses more than the paper's edit
+    }
 
 
 def test_dominance_skips_unjudged_points():
@@ -52,8 +59,9 @@ def test_dominance_skips_unjudged_points():
     )
     assert frontier.dominance([tune, heretic]) == [
         {
+            "method": "heretic",
             "point": "h1",
-            "heretic": {"harmful_refusal_edited": 0.5, "first_token_kl": 0.5, "multi_token_kl": 0.5},
+            "numbers": {"harmful_refusal_edited": 0.5, "first_token_kl": 0.5, "multi_token_kl": 0.5},
             "dominated_by": [],
         }
     ]
@@ -84,3 +92,18 @@ def test_load_run_reads_the_cost_over_sessions(tmp_path: Path):
     loaded = peer.load_run(run)
     assert loaded.trials == 3 and loaded.cost["peak_rss_mib"] == 3000.0
     assert loaded.points[0].reached_s == pytest.approx(37.0)
+
+
+def test_base_replies_survive_a_new_bench_process(tmp_path: Path):
+    from refusal_edit.generation import Generated
+
+    path = tmp_path / "judge" / "base-replies.json"
+    path.parent.mkdir()
+    frontier._BASE_REPLIES.clear()
+    frontier._BASE_REPLIES["64:0:abc"] = [Generated("p", "I can't help with that.", [40, 646])]
+    frontier.save_base_replies(path)
+    frontier._BASE_REPLIES.clear()
+    frontier.load_base_replies(path)
+    loaded = dict(frontier._BASE_REPLIES)
+    assert loaded == {"64:0:abc": [Generated("p", "I can't help with that.", [40, 646])]}
+    frontier._BASE_REPLIES.clear()

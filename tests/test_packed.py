@@ -24,7 +24,10 @@ def test_packed_logits_equal_padded(model_type):
         a, b = packed.run(model), padded.run(model)
     assert a.shape == b.shape == (len(TEXTS), 128)
     assert (a - b).abs().max().item() <= 1e-4
-    assert isinstance(packed_or_padded(model, tok, TEXTS, 4), PackedPrompts)
+    batch, logits = packed_or_padded(model, tok, TEXTS, 4)
+    assert isinstance(batch, PackedPrompts)
+    with torch.no_grad():
+        assert torch.equal(logits, batch.run(model))  # the check's own logits: the batch's, not run again
 
 
 def test_recurrent_models_never_pack():
@@ -32,4 +35,4 @@ def test_recurrent_models_never_pack():
     if not recurrent:
         pytest.skip("no recurrent hybrid in the table yet")
     model = build(recurrent[0])
-    assert isinstance(packed_or_padded(model, tokenizer(), TEXTS, 4), PromptBatch)
+    assert isinstance(packed_or_padded(model, tokenizer(), TEXTS, 4)[0], PromptBatch)

@@ -121,14 +121,15 @@ class Scorer:
         if share_prefix:  # the fast path: packed prompts (no padding) where this model computes them exactly
             from refusal_edit.packed import packed_or_padded
 
-            self.harmful = packed_or_padded(model, tokenizer, harmful_val, batch_size)
-            self.harmless = packed_or_padded(model, tokenizer, harmless_val, batch_size)
+            self.harmful, harmful_logits = packed_or_padded(model, tokenizer, harmful_val, batch_size)
+            self.harmless, self.base_harmless_logits = packed_or_padded(model, tokenizer, harmless_val, batch_size)
         else:  # the reference: plain padded batches, as in the paper's code
             self.harmful = PromptBatch(tokenizer, harmful_val, batch_size, share_prefix=False)
             self.harmless = PromptBatch(tokenizer, harmless_val, batch_size, share_prefix=False)
-        self.base_harmless_logits = self.harmless.run(model)
+            harmful_logits = self.harmful.run(model)
+            self.base_harmless_logits = self.harmless.run(model)
         self.base_harmless = float(self._score(self.base_harmless_logits).mean())
-        self.base_harmful = float(self.harmful.run(model, reduce=self._score).mean())
+        self.base_harmful = float(self._score(harmful_logits).mean())
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return refusal_scores(logits, self.refusal_ids)

@@ -68,8 +68,7 @@ class ProxyScorer:
         self.harmful_texts = list(harmful)
         self.n_harmful = len(harmful)
         # One packed pass over both sets per trial (no padding; see `packed`), checked against padded batches.
-        self.batch = packed_or_padded(model, tokenizer, [*harmful, *harmless], batch_size)
-        logits = self.batch.run(model)
+        self.batch, logits = packed_or_padded(model, tokenizer, [*harmful, *harmless], batch_size)
         self.base_harmless = logits[self.n_harmful :]
         self.base = self._scores(logits, base=True)
 
