@@ -491,7 +491,8 @@ RIVALS = ("heretic", "paper", "window")  # the points tune's front must dominate
 def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
     """For each judged point of a rival method (heretic, the paper's edit, the fixed window): the judged tune
     points with no more harmful refusals, no more first-token KL and no more multi-token KL on the test split
-    (ties count: "no more", as the issue states the target).
+    (ties count: "no more", as the issue states the target; tune's reference point, the paper's edit itself,
+    is not counted against the paper's edit).
 
     With `own`: the tools' own val-split numbers instead, refusal rate and first-token KL only (heretic measures
     no multi-token KL) -- provisional, since the two tools measure with different prompts and system prompts.
@@ -503,7 +504,7 @@ def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
         got = {k: source.get(k) for k in keys}
         return None if any(v is None for v in got.values()) else got
 
-    tune = [(t.id, n) for m in methods if m.name == "tune" for t in m.points if (n := numbers(t)) is not None]
+    tune = [t for m in methods if m.name == "tune" for t in m.points if numbers(t) is not None]
     rows = []
     for m in methods:
         if m.name not in RIVALS or (own and m.name != "heretic"):
@@ -511,7 +512,9 @@ def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
         for p in m.points:
             if (mine := numbers(p)) is None:
                 continue
-            ours = [tid for tid, n in tune if all(n[k] <= mine[k] for k in keys)]
+            # tune's reference point is the paper's edit itself: it would tie with it, which proves nothing
+            rest = [t for t in tune if t.params.get("same_edit_as") != m.name]
+            ours = [t.id for t in rest if all(numbers(t)[k] <= mine[k] for k in keys)]  # type: ignore[index]
             rows.append({"method": m.name, "point": p.id, "numbers": mine, "dominated_by": ours})
     return rows
 

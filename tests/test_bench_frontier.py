@@ -42,13 +42,16 @@ def test_dominance_needs_all_three_no_worse_and_counts_ties():
         ],
     )
     paper = frontier.Method("paper", [_point("paper", "paper", 0.01, 0.127, 0.048)])
+    reference = _point("tune", "t0", 0.01, 0.127, 0.048)  # tune's reference point: the paper's edit itself
+    reference.params["same_edit_as"] = "paper"
+    tune.points.append(reference)
     rows = {(r["method"], r["point"]): r["dominated_by"] for r in frontier.dominance([tune, heretic, paper])}
     assert rows == {
         ("heretic", "h1"): ["a"],
         ("heretic", "h2"): ["a"],
-        ("heretic", "h3"): [],
+        ("heretic", "h3"): ["t0"],  # the reference is a tune point like any other against heretic
         ("heretic", "h4"): [],
-        ("paper", "paper"): [],  # the simple edits are rivals too: b refuses more than the paper's edit
+        ("paper", "paper"): [],  # a rival too: b refuses more, and t0 (the same edit) does not count
     }
 
 
