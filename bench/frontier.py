@@ -504,7 +504,7 @@ def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
         got = {k: source.get(k) for k in keys}
         return None if any(v is None for v in got.values()) else got
 
-    tune = [t for m in methods if m.name == "tune" for t in m.points if numbers(t) is not None]
+    tune = [(t, n) for m in methods if m.name == "tune" for t in m.points if (n := numbers(t)) is not None]
     rows = []
     for m in methods:
         if m.name not in RIVALS or (own and m.name != "heretic"):
@@ -513,8 +513,8 @@ def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
             if (mine := numbers(p)) is None:
                 continue
             # tune's reference point is the paper's edit itself: it would tie with it, which proves nothing
-            rest = [t for t in tune if t.params.get("same_edit_as") != m.name]
-            ours = [t.id for t in rest if all(numbers(t)[k] <= mine[k] for k in keys)]  # type: ignore[index]
+            rest = [(t, n) for t, n in tune if t.params.get("same_edit_as") != m.name]
+            ours = [t.id for t, n in rest if all(n[k] <= mine[k] for k in keys)]
             rows.append({"method": m.name, "point": p.id, "numbers": mine, "dominated_by": ours})
     return rows
 
