@@ -15,7 +15,7 @@ FAST = ["--n-train", "6", "--n-val", "4", "--batch-size", "8", "--top-k", "2"]
 PERMISSIVE = ["--kl-threshold", "1e9", "--induce-threshold", "-1e9", "--refusal-tokens", "i,as"]
 TUNE = [
     "--trials",
-    "10",
+    "12",
     "--confirm",
     "2",
     "--n-val",
@@ -61,7 +61,7 @@ def tuned(tmp_path_factory):
 def test_front_is_written_and_valid(tuned):
     _src, root, _run = tuned
     data = json.loads((root / "tune" / "front.json").read_text())
-    assert len(data["trials"]) == 10
+    assert len(data["trials"]) == 12
     seeds = [t for t in data["trials"] if t["seed"]]
     assert len(seeds) >= 5 and seeds[0]["spec"]["attn"] == {"weight": 1.0}  # the paper's edit comes first
     attention_only = [t["spec"] for t in seeds if t["spec"]["mlp"]["weight"] == 0.0]
@@ -69,8 +69,10 @@ def test_front_is_written_and_valid(tuned):
     for t in data["trials"]:
         assert 0 <= t["refusal_proxy"] <= 1 and t["kl_proxy"] >= 0
     confirmed = data["confirmed"]
-    assert 2 <= len(confirmed) <= 3  # 2 front points (+ the paper's edit when it is not one of them)
+    # 2 front points, the paper's edit when it is not one of them, the 2 bridge points when they are not either
+    assert 4 <= len(confirmed) <= 5
     assert any(p["reference"] for p in confirmed)
+    assert [p["trial"] for p in confirmed if p["bridge"]] == [9, 10]
     for p in confirmed:
         c = p["confirmed"]
         assert c["prompts"] == 4 and c["kl_prompts"] == 3
@@ -82,37 +84,45 @@ def test_front_is_written_and_valid(tuned):
     assert (root / "tune" / "study.journal").is_file()
 
 
-def test_the_search_ends_with_its_strongest_front_point_at_lower_strengths(tuned):
+def test_the_search_ends_with_a_bridge_to_the_paper_and_its_strongest_front_point_at_lower_strengths(tuned):
     from refusal_edit.tuning.front import pareto
-    from refusal_edit.tuning.run import REFINE_FACTORS
+    from refusal_edit.tuning.run import BRIDGE_STEPS, REFINE_FACTORS
 
     _src, root, _run = tuned
     trials = json.loads((root / "tune" / "front.json").read_text())["trials"]
     refined = [t for t in trials if t["refine"]]
-    assert [t["number"] for t in refined] == [8, 9]  # a quarter of 10 trials, last
-    earlier = trials[:8]
-    paper_kl = earlier[0]["kl_proxy"]  # the paper's edit is the first seed (test_front_is_written_and_valid)
+    assert [t["number"] for t in refined] == [9, 10, 11]  # a quarter of 12 trials, last
+    assert [t["bridge"] for t in refined] == [True, True, False]
+    earlier = trials[:9]
+    paper = earlier[0]["spec"]  # the paper's edit is the first seed (test_front_is_written_and_valid)
+    paper_kl = earlier[0]["kl_proxy"]
     front = [t for t in pareto(earlier, lambda t: (t["refusal_proxy"], t["kl_proxy"])) if t["kl_proxy"] < paper_kl]
     shape = min(front, key=lambda t: t["refusal_proxy"])["spec"]
 
     def weights(spec):
         return [spec[site].get("weight", 0.0) for site in ("attn", "mlp")] + [spec["embedding"]]
 
-    for t, factor in zip(refined, REFINE_FACTORS, strict=True):
-        assert weights(t["spec"]) == pytest.approx([factor * w for w in weights(shape)], abs=1e-9)
+    # The bridge: every weight a fraction of the way to the paper's (1.0), the shape's direction kept.
+    for t, step in zip(refined[:2], BRIDGE_STEPS, strict=True):
+        expected = [w + step * (p - w) for w, p in zip(weights(shape), weights(paper), strict=True)]
+        assert weights(t["spec"]) == pytest.approx(expected, abs=1e-9)
         assert t["spec"]["direction"] == shape["direction"]
-        for site in ("attn", "mlp"):
-            assert t["spec"][site].get("peak") == shape[site].get("peak")
+    # Then the same shape, weaker.
+    t, factor = refined[2], REFINE_FACTORS[0]
+    assert weights(t["spec"]) == pytest.approx([factor * w for w in weights(shape)], abs=1e-9)
+    assert t["spec"]["direction"] == shape["direction"]
+    for site in ("attn", "mlp"):
+        assert t["spec"][site].get("peak") == shape[site].get("peak")
 
 
 def test_resume_continues_and_force_is_needed_to_restart(tuned):
     src, root, run = tuned
     assert run("tune", src, "--direction", root / "direction", "--out", root / "tune", *TUNE) == 1  # exists
-    more = [a if a != "10" else "12" for a in TUNE]
+    more = [a if a != "12" else "14" for a in TUNE]
     assert run("tune", src, "--direction", root / "direction", "--out", root / "tune", *more, "--resume") == 0
     data = json.loads((root / "tune" / "front.json").read_text())
-    assert len(data["trials"]) == 12
-    first = [t["spec"] for t in data["trials"][:10]]
+    assert len(data["trials"]) == 14
+    first = [t["spec"] for t in data["trials"][:12]]
     assert first[0]["attn"] == {"weight": 1.0}
 
 

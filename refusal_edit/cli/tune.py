@@ -25,9 +25,13 @@ def tune(
     out: Path | None = opt.optional("--out", "Study folder.", "runs/<model>/tune", "<dir>"),
     trials: int = typer.Option(32, help="Optuna trials in all (the seed points included)."),
     refine: int = typer.Option(
-        6, help="Last trials (at most a quarter): the lowest-refusal front points at 0.8 and 0.6 of their strength."
+        6,
+        help="Last trials (at most a quarter): the strongest low-damage point bridged 0.4 and 0.7 of the way to "
+        "the paper's edit, then the lowest-refusal front points at 0.8 and 0.6 of their strength.",
     ),
-    confirm: int = typer.Option(4, help="Front points confirmed by greedy generation (plus the paper's edit)."),
+    confirm: int = typer.Option(
+        4, help="Front points confirmed by greedy generation (plus the paper's edit and the bridge points)."
+    ),
     max_kl: float = typer.Option(0.1, help="Pick: fewest refusals with first-token KL (nats) at most this."),
     n_val: int = typer.Option(32, help="Harmful validation prompts whose replies confirm each point."),
     search_prompts: int = typer.Option(16, help="Prompts per side scored in every search trial (and for KL)."),

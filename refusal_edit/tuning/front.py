@@ -107,9 +107,10 @@ def plot_front(data: dict[str, Any], path: Path) -> Path:
         c = p["confirmed"]
         y = 100 * (c["refusal_rate"] + c["degenerate_rate"])
         right.plot([max(c["multi_token_kl"] or 0.0, 1e-5), max(c["first_token_kl"], 1e-5)], [y, y], color="0.8", lw=1)
-        if p.get("reference"):
+        label = "paper's edit" if p.get("reference") else "bridge" if p.get("bridge") else None
+        if label is not None:
             right.annotate(
-                "paper's edit",
+                label,
                 (max(c["first_token_kl"], 1e-5), y),
                 fontsize=8,
                 xytext=(4, 4),

@@ -2,12 +2,18 @@
 
 1. Search: an Optuna multi-objective study (TPE) over `SearchSpace`; every trial is the edit applied in
    memory (hooks, or in-place weights for norm preservation - nothing is written), scored by the two
-   proxies of `proxies`. Its last `refine` trials sweep the lowest-refusal front points down in strength
-   (`REFINE_FACTORS`): a few dozen trials leave TPE little room to explore the low-damage end, and a good
-   shape at a lower strength is usually a good low-damage point. The study lives in a journal file, so an
-   interrupted or finished study resumes.
-2. Confirm: the paper's edit (for reference) and up to `confirm` points spread along the low-refusal part
-   of the proxy front are measured by greedy generation and teacher-forced KL (`confirm`).
+   proxies of `proxies`. Its last `refine` trials first bridge the lowest-refusal front point that damages
+   less than the paper's edit to the paper's edit (`BRIDGE_STEPS` of the way), then sweep the lowest-refusal
+   front points down in strength (`REFINE_FACTORS`). The bridge is there because the refusal proxy misranks points
+   near the paper's edit (on the demo model t9's first-token refusal probability is 0.075, the paper's edit's
+   0.083, yet t9 refuses 2.5 % of the harmful train prompts and the paper's edit 1.2 %): the sampler cannot
+   see what buys the last refusals, so the points between a proven low-damage shape and the paper's edit are
+   built rather than searched. The sweep is there because a few
+   dozen trials leave TPE little room at the low-damage end, and a good shape at a lower strength is usually
+   a good low-damage point. The study lives in a journal file, so an interrupted or finished study resumes.
+2. Confirm: the paper's edit (for reference), the bridge points (their proxies cannot rank them, see above)
+   and up to `confirm` points spread along the low-refusal part of the proxy front are measured by greedy
+   generation and teacher-forced KL (`confirm`).
 3. Pick: the documented rule of `front.pick` among the confirmed points.
 Only confirmed points are offered; `front.json` keeps every trial too.
 """
@@ -32,6 +38,10 @@ from refusal_edit.tuning.space import SearchSpace
 
 STUDY = "study.journal"
 REFINE_FACTORS = (0.8, 0.6)  # strengths of the refinement sweep, as fractions of the swept point's weights
+# Bridge points, as fractions of the way from the strongest low-damage shape to the paper's edit. On the demo
+# model the shape (t9) refuses 2.5 % of 240 harmful train prompts at 0.67 / 0.31 of the paper's first-token /
+# multi-token KL, the paper's edit 1.2 %; its MLP writers at 0.5 instead of 0.15 refuse 1.2 % at 0.96 / 0.53.
+BRIDGE_STEPS = (0.4, 0.7)
 
 
 @dataclass
@@ -128,6 +138,7 @@ def _trial_record(t: Any) -> dict[str, Any]:
         "seconds": t.user_attrs.get("seconds"),
         "seed": t.user_attrs.get("seed", False),
         "refine": t.user_attrs.get("refine", False),
+        "bridge": t.user_attrs.get("bridge", False),
     }
 
 
@@ -171,8 +182,8 @@ def search(
 
             run(main)
             if not any(t.user_attrs.get("refine") for t in study.trials):
-                for params in _refinements(study, space, settings):
-                    study.enqueue_trial(params, user_attrs={"refine": True})
+                for params, bridge in _refinements(study, space, settings):
+                    study.enqueue_trial(params, user_attrs={"refine": True, "bridge": bridge})
             run(settings.trials)
     return [_trial_record(t) for t in _completed(study)]
 
@@ -183,18 +194,22 @@ def _completed(study: Any) -> list[Any]:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list[dict[str, Any]]:
-    """The refinement sweep (module docstring): the proxy front's lowest-refusal points with less KL than the
-    paper's edit, each at every strength of `REFINE_FACTORS`; `settings.refine_trials` parameter sets at most."""
+def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list[tuple[dict[str, Any], bool]]:
+    """The refinement trials (module docstring), `settings.refine_trials` (parameters, is a bridge point) at
+    most: the bridge from the proxy front's lowest-refusal point with less KL than the paper's edit to the
+    paper's edit, then the lowest-refusal such points at every strength of `REFINE_FACTORS`."""
     trials = _completed(study)
     records = [_trial_record(t) for t in trials]
     reference = _reference(records)
     front = _front(records, kl_cap=None if reference is None else reference["kl_proxy"])
     by_number = {t.number: t for t in trials}
-    per_shape = len(REFINE_FACTORS)
-    shapes = sorted(front, key=lambda r: r["refusal_proxy"])[: math.ceil(settings.refine_trials / per_shape)]
-    params = [space.scaled(by_number[r["number"]].params, f) for r in shapes for f in REFINE_FACTORS]
-    return params[: settings.refine_trials]
+    shapes = sorted((r for r in front if r is not reference), key=lambda r: r["refusal_proxy"])
+    out: list[tuple[dict[str, Any], bool]] = []
+    if shapes and reference is not None:
+        start, end = by_number[shapes[0]["number"]].params, by_number[reference["number"]].params
+        out += [(space.between(start, end, t), True) for t in BRIDGE_STEPS]
+    weaker = [(space.scaled(by_number[r["number"]].params, f), False) for r in shapes for f in REFINE_FACTORS]
+    return (out + weaker)[: settings.refine_trials]
 
 
 def _reference(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -250,8 +265,10 @@ def tune(
     reference = _reference(trials)
     kl_cap = reference["kl_proxy"] if reference is not None else None
     chosen_trials = to_confirm(trials, scorer.base.refusal, settings, kl_cap)
+    bridge = [t for t in trials if t["bridge"] and t not in chosen_trials]
     if reference is not None and reference not in chosen_trials:
         chosen_trials = [reference, *chosen_trials]
+    chosen_trials += bridge
     start = time.perf_counter()
     specs = [EditSpec.from_json(t["spec"]) for t in chosen_trials]
     measured = confirmer.measure(
@@ -271,6 +288,7 @@ def tune(
             "spec": t["spec"],
             "describe": spec.describe(),
             "reference": t is reference,
+            "bridge": t["bridge"],
             "proxy": {"refusal": t["refusal_proxy"], "kl": t["kl_proxy"]},
             "confirmed": m.to_json(),
         }

@@ -8,7 +8,9 @@ the attention writers alone around it, each with its layer's own direction: on t
 low-damage end of the front is made of such shapes, see the README's side-by-side bench) on the
 front from the first trials, so the sampler refines rather than discovers them.
 `scaled` gives a point's shape at another strength: the search ends by sweeping its strongest front points
-down, which fills the front's low-damage end with shapes that already proved themselves.
+down, which fills the front's low-damage end with shapes that already proved themselves. `between` gives the
+points on the way from one point to another: the search also bridges its strongest low-damage shape to the
+paper's edit, the front's low-refusal end (see `tuning.run`).
 """
 
 from __future__ import annotations
@@ -113,4 +115,14 @@ class SearchSpace:
         for key in ("attn_weight", "mlp_weight"):
             p[key] = min(max(p[key] * factor, 0.0), MAX_WEIGHT)
         p["embedding"] = min(max(p["embedding"] * factor, 0.0), 1.0)
+        return p
+
+    def between(self, start: dict[str, Any], end: dict[str, Any], t: float) -> dict[str, Any]:
+        """The point a fraction `t` of the way from `start` to `end`: every number interpolated (weights, kernel
+        peaks, widths, floors, the embedding's weight), every choice (direction, variants) kept from `start`."""
+        p = dict(start)
+        for key, value in start.items():
+            other = end.get(key)
+            if isinstance(value, float | int) and not isinstance(value, bool) and isinstance(other, float | int):
+                p[key] = float(value + t * (float(other) - value))
         return p
