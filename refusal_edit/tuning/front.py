@@ -103,19 +103,22 @@ def plot_front(data: dict[str, Any], path: Path) -> Path:
         xs = [max(p["confirmed"][kind] or 0.0, 1e-5) for p in points]
         ys = [100 * (p["confirmed"]["refusal_rate"] + p["confirmed"]["degenerate_rate"]) for p in points]
         right.scatter(xs, ys, marker=marker, s=36, label=label, alpha=0.85)
+    stacked: dict[float, int] = {}  # labels already placed at a refusal rate: stack the next one above them
     for p in points:
         c = p["confirmed"]
         y = 100 * (c["refusal_rate"] + c["degenerate_rate"])
         right.plot([max(c["multi_token_kl"] or 0.0, 1e-5), max(c["first_token_kl"], 1e-5)], [y, y], color="0.8", lw=1)
-        label = "paper's edit" if p.get("reference") else "bridge" if p.get("bridge") else None
-        if label is not None:
-            right.annotate(
-                label,
-                (max(c["first_token_kl"], 1e-5), y),
-                fontsize=8,
-                xytext=(4, 4),
-                textcoords="offset points",
-            )
+        label = p["id"] + (" (paper's edit)" if p.get("reference") else " (bridge)" if p.get("bridge") else "")
+        level = stacked.get(round(y, 1), 0)
+        stacked[round(y, 1)] = level + 1
+        right.annotate(
+            label,
+            (max(c["first_token_kl"], 1e-5), y),
+            fontsize=8,
+            xytext=(-4, 5 + 10 * level),
+            textcoords="offset points",
+            ha="right",
+        )
     if chosen is not None:
         c = next(p for p in points if p["id"] == chosen)["confirmed"]
         right.scatter(
