@@ -8,16 +8,18 @@ the direction's means came from, the same for every point, so points compare fai
 optimistic.
 
     .venv/bin/python bench/confirm.py --direction D --points POINTS.json [--split train] [--kl-prompts 16]
-        [--max-new-tokens 32] [--out OUT.json]
+        [--max-new-tokens 32] [--out OUT.json [--force]]
 
 POINTS.json maps a label to an edit spec (the `spec` of a front.json point; `{}` is the paper's edit), or is a
-front.json whose confirmed points are all taken. Prints one line per point; writes OUT.json. Not part of CI.
+front.json whose confirmed points are all taken. Prints one line per point; writes OUT.json whole (temporary
+file, then rename), never over POINTS.json, and over an existing file only with --force. Not part of CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,12 +30,35 @@ RECIPE = "qwen2.5-coder-0.5b-instruct"
 
 def load_points(path: Path) -> dict[str, dict[str, Any]]:
     """label -> spec JSON, from a label map or from a front.json."""
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot read --points {path}: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("confirmed"), list):
         return {p["id"]: p["spec"] for p in data["confirmed"]}
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise SystemExit(f"{path}: expected {{label: spec}} or a front.json")
+    if not isinstance(data, dict) or not data or not all(isinstance(v, dict) for v in data.values()):
+        raise SystemExit(f"error: {path}: expected {{label: spec}} or a front.json")
     return data
+
+
+def check_out(out: Path | None, points: Path, force: bool) -> None:
+    """Refuse, before any work, an `out` that would overwrite the points file (or what a symlink to it names)
+    or, without `force`, any other existing file; an existing directory is never a valid `out`."""
+    if out is None:
+        return
+    if out.is_dir():
+        raise SystemExit(f"error: --out {out} is a directory; give a .json file")
+    if out.exists() and points.exists() and out.samefile(points):
+        raise SystemExit(f"error: --out {out} is the --points file; give another file")
+    if out.exists() and not force:
+        raise SystemExit(f"error: --out {out} exists (--force replaces it)")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """`data` as JSON at `path`, whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -45,8 +70,10 @@ def main() -> None:
     ap.add_argument("--kl-prompts", type=int, default=16, help="harmless val prompts for the KL")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="write every point's numbers here (JSON)")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
+    check_out(args.out, args.points, args.force)
 
     from refusal_edit.directions.artifacts import load_direction
     from refusal_edit.directions.bank import load_bank
@@ -89,7 +116,7 @@ def main() -> None:
     print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.out is not None:
         result = {"split": args.split, "harmful": harmful.describe(), "harmless": harmless.describe(), "points": rows}
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ def plot_front(data: dict[str, Any], path: Path) -> Path:
         y = 100 * (c["refusal_rate"] + c["degenerate_rate"])
         right.plot([max(c["multi_token_kl"] or 0.0, 1e-5), max(c["first_token_kl"], 1e-5)], [y, y], color="0.8", lw=1)
         label = p["id"] + (" (paper's edit)" if p.get("reference") else " (bridge)" if p.get("bridge") else "")
-        level = stacked.get(round(y, 1), 0)
-        stacked[round(y, 1)] = level + 1
+        key = round(y, 1)
+        level = stacked.get(key, 0)
+        stacked[key] = level + 1
         right.annotate(
             label,
             (max(c["first_token_kl"], 1e-5), y),

@@ -4,13 +4,13 @@
    memory (hooks, or in-place weights for norm preservation - nothing is written), scored by the two
    proxies of `proxies`. Its last `refine` trials first bridge the lowest-refusal front point that damages
    less than the paper's edit to the paper's edit (`BRIDGE_STEPS` of the way), then sweep the lowest-refusal
-   front points down in strength (`REFINE_FACTORS`). The bridge is there because the refusal proxy misranks points
-   near the paper's edit (on the demo model t9's first-token refusal probability is 0.075, the paper's edit's
-   0.083, yet t9 refuses 2.5 % of the harmful train prompts and the paper's edit 1.2 %): the sampler cannot
-   see what buys the last refusals, so the points between a proven low-damage shape and the paper's edit are
-   built rather than searched. The sweep is there because a few
-   dozen trials leave TPE little room at the low-damage end, and a good shape at a lower strength is usually
-   a good low-damage point. The study lives in a journal file, so an interrupted or finished study resumes.
+   front points down in strength (`REFINE_FACTORS`). The bridge is there because the refusal proxy misranks
+   points near the paper's edit (on the demo model t9's first-token refusal probability is 0.075, the paper's
+   edit's 0.083, yet t9 refuses 2.5 % of the harmful train prompts and the paper's edit 1.2 %): the sampler
+   cannot see what buys the last refusals, so the points between a proven low-damage shape and the paper's
+   edit are built rather than searched. The sweep is there because a few dozen trials leave TPE little room
+   at the low-damage end, and a good shape at a lower strength is usually a good low-damage point. The study
+   lives in a journal file, so an interrupted or finished study resumes.
 2. Confirm: the paper's edit (for reference), the bridge points (their proxies cannot rank them, see above)
    and up to `confirm` points spread along the low-refusal part of the proxy front are measured by greedy
    generation and teacher-forced KL (`confirm`).
@@ -39,8 +39,9 @@ from refusal_edit.tuning.space import SearchSpace
 STUDY = "study.journal"
 REFINE_FACTORS = (0.8, 0.6)  # strengths of the refinement sweep, as fractions of the swept point's weights
 # Bridge points, as fractions of the way from the strongest low-damage shape to the paper's edit. On the demo
-# model the shape (t9) refuses 2.5 % of 240 harmful train prompts at 0.67 / 0.31 of the paper's first-token /
-# multi-token KL, the paper's edit 1.2 %; its MLP writers at 0.5 instead of 0.15 refuse 1.2 % at 0.96 / 0.53.
+# model the shape (t9) refuses 2.5 % of 240 harmful train prompts at 0.66 / 0.31 of the paper's first-token /
+# multi-token KL, the paper's edit 1.2 %; its MLP writers at 0.5 instead of 0.15 refuse 1.2 % at 0.96 / 0.52
+# (bench/confirm.py, --split train).
 BRIDGE_STEPS = (0.4, 0.7)
 
 
