@@ -34,6 +34,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -467,6 +468,13 @@ def main() -> None:
     for row in data["dominance"]:
         by = ", ".join(row["dominated_by"]) or "none"
         print(f"{row['method']} {row['point']} {_fmt(row['numbers'])}: dominated by tune point(s): {by}")
+        if not row["dominated_by"] and row.get("within_noise"):
+            near = ", ".join(
+                f"{w['point']} ({100 * w['refusal_gap']:+.0f} pts, 95% CI {100 * w['gap_ci95'][0]:+.1f} to "
+                f"{100 * w['gap_ci95'][1]:+.1f})"
+                for w in row["within_noise"]
+            )
+            print(f"  less KL of both kinds, more refusals by a gap the test split cannot resolve: {near}")
     for row in data.get("dominance_own_provisional", []):
         by = ", ".join(row["dominated_by"]) or "none"
         h = row["numbers"]
@@ -515,8 +523,54 @@ def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
             # tune's reference point is the paper's edit itself: it would tie with it, which proves nothing
             rest = [(t, n) for t, n in tune if t.params.get("same_edit_as") != m.name]
             ours = [t.id for t, n in rest if all(n[k] <= mine[k] for k in keys)]
-            rows.append({"method": m.name, "point": p.id, "numbers": mine, "dominated_by": ours})
+            row = {"method": m.name, "point": p.id, "numbers": mine, "dominated_by": ours}
+            if not own:
+                row["within_noise"] = _within_noise(p, [t for t, n in rest if t.id not in ours and _less_kl(n, mine)])
+            rows.append(row)
     return rows
+
+
+def _less_kl(n: dict[str, Any], rival: dict[str, Any]) -> bool:
+    return n["first_token_kl"] <= rival["first_token_kl"] and n["multi_token_kl"] <= rival["multi_token_kl"]
+
+
+def _refused(p: Point) -> tuple[int, int] | None:
+    """(refused, prompts) of a judged point: the count behind its rounded rate."""
+    from refusal_edit.evaluation.stats import count
+
+    t = p.test or {}
+    found = re.search(r"\((\d+)\)$", str(t.get("harmful_prompts") or ""))
+    if found is None or t.get("harmful_refusal_edited") is None:
+        return None
+    n = int(found.group(1))
+    return count(t["harmful_refusal_edited"], n), n
+
+
+def _interval(p: Point) -> list[float] | None:
+    """Wilson 95 % interval of a judged point's harmful refusal rate."""
+    from refusal_edit.evaluation.stats import wilson
+
+    got = _refused(p)
+    return None if got is None else [round(x, 4) for x in wilson(*got)]
+
+
+def _within_noise(rival: Point, candidates: list[Point]) -> list[dict[str, Any]]:
+    """The tune points with no more KL of either kind than `rival` but more refusals, whose refusal gap the
+    test split cannot resolve (Newcombe's 95 % interval of the difference contains zero): near 1 %, 100
+    prompts cannot tell such a point from a dominating one."""
+    from refusal_edit.evaluation.stats import difference
+
+    mine = _refused(rival)
+    out = []
+    for t in candidates:
+        theirs = _refused(t)
+        if mine is None or theirs is None:
+            continue
+        lo, hi = difference(*theirs, *mine)
+        if lo <= 0 <= hi:
+            gap = theirs[0] / theirs[1] - mine[0] / mine[1]
+            out.append({"point": t.id, "refusal_gap": round(gap, 4), "gap_ci95": [round(lo, 4), round(hi, 4)]})
+    return out
 
 
 def _table(methods: list[Method]) -> list[dict[str, Any]]:
@@ -530,6 +584,7 @@ def _table(methods: list[Method]) -> list[dict[str, Any]]:
                     "method": m.name,
                     "point": p.id,
                     "harmful_refusal": t.get("harmful_refusal_edited"),
+                    "harmful_refusal_ci95": _interval(p),
                     "first_token_kl": t.get("first_token_kl"),
                     "multi_token_kl": t.get("multi_token_kl"),
                     "own": p.own,

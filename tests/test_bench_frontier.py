@@ -26,7 +26,12 @@ peer = _load("bench_heretic_peer", BENCH / "peers" / "heretic_peer.py")
 
 
 def _point(method: str, pid: str, refusal: float, ft: float, mt: float):
-    test = {"harmful_refusal_edited": refusal, "first_token_kl": ft, "multi_token_kl": mt}
+    test = {
+        "harmful_refusal_edited": refusal,
+        "first_token_kl": ft,
+        "multi_token_kl": mt,
+        "harmful_prompts": "builtin:harmful@test (100)",
+    }
     return frontier.Point(method, pid, f"/x/{pid}", test=test)
 
 
@@ -66,8 +71,30 @@ def test_dominance_skips_unjudged_points():
             "point": "h1",
             "numbers": {"harmful_refusal_edited": 0.5, "first_token_kl": 0.5, "multi_token_kl": 0.5},
             "dominated_by": [],
+            "within_noise": [],
         }
     ]
+
+
+def test_a_gap_the_test_split_cannot_resolve_is_reported_apart():
+    """Near 1 %, 100 prompts cannot separate 1 from 3 refusals: such a point is listed as within noise, with
+    Newcombe's interval of the gap; a resolvable gap or a point with more KL is not."""
+    tune = frontier.Method(
+        "tune",
+        [
+            _point("tune", "close", 0.03, 0.111, 0.0195),  # less KL, 3 vs 1 refused: unresolvable
+            _point("tune", "far", 0.13, 0.037, 0.005),  # less KL, 13 vs 1: resolvable
+            _point("tune", "hot", 0.03, 0.132, 0.026),  # more first-token KL: not a candidate
+        ],
+    )
+    paper = frontier.Method("paper", [_point("paper", "paper", 0.01, 0.127, 0.0483)])
+    (row,) = frontier.dominance([tune, paper])
+    assert row["dominated_by"] == []
+    (near,) = row["within_noise"]
+    assert near["point"] == "close" and near["refusal_gap"] == 0.02
+    lo, hi = near["gap_ci95"]
+    assert lo == pytest.approx(-0.0287, abs=1e-4) and hi == pytest.approx(0.0751, abs=1e-4)
+    assert frontier._interval(paper.points[0]) == [0.0018, 0.0545]
 
 
 def test_reached_over_sessions_is_setup_plus_trial_durations():

@@ -17,6 +17,7 @@ from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation import run as run_module
 from refusal_edit.evaluation.report import tables
 from refusal_edit.evaluation.run import EvalSettings
+from refusal_edit.evaluation.stats import wilson
 from refusal_edit.generation import Generated
 from refusal_edit.judging import MarkerJudge, Verdict, cohen_kappa
 from refusal_edit.workflows import evaluate
@@ -113,6 +114,10 @@ def test_every_judge_reports_per_set_and_category_with_pooled_agreement(env):
     assert summary["judge"] == "markers" and summary["other_judges"] == "has-a, has-e"
     assert summary["harmful_refusal_edited_has_a"] == round(report.rate("edited", "harmful", "has-a"), 4)
     assert summary["judge_agreement"] == round(report.agreements()[0].rate, 4)
+    c = report.counts("edited", "harmful")
+    assert summary["harmful_refusal_edited_ci95"] == [round(x, 4) for x in wilson(c.refused, c.total)]
+    lo, hi = summary["harmful_refusal_edited_ci95"]
+    assert lo <= summary["harmful_refusal_edited"] <= hi and hi - lo > 0.3  # 4 replies: a wide interval
     data = json.loads(json.dumps(report.to_dict()))
     assert set(data["agreement"]) == {"all"} | {f"{s}/{k}" for s in ("base", "edited") for k in report.kinds}
     assert data["judging"]["edited"]["harmful"]["stats"]["has-e"]["total"] == 4

@@ -18,6 +18,7 @@ from refusal_edit.checkpoint.record import finite
 from refusal_edit.console import show
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.run import EvalReport
+from refusal_edit.evaluation.stats import wilson
 
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
@@ -66,7 +67,8 @@ def rates_table(report: EvalReport) -> Table:
         f"neither refused nor complied. Degenerate replies: {_degenerate_note(report)}."
     )
     rates = Table(title=f"refusal rate: {report.base['name']} vs {label}", caption=caption)
-    for col in ("prompts", "judge", "n", "base", "edited", "change", "complied (edited)", "degenerate (base / edited)"):
+    columns = ("prompts", "judge", "n", "base", "edited", "edited 95% CI", "change", "complied (edited)")
+    for col in (*columns, "degenerate (base / edited)"):
         rates.add_column(col, justify="left" if col in ("prompts", "judge") else "right")
     for kind in report.kinds:
         for j, name in enumerate(report.judge_names):
@@ -78,6 +80,7 @@ def rates_table(report: EvalReport) -> Table:
                 str(b.total) if j == 0 else "",
                 _pct(b.refusal_rate),
                 _pct(e.refusal_rate),
+                "-".join(_pct(x) for x in wilson(e.refused, e.total)),
                 f"{100 * (e.refusal_rate - b.refusal_rate):+.1f} pts",
                 _pct(e.compliance_rate) + undecided,
                 f"{_pct(b.degenerate_rate)} / {_pct(e.degenerate_rate)}" if j == 0 else "",

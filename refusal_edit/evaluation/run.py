@@ -30,6 +30,7 @@ from refusal_edit import __version__
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.evaluation.metrics import ContinuationMetrics, DivergenceStats, aggregate, continuation_metrics
+from refusal_edit.evaluation.stats import wilson
 from refusal_edit.forward import BatchView, tail_logits
 from refusal_edit.forward import teacher_forced as teacher_forced_logits
 from refusal_edit.generation import Generated, generate
@@ -158,6 +159,11 @@ class EvalReport:
         """Refusal rate (refused / all replies; degenerate replies are never refusals)."""
         return self.counts(side, kind, judge).refusal_rate
 
+    def interval(self, side: str, kind: str, judge: str | None = None) -> tuple[float, float]:
+        """Wilson 95 % interval of `rate` (a few percent of 100 prompts is a wide interval: say so)."""
+        c = self.counts(side, kind, judge)
+        return wilson(c.refused, c.total)
+
     def degenerate_rate(self, side: str, kinds: Sequence[str] | None = None) -> float:
         """Degenerate replies of `side` over the given prompt sets (default: all generated)."""
         reports = [self.judging[side][k] for k in (kinds or self.kinds)]
@@ -239,6 +245,7 @@ class EvalReport:
         for kind in self.kinds:
             out[f"{kind}_refusal_base"] = r(self.rate("base", kind))
             out[f"{kind}_refusal_edited"] = r(self.rate("edited", kind))
+            out[f"{kind}_refusal_edited_ci95"] = [r(x) for x in self.interval("edited", kind)]
         out["harmful_complied_edited"] = r(self.counts("edited", "harmful").compliance_rate)
         out["harmful_degenerate_base"] = r(self.degenerate_rate("base", ["harmful"]))
         out["harmful_degenerate_edited"] = r(self.degenerate_rate("edited", ["harmful"]))
