@@ -109,7 +109,8 @@ def main() -> None:
     for (label, _), m in zip(resolved, measured, strict=True):
         rows[label] = {k: v for k, v in m.to_json().items() if k != "samples"}
         print(
-            f"{label:24s} refused {100 * m.refusal_rate:5.1f} %  degenerate {100 * m.degenerate_rate:4.1f} %  "
+            f"{label:24s} refused {100 * m.refusal_rate:5.1f} % (95% CI {100 * m.refusal_ci95[0]:.1f}-"
+            f"{100 * m.refusal_ci95[1]:.1f})  degenerate {100 * m.degenerate_rate:4.1f} %  "
             f"first-token KL {m.first_token_kl:.4f}  multi-token KL {m.multi_token_kl:.4f}",
             flush=True,
         )

@@ -346,7 +346,12 @@ def plot(methods: list[Method], base: dict[str, Any] | None, path: Path, own: bo
                 continue
             pts = [p for _, p in got]
             xs, ys = [xy[0] for xy, _ in got], [xy[1] for xy, _ in got]
-            ax.plot(xs, ys, marker=markers.get(m.name, "D"), linestyle="-" if len(pts) > 1 else "", label=m.name)
+            line = ax.plot(xs, ys, marker=markers.get(m.name, "D"), linestyle="-" if len(pts) > 1 else "", label=m.name)
+            ci = [None if own else _interval(p) for p in pts]
+            if all(c is not None for c in ci):  # Wilson 95 % intervals of the judged refusal rates
+                low = [y - 100 * c[0] for y, c in zip(ys, ci, strict=True)]  # type: ignore[index]
+                high = [100 * c[1] - y for y, c in zip(ys, ci, strict=True)]  # type: ignore[index]
+                ax.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor=line[0].get_color(), alpha=0.35, capsize=2)
             for p, x, y in zip(pts, xs, ys, strict=True):
                 ax.annotate(p.id, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"{label} on harmless {'val' if own else 'test'} prompts (nats)")
@@ -355,7 +360,10 @@ def plot(methods: list[Method], base: dict[str, Any] | None, path: Path, own: bo
     axes[0].set_ylabel(f"harmful refusal rate on {'val' if own else 'test'} prompts (%)")
     axes[0].set_ylim(-2, max(10.0, axes[0].get_ylim()[1]))
     axes[0].legend(fontsize=8)
-    title = f"Refusal vs. damage, judged by refusal-edit evaluate (test split, {JUDGE['max_new_tokens']} tokens)"
+    title = (
+        f"Refusal vs. damage, judged by refusal-edit evaluate (test split, {JUDGE['max_new_tokens']} tokens; "
+        "bars: 95% intervals)"
+    )
     if own:
         title = "PROVISIONAL: each tool's own val-split numbers (not one harness; not judged on test)"
     fig.suptitle(title)

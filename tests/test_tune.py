@@ -77,6 +77,8 @@ def test_front_is_written_and_valid(tuned):
         c = p["confirmed"]
         assert c["prompts"] == 4 and c["kl_prompts"] == 3
         assert abs(c["refusal_rate"] + c["degenerate_rate"] + c["complied_rate"] - 1) < 1e-9
+        lo, hi = c["refusal_ci95"]  # Wilson's interval of the count behind the rate
+        assert lo <= c["refusal_rate"] <= hi and (lo, hi) != (0.0, 1.0)
         assert c["first_token_kl"] >= 0 and c["multi_token_kl"] is not None
     assert data["chosen"] in {p["id"] for p in confirmed}
     assert data["direction"]["candidates"] is True

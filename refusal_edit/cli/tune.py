@@ -93,7 +93,8 @@ def tune(
         title=f"confirmed front: {len(result.trials)} trials, base refusal {_pct(base['refusal_rate'])} "
         f"({base['prompts']} harmful val prompts)"
     )
-    for col in ("id", "edit", "refused", "degenerate", "first-token KL (nats)", "multi-token KL (nats)"):
+    columns = ("id", "edit", "refused", "refused 95% CI", "degenerate", "first-token KL (nats)")
+    for col in (*columns, "multi-token KL (nats)"):
         table.add_column(col, justify="left" if col in ("id", "edit") else "right")
     for p in result.confirmed:
         c = p["confirmed"]
@@ -102,6 +103,7 @@ def tune(
             p["id"] + mark,
             p["describe"],
             _pct(c["refusal_rate"]),
+            "-".join(_pct(x) for x in c["refusal_ci95"]) if "refusal_ci95" in c else "-",
             _pct(c["degenerate_rate"]),
             f"{c['first_token_kl']:.4f}",
             "-" if c["multi_token_kl"] is None else f"{c['multi_token_kl']:.4f}",

@@ -23,6 +23,7 @@ from torch import nn
 from refusal_edit.edits.memory import edited_weights
 from refusal_edit.edits.spec import ResolvedEdit
 from refusal_edit.evaluation.metrics import aggregate, continuation_metrics
+from refusal_edit.evaluation.stats import count, wilson
 from refusal_edit.forward import BatchView, tail_logits, teacher_forced
 from refusal_edit.generation import Generated, generate
 from refusal_edit.interventions import RowGroups, edit_hooks_by_row
@@ -51,8 +52,13 @@ class Confirmed:
         """Refused or degenerate: what the front's refusal axis counts."""
         return self.refusal_rate + self.degenerate_rate
 
+    @property
+    def refusal_ci95(self) -> tuple[float, float]:
+        """Wilson 95 % interval of the refusal rate: val holds a few dozen prompts, so it is wide."""
+        return wilson(count(self.refusal_rate, self.prompts), self.prompts)
+
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "refusal_ci95": [round(x, 4) for x in self.refusal_ci95]}
 
 
 def judge_replies(prompts: Sequence[str], replies: Sequence[Generated]) -> tuple[list[bool], list[str | None]]:
