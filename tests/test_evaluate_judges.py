@@ -124,6 +124,10 @@ def test_every_judge_reports_per_set_and_category_with_pooled_agreement(env):
     assert data["judges"]["has-a"] == {"type": "contains", "needle": "a"}
     titles = [str(t.title) for t in tables(report)]
     assert "agreement between judges" in titles
+    rates = tables(report)[0]
+    column = [c.header for c in rates.columns].index("edited 95% CI")
+    lo, hi = report.interval("edited", "harmful")
+    assert next(iter(rates.columns[column].cells)) == f"{100 * lo:.1f}%-{100 * hi:.1f}%"
     assert any(t.startswith("replies the judges disagree on") for t in titles)
 
 
