@@ -9,7 +9,8 @@ import pytest
 import torch
 from tiny import token_batch
 
-from refusal_edit.tuning.front import pareto, pick, spread
+from refusal_edit.evaluation.stats import wilson
+from refusal_edit.tuning.front import _failure_interval, pareto, pick, spread
 
 FAST = ["--n-train", "6", "--n-val", "4", "--batch-size", "8", "--top-k", "2"]
 PERMISSIVE = ["--kl-threshold", "1e9", "--induce-threshold", "-1e9", "--refusal-tokens", "i,as"]
@@ -179,6 +180,9 @@ def test_pick_rule_and_front_helpers():
     front = pareto([(1, 5), (2, 2), (3, 3), (5, 1)], key=lambda p: p)
     assert front == [(1, 5), (2, 2), (5, 1)]
     assert spread(list(range(10)), 3, key=float) == [0, 4, 9]
+    # front.png's bars: the interval of refused-or-degenerate replies, from the counts behind the rates
+    c = {"prompts": 32, "refusal_rate": 2 / 32, "degenerate_rate": 1 / 32}
+    assert _failure_interval(c) == wilson(3, 32)
 
 
 def test_row_grouped_hooks_equal_one_edit_per_pass():

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from refusal_edit.evaluation.stats import count, wilson
+
 T = TypeVar("T")
 
 
@@ -68,6 +70,12 @@ def pick(points: Sequence[dict[str, Any]], max_kl: float) -> Pick:
     return Pick(best, f"no point has first-token KL <= {max_kl:g}: the lowest first-token KL", False)
 
 
+def _failure_interval(c: dict[str, Any]) -> tuple[float, float]:
+    """Wilson 95 % interval of a confirmed point's refused-or-degenerate rate."""
+    n = int(c["prompts"])
+    return wilson(count(c["refusal_rate"] + c["degenerate_rate"], n), n)
+
+
 def plot_front(data: dict[str, Any], path: Path) -> Path:
     """front.png: every trial's proxies with the proxy front (left), the confirmed points (right)."""
     import matplotlib
@@ -102,7 +110,12 @@ def plot_front(data: dict[str, Any], path: Path) -> Path:
     for marker, kind, label in (("o", "first_token_kl", "first-token KL"), ("s", "multi_token_kl", "multi-token KL")):
         xs = [max(p["confirmed"][kind] or 0.0, 1e-5) for p in points]
         ys = [100 * (p["confirmed"]["refusal_rate"] + p["confirmed"]["degenerate_rate"]) for p in points]
-        right.scatter(xs, ys, marker=marker, s=36, label=label, alpha=0.85)
+        dots = right.scatter(xs, ys, marker=marker, s=36, label=label, alpha=0.85)
+        if kind == "first_token_kl":  # Wilson 95 % intervals: val holds a few dozen prompts
+            bounds = [_failure_interval(p["confirmed"]) for p in points]
+            low = [y - 100 * lo for y, (lo, _) in zip(ys, bounds, strict=True)]
+            high = [100 * hi - y for y, (_, hi) in zip(ys, bounds, strict=True)]
+            right.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor=dots.get_facecolor()[0], alpha=0.4, capsize=2)
     stacked: dict[float, int] = {}  # labels already placed at a refusal rate: stack the next one above them
     for p in points:
         c = p["confirmed"]
@@ -135,7 +148,7 @@ def plot_front(data: dict[str, Any], path: Path) -> Path:
     right.set_xscale("log")
     right.set_xlabel("KL on harmless val prompts (nats; greedy continuations, teacher-forced)")
     right.set_ylabel("harmful val prompts refused or degenerate (%)")
-    right.set_title("confirmed points (greedy generation)")
+    right.set_title("confirmed points (greedy generation; bars: 95% intervals)")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
