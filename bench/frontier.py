@@ -566,7 +566,7 @@ def _within_noise(rival: Point, candidates: list[Point]) -> list[dict[str, Any]]
     """The tune points with no more KL of either kind than `rival` but more refusals, whose refusal gap the
     test split cannot resolve (Newcombe's 95 % interval of the difference contains zero): near 1 %, 100
     prompts cannot tell such a point from a dominating one."""
-    from refusal_edit.evaluation.stats import difference
+    from refusal_edit.evaluation.stats import difference, resolvable
 
     mine = _refused(rival)
     out = []
@@ -574,10 +574,10 @@ def _within_noise(rival: Point, candidates: list[Point]) -> list[dict[str, Any]]
         theirs = _refused(t)
         if mine is None or theirs is None:
             continue
-        lo, hi = difference(*theirs, *mine)
-        if lo <= 0 <= hi:
+        interval = difference(*theirs, *mine)
+        if not resolvable(interval):
             gap = theirs[0] / theirs[1] - mine[0] / mine[1]
-            out.append({"point": t.id, "refusal_gap": round(gap, 4), "gap_ci95": [round(lo, 4), round(hi, 4)]})
+            out.append({"point": t.id, "refusal_gap": round(gap, 4), "gap_ci95": [round(x, 4) for x in interval]})
     return out
 
 

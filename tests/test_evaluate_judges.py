@@ -213,6 +213,10 @@ def test_a_broken_model_shows_a_high_degenerate_rate_not_a_low_refusal_rate(env,
     assert summary["harmful_complied_edited"] == 0.0 and summary["harmful_refusal_edited"] == 0.0
     assert summary["degenerate_rate_base"] < 0.5
     assert "/ 100.0%" in res.out and "edited: repetition 9" in " ".join(res.out.split())  # the table says so
+    # 0 refused of 3: the interval says how little that shows, in the summary and in the printed table
+    hi = wilson(0, 3)[1]
+    assert summary["harmful_refusal_edited_ci95"] == [0.0, round(hi, 4)] and hi > 0.5
+    assert "edited 95% CI" in " ".join(res.out.split()) and f"0.0%-{100 * hi:.1f}%" in res.out
 
 
 # ---------------------------------------------------------------- over-refusal

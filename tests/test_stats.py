@@ -28,6 +28,6 @@ def test_difference_matches_newcombe_method_10():
 
 
 def test_one_in_a_hundred_against_three_is_not_resolvable():
-    assert not resolvable(3, 100, 1, 100)
-    assert resolvable(13, 100, 1, 100)
+    assert not resolvable(difference(3, 100, 1, 100))
+    assert resolvable(difference(13, 100, 1, 100))
     assert count(0.03, 100) == 3 and count(0.0125, 240) == 3

@@ -3,6 +3,8 @@ checkpoint equals its hook twin."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -55,7 +57,10 @@ def tuned(tmp_path_factory):
         return code
 
     assert run("extract", src, "--out", root / "direction", *FAST, *PERMISSIVE) == 0
-    assert run("tune", src, "--direction", root / "direction", "--out", root / "tune", *TUNE) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the results table goes to stdout
+        assert run("tune", src, "--direction", root / "direction", "--out", root / "tune", *TUNE) == 0
+    (root / "tune-stdout.txt").write_text(printed.getvalue())
     return src, root, run
 
 
@@ -82,6 +87,11 @@ def test_front_is_written_and_valid(tuned):
         assert lo <= c["refusal_rate"] <= hi and (lo, hi) != (0.0, 1.0)
         assert c["first_token_kl"] >= 0 and c["multi_token_kl"] is not None
     assert data["chosen"] in {p["id"] for p in confirmed}
+    table = (root / "tune-stdout.txt").read_text()  # every confirmed point's interval, as front.json has it
+    assert "refused 95% CI" in table
+    for p in confirmed:
+        lo, hi = p["confirmed"]["refusal_ci95"]
+        assert f"{100 * lo:.0f}%-{100 * hi:.0f}%" in table
     assert data["direction"]["candidates"] is True
     assert (root / "tune" / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "tune" / "study.journal").is_file()

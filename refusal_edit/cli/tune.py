@@ -103,7 +103,7 @@ def tune(
             p["id"] + mark,
             p["describe"],
             _pct(c["refusal_rate"]),
-            "-".join(_pct(x) for x in c["refusal_ci95"]) if "refusal_ci95" in c else "-",
+            "-".join(_pct(x) for x in c["refusal_ci95"]),
             _pct(c["degenerate_rate"]),
             f"{c['first_token_kl']:.4f}",
             "-" if c["multi_token_kl"] is None else f"{c['multi_token_kl']:.4f}",

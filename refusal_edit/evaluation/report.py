@@ -18,7 +18,6 @@ from refusal_edit.checkpoint.record import finite
 from refusal_edit.console import show
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.run import EvalReport
-from refusal_edit.evaluation.stats import wilson
 
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
@@ -80,7 +79,7 @@ def rates_table(report: EvalReport) -> Table:
                 str(b.total) if j == 0 else "",
                 _pct(b.refusal_rate),
                 _pct(e.refusal_rate),
-                "-".join(_pct(x) for x in wilson(e.refused, e.total)),
+                "-".join(_pct(x) for x in report.interval("edited", kind, name)),
                 f"{100 * (e.refusal_rate - b.refusal_rate):+.1f} pts",
                 _pct(e.compliance_rate) + undecided,
                 f"{_pct(b.degenerate_rate)} / {_pct(e.degenerate_rate)}" if j == 0 else "",

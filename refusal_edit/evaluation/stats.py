@@ -40,9 +40,9 @@ def difference(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> tuple[floa
     return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
-def resolvable(k1: int, n1: int, k2: int, n2: int) -> bool:
-    """Whether the 95 % interval of the gap between two rates excludes zero."""
-    lo, hi = difference(k1, n1, k2, n2)
+def resolvable(gap: tuple[float, float]) -> bool:
+    """Whether an interval of the gap between two rates (`difference`) excludes zero."""
+    lo, hi = gap
     return lo > 0 or hi < 0
 
 
