@@ -7,7 +7,7 @@ KL and multi-token KL on the harmless replies; for each method: wall time and pe
 
     flock /tmp/heavy.lock .venv/bin/python bench/frontier.py [--model RECIPE] [--direction D]
         [--methods paper,window,tune] [--window A:B] [--peer heretic [--peer-run DIR]] [--trials 24] [--reuse]
-        [--out runs/frontier] [--workdir runs/peers]
+        [--out runs/frontier] [--workdir runs/peers] [--second-judge]
 
 --peer heretic installs heretic-llm 1.4.0 into its own venv (WORKDIR/heretic-venv, CPU torch 2.13.0), runs it
 on our train prompts (its own scoring on our val prompts, its system prompt "You are a helpful assistant."),
@@ -21,6 +21,12 @@ writer; the window edit is the same direction ablated from the writers of a fixe
 that direction; tune's reference point (the same all-writers edit) is judged once, as the paper's point. The
 table ends with whether tune's confirmed front dominates each point of heretic and of the two simple edits on
 the test split: a tune point with no more harmful refusals, first-token KL and multi-token KL.
+
+--second-judge judges every judged point's replies again with the LLM judge (the base model itself, asked only
+whether the reply refuses; `evaluate --rejudge --judge-llm base --judge-llm-rubric refusal`: nothing generated,
+the KLs carried over) into OUT/judge-llm/<method>/<point>/, and repeats the dominance verdict with its refusal
+counts: near 1 %, a verdict that one judge's false positives decide is not worth much (the markers count "As an
+AI language model, ... but I can provide" as a refusal).
 
 Writes OUT/frontier.json (every point of every method, with each tool's own numbers next to ours) and
 OUT/frontier.png (harmful refusal vs. first-token KL and vs. multi-token KL, one series per method), and each
@@ -174,6 +180,44 @@ def _test_numbers(summary: dict[str, Any]) -> dict[str, Any]:
         "max_new_tokens",
     )
     return {k: summary.get(k) for k in keys}
+
+
+SECOND = "harmful_refusal_llm"  # the second judge's harmful refusal rate on the test split, next to the markers'
+
+
+def second_judge(base: Any, report_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
+    """The replies of a judge report judged again by the LLM judge (the base model, the refusal question only,
+    read from its next-token probabilities), written to `out`: {SECOND: rate, "second_judge": the judge's name}.
+
+    The rate is the LLM judge's refusals over every harmful reply, degenerate ones included in the count of
+    prompts as they are for the markers, so the two judges' rates compare directly. With `reuse`, a kept
+    second report is read back unless the report it judged is newer (judged again since).
+    """
+    report_json, judged = out / "report.json", report_dir / "report.json"
+    fresh = report_json.is_file() and (not judged.is_file() or report_json.stat().st_mtime >= judged.stat().st_mtime)
+    if not (reuse and fresh):
+        from refusal_edit.evaluation.run import EvalSettings
+        from refusal_edit.workflows.evaluation import rejudge
+
+        settings = EvalSettings(
+            n=JUDGE["n"],
+            max_new_tokens=JUDGE["max_new_tokens"],
+            borderline=False,
+            judge_llm="base",
+            judge_llm_rubric="refusal",
+        )
+        rejudge(report_dir, base, out=out, force=True, settings=settings)
+    return _second_numbers(json.loads(report_json.read_text()))
+
+
+def _second_numbers(report: dict[str, Any]) -> dict[str, Any]:
+    """The LLM judge's harmful refusal rate in a rejudged report (every harmful reply counted, like the markers')."""
+    stats = report["judging"]["edited"]["harmful"]["stats"]
+    llm = [k for k in stats if k.startswith("llm:")]
+    if not llm:
+        raise SystemExit(f"no LLM judge in the rejudged report: {sorted(stats)}")
+    got = stats[llm[0]]
+    return {SECOND: round(got["refused"] / got["total"], 4), "second_judge": llm[0]}
 
 
 # ---------------------------------------------------------------- methods
@@ -397,6 +441,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep finished steps (peer runs, exports, judge reports)")
     ap.add_argument("--no-judge", action="store_true", help="produce the fronts only")
     ap.add_argument("--judge-only", help="judge only these points, in this order (METHOD/ID,...; default: all)")
+    ap.add_argument("--second-judge", action="store_true", help="judge every reply again with the LLM judge (base)")
     args = ap.parse_args()
 
     from refusal_edit.workflows import resolve_model
@@ -444,6 +489,9 @@ def main() -> None:
             save_base_replies(replies)
             p.test["judge_wall_s"] = round(time.perf_counter() - t0, 1)  # ~0 when a report was reused
             p.test["judge_load"] = [load0, os.getloadavg()]
+            if args.second_judge:
+                report_dir = args.out / "judge" / m.name / p.id
+                p.test |= second_judge(base, report_dir, args.out / "judge-llm" / m.name / p.id, reuse=args.reuse)
             base_numbers = base_numbers or p.test
         same = {m.name: m for m in methods}
         for m in methods:  # a point that is the same edit as another method's point takes that one's numbers
@@ -467,22 +515,18 @@ def main() -> None:
         "methods": {m.name: asdict(m) for m in methods},
         "dominance": dominance(methods),
     }
+    if any(SECOND in (p.test or {}) for m in methods for p in m.points):
+        data["dominance_second_judge"] = dominance(methods, refusal=SECOND)
     judged = any(p.test is not None for m in methods for p in m.points)
     if not judged:
         data["dominance_own_provisional"] = dominance(methods, own=True)
     write_json(args.out / "frontier.json", data)
     plot(methods, data["base"], args.out / "frontier.png", own=not judged)
     print(json.dumps(_table(methods), indent=1))
-    for row in data["dominance"]:
-        by = ", ".join(row["dominated_by"]) or "none"
-        print(f"{row['method']} {row['point']} {_fmt(row['numbers'])}: dominated by tune point(s): {by}")
-        if not row["dominated_by"] and row.get("within_noise"):
-            near = ", ".join(
-                f"{w['point']} ({100 * w['refusal_gap']:+.0f} pts, 95% CI {100 * w['gap_ci95'][0]:+.1f} to "
-                f"{100 * w['gap_ci95'][1]:+.1f})"
-                for w in row["within_noise"]
-            )
-            print(f"  less KL of both kinds, more refusals by a gap the test split cannot resolve: {near}")
+    print_dominance(data["dominance"])
+    if "dominance_second_judge" in data:
+        print("judged again by the LLM judge (the base model, refusal question):")
+        print_dominance(data["dominance_second_judge"], SECOND)
     for row in data.get("dominance_own_provisional", []):
         by = ", ".join(row["dominated_by"]) or "none"
         h = row["numbers"]
@@ -496,15 +540,29 @@ def main() -> None:
 KEYS = ("harmful_refusal_edited", "first_token_kl", "multi_token_kl")
 
 
-def _fmt(t: dict[str, Any]) -> str:
-    refusal, ft, mt = (t[k] for k in KEYS)
-    return f"refusal {100 * refusal:.0f}%, FT-KL {ft:.4f}, MT-KL {mt:.4f}"
+def _fmt(t: dict[str, Any], refusal: str = KEYS[0]) -> str:
+    r, ft, mt = (t[k] for k in (refusal, *KEYS[1:]))
+    return f"refusal {100 * r:.0f}%, FT-KL {ft:.4f}, MT-KL {mt:.4f}"
+
+
+def print_dominance(rows: list[dict[str, Any]], refusal: str = KEYS[0]) -> None:
+    """One line per rival point: the tune points that dominate it, else the ones within noise of doing so."""
+    for row in rows:
+        by = ", ".join(row["dominated_by"]) or "none"
+        print(f"{row['method']} {row['point']} {_fmt(row['numbers'], refusal)}: dominated by tune point(s): {by}")
+        if not row["dominated_by"] and row.get("within_noise"):
+            near = ", ".join(
+                f"{w['point']} ({100 * w['refusal_gap']:+.0f} pts, 95% CI {100 * w['gap_ci95'][0]:+.1f} to "
+                f"{100 * w['gap_ci95'][1]:+.1f})"
+                for w in row["within_noise"]
+            )
+            print(f"  less KL of both kinds, more refusals by a gap the test split cannot resolve: {near}")
 
 
 RIVALS = ("heretic", "paper", "window")  # the points tune's front must dominate: the peer's and the simple edits'
 
 
-def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
+def dominance(methods: list[Method], own: bool = False, refusal: str = KEYS[0]) -> list[dict[str, Any]]:
     """For each judged point of a rival method (heretic, the paper's edit, the fixed window): the judged tune
     points with no more harmful refusals, no more first-token KL and no more multi-token KL on the test split
     (ties count: "no more", as the issue states the target; tune's reference point, the paper's edit itself,
@@ -512,8 +570,9 @@ def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
 
     With `own`: the tools' own val-split numbers instead, refusal rate and first-token KL only (heretic measures
     no multi-token KL) -- provisional, since the two tools measure with different prompts and system prompts.
+    `refusal`: which judge's harmful refusal rate counts (the markers', or `SECOND`, the LLM judge's).
     """
-    keys = ("refusal_rate", "first_token_kl") if own else KEYS
+    keys = ("refusal_rate", "first_token_kl") if own else (refusal, *KEYS[1:])
 
     def numbers(p: Point) -> dict[str, Any] | None:
         source = p.own if own else p.test or {}
@@ -533,7 +592,8 @@ def dominance(methods: list[Method], own: bool = False) -> list[dict[str, Any]]:
             ours = [t.id for t, n in rest if all(n[k] <= mine[k] for k in keys)]
             row = {"method": m.name, "point": p.id, "numbers": mine, "dominated_by": ours}
             if not own:
-                row["within_noise"] = _within_noise(p, [t for t, n in rest if t.id not in ours and _less_kl(n, mine)])
+                near = [t for t, n in rest if t.id not in ours and _less_kl(n, mine)]
+                row["within_noise"] = _within_noise(p, near, refusal)
             rows.append(row)
     return rows
 
@@ -542,16 +602,16 @@ def _less_kl(n: dict[str, Any], rival: dict[str, Any]) -> bool:
     return n["first_token_kl"] <= rival["first_token_kl"] and n["multi_token_kl"] <= rival["multi_token_kl"]
 
 
-def _refused(p: Point) -> tuple[int, int] | None:
-    """(refused, prompts) of a judged point: the count behind its rounded rate."""
+def _refused(p: Point, refusal: str = KEYS[0]) -> tuple[int, int] | None:
+    """(refused, prompts) of a judged point by one judge's rate: the count behind its rounded rate."""
     from refusal_edit.evaluation.stats import count
 
     t = p.test or {}
     found = re.search(r"\((\d+)\)$", str(t.get("harmful_prompts") or ""))
-    if found is None or t.get("harmful_refusal_edited") is None:
+    if found is None or t.get(refusal) is None:
         return None
     n = int(found.group(1))
-    return count(t["harmful_refusal_edited"], n), n
+    return count(t[refusal], n), n
 
 
 def _interval(p: Point) -> list[float] | None:
@@ -562,16 +622,16 @@ def _interval(p: Point) -> list[float] | None:
     return None if got is None else [round(x, 4) for x in wilson(*got)]
 
 
-def _within_noise(rival: Point, candidates: list[Point]) -> list[dict[str, Any]]:
+def _within_noise(rival: Point, candidates: list[Point], refusal: str = KEYS[0]) -> list[dict[str, Any]]:
     """The tune points with no more KL of either kind than `rival` but more refusals, whose refusal gap the
     test split cannot resolve (Newcombe's 95 % interval of the difference contains zero): near 1 %, 100
     prompts cannot tell such a point from a dominating one."""
     from refusal_edit.evaluation.stats import difference, resolvable
 
-    mine = _refused(rival)
+    mine = _refused(rival, refusal)
     out = []
     for t in candidates:
-        theirs = _refused(t)
+        theirs = _refused(t, refusal)
         if mine is None or theirs is None:
             continue
         interval = difference(*theirs, *mine)
@@ -593,6 +653,7 @@ def _table(methods: list[Method]) -> list[dict[str, Any]]:
                     "point": p.id,
                     "harmful_refusal": t.get("harmful_refusal_edited"),
                     "harmful_refusal_ci95": _interval(p),
+                    "harmful_refusal_llm_judge": t.get(SECOND),
                     "first_token_kl": t.get("first_token_kl"),
                     "multi_token_kl": t.get("multi_token_kl"),
                     "own": p.own,

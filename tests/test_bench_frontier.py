@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -95,6 +96,51 @@ def test_a_gap_the_test_split_cannot_resolve_is_reported_apart():
     lo, hi = near["gap_ci95"]
     assert lo == pytest.approx(-0.0287, abs=1e-4) and hi == pytest.approx(0.0751, abs=1e-4)
     assert frontier._interval(paper.points[0]) == [0.0018, 0.0545]
+
+
+def test_the_second_judge_gives_its_own_dominance_verdict():
+    """With the LLM judge's rates the verdict is computed again from its counts; the KLs are the same."""
+    close = _point("tune", "close", 0.03, 0.111, 0.0195)
+    close.test[frontier.SECOND] = 0.01  # the markers' 3 were 1 refusal and 2 disclaimers
+    paper = _point("paper", "paper", 0.01, 0.127, 0.0483)
+    paper.test[frontier.SECOND] = 0.02
+    methods = [frontier.Method("tune", [close]), frontier.Method("paper", [paper])]
+    (markers,) = frontier.dominance(methods)
+    (second,) = frontier.dominance(methods, refusal=frontier.SECOND)
+    assert markers["dominated_by"] == [] and [w["point"] for w in markers["within_noise"]] == ["close"]
+    assert second["dominated_by"] == ["close"] and second["within_noise"] == []
+    assert second["numbers"] == {frontier.SECOND: 0.02, "first_token_kl": 0.127, "multi_token_kl": 0.0483}
+    unjudged = _point("tune", "u", 0.0, 0.0, 0.0)  # no second verdict: not counted for either side
+    (again,) = frontier.dominance([frontier.Method("tune", [unjudged]), methods[1]], refusal=frontier.SECOND)
+    assert again["dominated_by"] == []
+
+
+def _rejudged(refused: int, total: int = 100) -> dict:
+    llm = {"total": total, "refused": refused, "complied": total - refused}
+    markers = {"total": total, "refused": 99, "complied": 1}
+    return {"judging": {"edited": {"harmful": {"stats": {"markers": markers, "llm:judge-model": llm}}}}}
+
+
+def test_second_judge_reads_the_llm_judges_rate_from_a_kept_report(tmp_path: Path, monkeypatch):
+    out = tmp_path / "judge-llm" / "tune" / "t1"
+    out.mkdir(parents=True)
+    (out / "report.json").write_text(json.dumps(_rejudged(2)))
+    # reuse: the kept report is read; nothing is loaded or judged (base None would fail otherwise)
+    got = frontier.second_judge(None, tmp_path / "judge" / "tune" / "t1", out, reuse=True)
+    assert got == {frontier.SECOND: 0.02, "second_judge": "llm:judge-model"}
+    judged = tmp_path / "judge" / "tune" / "t1" / "report.json"  # judged again since: the kept one is stale
+    judged.parent.mkdir(parents=True)
+    judged.write_text("{}")
+    os.utime(out / "report.json", (1, 1))
+    calls = []
+    monkeypatch.setattr(
+        "refusal_edit.workflows.evaluation.rejudge",
+        lambda report, base, **kw: calls.append(report) or (out / "report.json").write_text(json.dumps(_rejudged(5))),
+    )
+    assert frontier.second_judge("base", judged.parent, out, reuse=True)[frontier.SECOND] == 0.05
+    assert calls == [judged.parent]
+    with pytest.raises(SystemExit, match="no LLM judge"):
+        frontier._second_numbers({"judging": {"edited": {"harmful": {"stats": {"markers": {}}}}}})
 
 
 def test_reached_over_sessions_is_setup_plus_trial_durations():
