@@ -199,13 +199,8 @@ def second_judge(base: Any, report_dir: Path, out: Path, reuse: bool = False) ->
         from refusal_edit.evaluation.run import EvalSettings
         from refusal_edit.workflows.evaluation import rejudge
 
-        settings = EvalSettings(
-            n=JUDGE["n"],
-            max_new_tokens=JUDGE["max_new_tokens"],
-            borderline=False,
-            judge_llm="base",
-            judge_llm_rubric="refusal",
-        )
+        # only the judge settings matter: nothing is generated
+        settings = EvalSettings(judge_llm="base", judge_llm_rubric="refusal")
         rejudge(report_dir, base, out=out, force=True, settings=settings)
     return _second_numbers(json.loads(report_json.read_text()))
 
@@ -485,12 +480,12 @@ def main() -> None:
         for m, p in order:
             print(f"judging {m.name} {p.id} ...", file=sys.stderr)
             t0, load0 = time.perf_counter(), os.getloadavg()
-            p.test = judge(base, Path(p.path), args.out / "judge" / m.name / p.id, reuse=args.reuse)
+            report_dir = args.out / "judge" / m.name / p.id
+            p.test = judge(base, Path(p.path), report_dir, reuse=args.reuse)
             save_base_replies(replies)
             p.test["judge_wall_s"] = round(time.perf_counter() - t0, 1)  # ~0 when a report was reused
             p.test["judge_load"] = [load0, os.getloadavg()]
             if args.second_judge:
-                report_dir = args.out / "judge" / m.name / p.id
                 p.test |= second_judge(base, report_dir, args.out / "judge-llm" / m.name / p.id, reuse=args.reuse)
             base_numbers = base_numbers or p.test
         same = {m.name: m for m in methods}
