@@ -98,8 +98,9 @@ def test_a_gap_the_test_split_cannot_resolve_is_reported_apart():
     assert frontier._interval(paper.points[0]) == [0.0018, 0.0545]
 
 
-def test_the_second_judge_gives_its_own_dominance_verdict():
-    """With the LLM judge's rates the verdict is computed again from its counts; the KLs are the same."""
+def test_the_second_judge_gives_its_own_dominance_verdict(capsys):
+    """With the LLM judge's rates the verdict is computed again from its counts (the KLs are the same) and
+    printed with that judge's rate."""
     close = _point("tune", "close", 0.03, 0.111, 0.0195)
     close.test[frontier.SECOND] = 0.01  # the markers' 3 were 1 refusal and 2 disclaimers
     paper = _point("paper", "paper", 0.01, 0.127, 0.0483)
@@ -110,6 +111,15 @@ def test_the_second_judge_gives_its_own_dominance_verdict():
     assert markers["dominated_by"] == [] and [w["point"] for w in markers["within_noise"]] == ["close"]
     assert second["dominated_by"] == ["close"] and second["within_noise"] == []
     assert second["numbers"] == {frontier.SECOND: 0.02, "first_token_kl": 0.127, "multi_token_kl": 0.0483}
+    frontier.print_dominance([markers])
+    frontier.print_dominance([second], frontier.SECOND)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "paper paper refusal 1%, FT-KL 0.1270, MT-KL 0.0483: dominated by tune point(s): none",
+        "  less KL of both kinds, more refusals by a gap the test split cannot resolve: close (+2 pts, 95% CI -2.9 to "
+        "+7.5)",
+        "paper paper refusal 2%, FT-KL 0.1270, MT-KL 0.0483: dominated by tune point(s): close",
+    ]
     unjudged = _point("tune", "u", 0.0, 0.0, 0.0)  # no second verdict: not counted for either side
     (again,) = frontier.dominance([frontier.Method("tune", [unjudged]), methods[1]], refusal=frontier.SECOND)
     assert again["dominated_by"] == []
