@@ -185,13 +185,16 @@ def _test_numbers(summary: dict[str, Any]) -> dict[str, Any]:
 SECOND = "harmful_refusal_llm"  # the second judge's harmful refusal rate on the test split, next to the markers'
 
 
-def second_judge(base: Any, report_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
+def second_judge(
+    base: Any, report_dir: Path, out: Path, reuse: bool = False, verdicts: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The replies of a judge report judged again by the LLM judge (the base model, the refusal question only,
     read from its next-token probabilities), written to `out`: {SECOND: rate, "second_judge": the judge's name}.
 
     The rate is the LLM judge's refusals over every harmful reply, degenerate ones included in the count of
     prompts as they are for the markers, so the two judges' rates compare directly. With `reuse`, a kept
-    second report is read back unless the report it judged is newer (judged again since).
+    second report is read back unless the report it judged is newer (judged again since). `verdicts`: kept
+    across points, so the base model's replies (the same in every report) are judged once per run.
     """
     report_json, judged = out / "report.json", report_dir / "report.json"
     fresh = report_json.is_file() and (not judged.is_file() or report_json.stat().st_mtime >= judged.stat().st_mtime)
@@ -201,7 +204,7 @@ def second_judge(base: Any, report_dir: Path, out: Path, reuse: bool = False) ->
 
         # only the judge settings matter: nothing is generated
         settings = EvalSettings(judge_llm="base", judge_llm_rubric="refusal")
-        rejudge(report_dir, base, out=out, force=True, settings=settings)
+        rejudge(report_dir, base, out=out, force=True, settings=settings, verdicts=verdicts)
     return _second_numbers(json.loads(report_json.read_text()))
 
 
@@ -477,6 +480,7 @@ def main() -> None:
             wanted = args.judge_only.split(",")
             found = {f"{m.name}/{p.id}": (m, p) for m, p in order}
             order = [found[w] for w in wanted if w in found]
+        verdicts: dict[str, Any] = {}  # the second judge's, shared by every point (the base side's replies)
         for m, p in order:
             print(f"judging {m.name} {p.id} ...", file=sys.stderr)
             t0, load0 = time.perf_counter(), os.getloadavg()
@@ -486,7 +490,8 @@ def main() -> None:
             p.test["judge_wall_s"] = round(time.perf_counter() - t0, 1)  # ~0 when a report was reused
             p.test["judge_load"] = [load0, os.getloadavg()]
             if args.second_judge:
-                p.test |= second_judge(base, report_dir, args.out / "judge-llm" / m.name / p.id, reuse=args.reuse)
+                llm_dir = args.out / "judge-llm" / m.name / p.id
+                p.test |= second_judge(base, report_dir, llm_dir, reuse=args.reuse, verdicts=verdicts)
             base_numbers = base_numbers or p.test
         same = {m.name: m for m in methods}
         for m in methods:  # a point that is the same edit as another method's point takes that one's numbers

@@ -425,6 +425,49 @@ def test_rejudge_reproduces_a_report_and_adds_judges_without_generating(env, cli
     assert (first / "report.json").read_bytes() == saved_bytes  # the input is never modified
 
 
+def test_rejudge_judges_replies_already_judged_only_once(env, cli, tmp_path):
+    """A caller that keeps `verdicts` across reports (a bench: every edit against one base model) has each set
+    of replies judged once; the reports are the same as without the cache."""
+    from refusal_edit.judging import MarkerJudge
+
+    first = tmp_path / "first"
+    res = cli("evaluate", env["base"], env["ours"], *cli_prompts(env), "--max-new-tokens", "4", "--out", first)
+    assert res.code == 0, res.err
+    saved = json.loads((first / "report.json").read_text())
+    other = json.loads(json.dumps(saved))  # another edit's report: same base replies, other edited ones
+    for row in other["judging"]["edited"]["harmful"]["samples"]:
+        row["reply"] = row["answer"] = "I'm sorry, I cannot."
+
+    class Counting(MarkerJudge):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        def judge(self, prompts, replies, categories):
+            self.seen.append(len(replies))
+            return super().judge(prompts, replies, categories)
+
+    judge = Counting()
+    sets = sum(1 for side in saved["judging"].values() for _ in side)
+    verdicts: dict = {}
+    plain = run_module.rejudge(saved, [judge]).to_dict()
+    assert len(judge.seen) == sets  # every side and prompt set judged
+    judge.seen.clear()
+    again = run_module.rejudge(saved, [judge], verdicts=verdicts).to_dict()
+    assert len(judge.seen) == sets and len(verdicts) == sets and again["judging"] == plain["judging"]
+    judge.seen.clear()
+    assert run_module.rejudge(saved, [judge], verdicts=verdicts).to_dict()["judging"] == again["judging"]
+    assert judge.seen == []  # nothing judged twice
+    mixed = run_module.rejudge(other, [judge], verdicts=verdicts).to_dict()
+    n_harmful = len(other["judging"]["edited"]["harmful"]["samples"])
+    assert judge.seen == [n_harmful]  # only the changed replies
+    assert mixed["judging"]["base"] == plain["judging"]["base"]
+    assert mixed["judging"]["edited"]["harmful"]["stats"]["markers"]["refused"] == n_harmful
+    judge.seen.clear()
+    run_module.rejudge(saved, [MarkerJudge(["zzz"])], verdicts=verdicts)  # other judges: nothing reused
+    assert len(verdicts) == 2 * sets + 1
+
+
 def test_rejudge_errors(env, cli, tmp_path):
     first = tmp_path / "first"
     assert (

@@ -543,6 +543,22 @@ def compare(
     )
 
 
+def _verdict_key(
+    judges: Sequence[Judge],
+    prompts: list[str],
+    replies: list[str],
+    categories: list[str],
+    delimiters: tuple[str, str] | None,
+) -> str:
+    """What makes two judgings of a prompt set the same: the judges (as they describe themselves) and the
+    exact prompts, replies, categories and reasoning delimiters."""
+    h = hashlib.sha256()
+    for part in ([(j.name, j.describe()) for j in judges], prompts, replies, categories, delimiters):
+        h.update(repr(part).encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
 def _saved_reply(row: dict[str, Any], delimiters: tuple[str, str] | None) -> str:
     """The generated reply of a saved sample (reports before `reply` was kept: rebuilt from its parts)."""
     if "reply" in row or not row.get("reasoning"):
@@ -553,12 +569,22 @@ def _saved_reply(row: dict[str, Any], delimiters: tuple[str, str] | None) -> str
     return delimiters[0] + row["reasoning"] + (delimiters[1] + row["answer"] if closed else "")
 
 
-def rejudge(saved: dict[str, Any], judges: Sequence[Judge], settings: dict[str, Any] | None = None) -> EvalReport:
+def rejudge(
+    saved: dict[str, Any],
+    judges: Sequence[Judge],
+    settings: dict[str, Any] | None = None,
+    verdicts: dict[str, JudgeReport] | None = None,
+) -> EvalReport:
     """A saved report (`EvalReport.to_dict()`) judged again by `judges` (the first gives the headline rates).
 
     Nothing is generated or teacher-forced: the replies and the KL numbers are the saved ones, so a new
     judge costs only its verdicts, and every judge sees exactly the replies the first report counted.
     `settings` replaces the judge settings recorded with the report.
+
+    `verdicts`: a dict kept by the caller across calls that judge several reports again (e.g. every edit of
+    a benchmark against one base model, whose base replies are the same in every report): a prompt set
+    whose replies were judged already by the same judges is taken from it, not judged again - half the
+    cost of every further report. Keyed by the judges and the exact prompts, replies and categories.
     """
     t0 = time.perf_counter()
     try:
@@ -577,19 +603,17 @@ def rejudge(saved: dict[str, Any], judges: Sequence[Judge], settings: dict[str, 
         for k in kinds
     ):
         raise RefusalEditError("the report does not keep every reply with its text: it cannot be judged again")
-    judging = {
-        side: {
-            kind: judge_all(
-                judges,
-                [r["prompt"] for r in rows[side][kind]],
-                [_saved_reply(r, delim) for r in rows[side][kind]],
-                [r["category"] for r in rows[side][kind]],
-                reasoning_delimiters=delim,
-            )
-            for kind in kinds
-        }
-        for side in SIDES
-    }
+    cache = verdicts if verdicts is not None else {}
+    judging: dict[str, dict[str, JudgeReport]] = {side: {} for side in SIDES}
+    for side in SIDES:
+        for kind in kinds:
+            prompts = [r["prompt"] for r in rows[side][kind]]
+            replies = [_saved_reply(r, delim) for r in rows[side][kind]]
+            cats = [r["category"] for r in rows[side][kind]]
+            key = _verdict_key(judges, prompts, replies, cats, delim)
+            if key not in cache:
+                cache[key] = judge_all(judges, prompts, replies, cats, reasoning_delimiters=delim)
+            judging[side][kind] = cache[key]
     return EvalReport(
         base=saved["base"],
         edited=saved["edited"],

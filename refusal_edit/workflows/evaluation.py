@@ -345,11 +345,13 @@ def rejudge(
     markers: str | Path | Sequence[str] | None = None,
     dtype: str = "auto",
     device: str = "cpu",
+    verdicts: dict[str, Any] | None = None,
 ) -> Evaluation:
     """`evaluate --rejudge REPORT`: a saved report's replies judged again by the judges `settings` names
     (`evaluation.run.rejudge`: nothing generated, the KL numbers carried over), written to `out` (default:
     the report's folder + `-rejudged`; never the report's own folder). `base` is loaded only for the LLM
-    judge `base`."""
+    judge `base`. `verdicts`: a dict kept across calls, so replies already judged (the same base replies in
+    every report of a benchmark) are not judged again (`evaluation.run.rejudge`)."""
     path = Path(sources.expand(str(report)))
     path = path / REPORT_JSON if path.is_dir() else path
     try:
@@ -373,6 +375,6 @@ def rejudge(
             else load_model(sources.resolve_model(base, dtype), dtype=dtype, device=device)
         )
     judges = build_judges(settings, loaded, markers, dtype=dtype, device=device)
-    new = rejudge_saved(saved, judges, {k: getattr(settings, k) for k in JUDGE_SETTINGS})
+    new = rejudge_saved(saved, judges, {k: getattr(settings, k) for k in JUDGE_SETTINGS}, verdicts)
     json_path, png_path = save_report(new, target, force)
     return Evaluation(new, json_path, png_path)
