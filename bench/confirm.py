@@ -7,8 +7,14 @@ harmful prompts cannot tell 1 % from 3 %. The 240 train prompts can, a little be
 the direction's means came from, the same for every point, so points compare fairly even if the rates are
 optimistic.
 
-    .venv/bin/python bench/confirm.py --direction D --points POINTS.json [--split train] [--kl-prompts 16]
-        [--max-new-tokens 32] [--out OUT.json [--force]]
+    .venv/bin/python bench/confirm.py --direction D --points POINTS.json [--split train [--cross-fit]]
+        [--kl-prompts 16] [--max-new-tokens 32] [--out OUT.json [--force]]
+
+With `--cross-fit` (train split only) the comparison is fair to edits with more fitted directions: the train
+prompts are split in two halves (alternate prompts); each half's candidates (difference in means, filtered as
+`extract` filtered them, the chosen one at the direction's position and layer) make the edits judged on the
+other half's harmful prompts, and the two halves' counts are pooled (KLs: the mean of the two). Without it,
+each layer's own candidate is judged on the very prompts it was fitted to, which flatters the per-layer edits.
 
 POINTS.json maps a label to an edit spec (the `spec` of a front.json point; `{}` is the paper's edit), or is a
 front.json whose confirmed points are all taken. Prints one line per point; writes OUT.json whole (temporary
@@ -22,10 +28,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 RECIPE = "qwen2.5-coder-0.5b-instruct"
+T = TypeVar("T")
 
 
 def load_points(path: Path) -> dict[str, dict[str, Any]]:
@@ -54,6 +62,45 @@ def check_out(out: Path | None, points: Path, force: bool) -> None:
         raise SystemExit(f"error: --out {out} exists (--force replaces it)")
 
 
+def halves(items: Sequence[T]) -> list[tuple[list[T], list[T]]]:
+    """Two folds of alternate items, as (fitted on, judged on): every item is judged exactly once."""
+    return [(list(items[f::2]), list(items[1 - f :: 2])) for f in (0, 1)]
+
+
+def pooled(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The folds' numbers (`Confirmed.to_json()` without samples) as one point: counts summed over every
+    judged prompt, the KLs (measured on the same harmless prompts in each fold) averaged."""
+    from refusal_edit.evaluation.stats import count, wilson
+
+    n = sum(f["prompts"] for f in folds)
+    refused = sum(count(f["refusal_rate"], f["prompts"]) for f in folds)
+    degenerate = sum(count(f["degenerate_rate"], f["prompts"]) for f in folds)
+    mt = [f["multi_token_kl"] for f in folds]
+    return {
+        "refusal_rate": refused / n,
+        "degenerate_rate": degenerate / n,
+        "complied_rate": (n - refused - degenerate) / n,
+        "first_token_kl": sum(f["first_token_kl"] for f in folds) / len(folds),
+        "multi_token_kl": None if None in mt else sum(mt) / len(mt),
+        "prompts": n,
+        "refused": refused,
+        "degenerate": degenerate,
+        "refusal_ci95": [round(x, 4) for x in wilson(refused, n)],
+        "seconds": sum(f["seconds"] for f in folds),
+        "folds": list(folds),
+    }
+
+
+def line(label: str, m: dict[str, Any]) -> str:
+    lo, hi = m["refusal_ci95"]
+    mt = m["multi_token_kl"]
+    return (
+        f"{label:24s} refused {100 * m['refusal_rate']:5.1f} % (95% CI {100 * lo:.1f}-{100 * hi:.1f})  "
+        f"degenerate {100 * m['degenerate_rate']:4.1f} %  first-token KL {m['first_token_kl']:.4f}  "
+        f"multi-token KL {'-' if mt is None else f'{mt:.4f}'}"
+    )
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """`data` as JSON at `path`, whole or not at all."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -70,9 +117,14 @@ def main() -> None:
     ap.add_argument("--kl-prompts", type=int, default=16, help="harmless val prompts for the KL")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--cross-fit", action="store_true", help="candidates from one half of the train prompts, judged on the other"
+    )
     ap.add_argument("--out", type=Path, help="write every point's numbers here (JSON)")
     ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args()
+    if args.cross_fit and args.split != "train":
+        raise SystemExit("error: --cross-fit splits the train prompts; it needs --split train")
     check_out(args.out, args.points, args.force)
 
     from refusal_edit.directions.artifacts import load_direction
@@ -84,7 +136,7 @@ def main() -> None:
     from refusal_edit.workflows import sources
 
     points = load_points(args.points)
-    bank, _ = load_bank(load_direction(sources.expand(str(args.direction))))
+    bank, direction = load_bank(load_direction(sources.expand(str(args.direction))))
     source = sources.resolve_model(args.model, "auto")
     lm = load_model(source, dtype="auto", device="cpu")
     fmt = chat_format(lm.tokenizer, system=sources.system_prompt(source, None))  # the model's default
@@ -92,31 +144,75 @@ def main() -> None:
     harmful = sets["harmful"].split(args.split)
     harmless = sets["harmless"].split("val").sample(args.kl_prompts)
     print(f"{len(harmful)} harmful {args.split} prompts, {len(harmless)} harmless val prompts", file=sys.stderr)
-    confirmer = Confirmer(
-        lm.model,
-        lm.tokenizer,
-        harmful.instructions,
-        fmt.format_all(harmful.instructions),
-        fmt.format_all(harmless.instructions),
-        args.max_new_tokens,
-        args.batch_size,
-    )
     n_layers = int(lm.model.config.get_text_config().num_hidden_layers)
-    resolved = [(label, resolve(EditSpec.from_json(spec), bank, n_layers)) for label, spec in points.items()]
+    specs = {label: EditSpec.from_json(spec) for label, spec in points.items()}
+    kl_texts = fmt.format_all(harmless.instructions)
     start = time.perf_counter()
-    measured = confirmer.measure(resolved)
-    rows = {}
-    for (label, _), m in zip(resolved, measured, strict=True):
-        rows[label] = {k: v for k, v in m.to_json().items() if k != "samples"}
-        print(
-            f"{label:24s} refused {100 * m.refusal_rate:5.1f} % (95% CI {100 * m.refusal_ci95[0]:.1f}-"
-            f"{100 * m.refusal_ci95[1]:.1f})  degenerate {100 * m.degenerate_rate:4.1f} %  "
-            f"first-token KL {m.first_token_kl:.4f}  multi-token KL {m.multi_token_kl:.4f}",
-            flush=True,
+    rows: dict[str, dict[str, Any]] = {}
+    if not args.cross_fit:
+        confirmer = Confirmer(
+            lm.model,
+            lm.tokenizer,
+            harmful.instructions,
+            fmt.format_all(harmful.instructions),
+            kl_texts,
+            args.max_new_tokens,
+            args.batch_size,
         )
+        resolved = [(label, resolve(spec, bank, n_layers)) for label, spec in specs.items()]
+        for (label, _), m in zip(resolved, confirmer.measure(resolved), strict=True):
+            rows[label] = {k: v for k, v in m.to_json().items() if k != "samples"}
+            print(line(label, rows[label]), flush=True)
+    else:
+        from refusal_edit.directions.bank import bank_from_candidates
+        from refusal_edit.directions.candidates import generate_candidates
+        from refusal_edit.directions.refusal_tokens import user_refusal_tokens
+
+        if bank.position is None or bank.layer is None:
+            raise SystemExit("error: --cross-fit needs the direction's position and layer (an extract run's direction)")
+        ids = user_refusal_tokens(lm.tokenizer, json.loads(direction.metadata.get("refusal_tokens", "[]"))).ids
+        run_json = (direction.path.parent / "run.json") if direction.path is not None else None
+        settings = json.loads(run_json.read_text()).get("settings", {}) if run_json and run_json.is_file() else {}
+        harmless_train = sets["harmless"].split("train").instructions
+        folds: dict[str, list[dict[str, Any]]] = {label: [] for label in specs}
+        for k, ((fit_h, held_h), (fit_s, _)) in enumerate(
+            zip(halves(harmful.instructions), halves(harmless_train), strict=True)
+        ):
+            cands = generate_candidates(
+                lm.model,
+                lm.tokenizer,
+                fmt,
+                fit_h,
+                fit_s,
+                ids,
+                batch_size=args.batch_size,
+                filter_train=bool(settings.get("filter_train", True)),
+            )
+            fold_bank = bank_from_candidates(cands, bank.position, bank.layer)
+            print(
+                f"half {k + 1}: candidates from {cands.harmful.count_kept if cands.filtered else len(fit_h)} harmful / "
+                f"{cands.harmless.count_kept if cands.filtered else len(fit_s)} harmless prompts, "
+                f"judged on {len(held_h)}",
+                file=sys.stderr,
+            )
+            confirmer = Confirmer(
+                lm.model, lm.tokenizer, held_h, fmt.format_all(held_h), kl_texts, args.max_new_tokens, args.batch_size
+            )
+            resolved = [(label, resolve(spec, fold_bank, n_layers)) for label, spec in specs.items()]
+            for (label, _), m in zip(resolved, confirmer.measure(resolved), strict=True):
+                folds[label].append({k: v for k, v in m.to_json().items() if k != "samples"})
+        for label, measured in folds.items():
+            rows[label] = pooled(measured)
+            print(line(label, rows[label]), flush=True)
     print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.out is not None:
-        result = {"split": args.split, "harmful": harmful.describe(), "harmless": harmless.describe(), "points": rows}
+        result = {
+            "split": args.split,
+            "cross_fit": args.cross_fit,
+            "harmful": harmful.describe(),
+            "harmless": harmless.describe(),
+            "points": rows,
+        }
         write_json(args.out, result)
 
 

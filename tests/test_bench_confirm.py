@@ -1,4 +1,4 @@
-"""bench/confirm.py's file handling (no models): which points it reads, and what its --out may replace."""
+"""bench/confirm.py without models: the points it reads, what --out may replace, how --cross-fit pools."""
 
 from __future__ import annotations
 
@@ -81,3 +81,40 @@ def test_the_script_stops_before_any_work_when_out_is_its_input(tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip() == f"error: --out {points} is the --points file; give another file"
     assert points.read_text() == '{"paper": {}}'
+
+
+def test_cross_fit_halves_judge_every_prompt_once_on_candidates_that_never_saw_it():
+    prompts = [f"p{i}" for i in range(7)]
+    folds = confirm.halves(prompts)
+    assert [len(fit) + len(held) for fit, held in folds] == [7, 7]
+    assert sorted(p for _, held in folds for p in held) == sorted(prompts)  # each judged exactly once
+    assert all(not set(fit) & set(held) for fit, held in folds)
+
+
+def test_pooled_counts_every_judged_prompt_and_averages_the_kls():
+    folds = [
+        {"refusal_rate": 1 / 120, "degenerate_rate": 0.0, "first_token_kl": 0.1, "multi_token_kl": 0.04,
+         "prompts": 120, "seconds": 10.0},
+        {"refusal_rate": 2 / 120, "degenerate_rate": 1 / 120, "first_token_kl": 0.2, "multi_token_kl": 0.06,
+         "prompts": 120, "seconds": 12.0},
+    ]  # fmt: skip
+    got = confirm.pooled(folds)
+    assert (got["refused"], got["degenerate"], got["prompts"]) == (3, 1, 240)
+    assert got["refusal_rate"] == 3 / 240 and got["complied_rate"] == 236 / 240
+    assert got["first_token_kl"] == pytest.approx(0.15) and got["multi_token_kl"] == pytest.approx(0.05)
+    assert got["refusal_ci95"][0] < 3 / 240 < got["refusal_ci95"][1] and got["folds"] == folds
+    assert confirm.pooled([{**folds[0], "multi_token_kl": None}, folds[1]])["multi_token_kl"] is None
+    assert "refused   1.2 %" in confirm.line("t0", got)
+
+
+def test_cross_fit_needs_the_train_split(tmp_path):
+    import subprocess
+
+    points = tmp_path / "points.json"
+    points.write_text('{"paper": {}}')
+    cmd = [sys.executable, str(BENCH / "confirm.py"), "--direction", str(tmp_path / "none"), "--points", str(points)]
+    res = subprocess.run([*cmd, "--split", "test", "--cross-fit"], capture_output=True, text=True, timeout=60)
+    assert (
+        res.returncode == 1
+        and res.stderr.strip() == "error: --cross-fit splits the train prompts; it needs --split train"
+    )

@@ -247,6 +247,24 @@ def test_resolution_facts():
     assert torch.allclose(q[0], r, atol=1e-6)
 
 
+def test_a_bank_from_candidates_is_the_one_extract_saves():
+    """bench/confirm.py --cross-fit builds banks from part of the prompts: the same vectors as a saved bank."""
+    from refusal_edit.activations import MeanActivations
+    from refusal_edit.directions.bank import bank_from_candidates
+    from refusal_edit.directions.candidates import CandidateSet
+
+    shape = (2, 4, HIDDEN)
+    harm = MeanActivations(torch.randn(shape), 6, torch.randn(shape), 3, torch.zeros(6))
+    safe = MeanActivations(torch.randn(shape), 6, torch.randn(shape), 2, torch.zeros(6))
+    cands = CandidateSet(harm.mean(True) - safe.mean(True), harm, safe, filtered=True)
+    b = bank_from_candidates(cands, -1, 2)
+    assert torch.equal(b.chosen, cands.vector(-1, 2)) and (b.position, b.layer) == (-1, 2)
+    assert torch.equal(b.candidate(-2, 1), cands.vector(-2, 1))
+    assert torch.allclose(b.harmless(-1, 2), (safe.sum_kept / 2)[1, 2].float())
+    with pytest.raises(RefusalEditError, match="no candidate at position -3"):
+        bank_from_candidates(cands, -3, 2)
+
+
 def test_orthonormal_drops_dependent_rows():
     a, b = torch.randn(HIDDEN), torch.randn(HIDDEN)
     q = orthonormal(torch.stack([a, b, 2 * a - 3 * b]))

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
+from refusal_edit.directions.candidates import CandidateSet
 from refusal_edit.edits.spec import DirectionBank
 from refusal_edit.errors import RefusalEditError
 
@@ -43,3 +44,21 @@ def load_bank(direction: str | Path | DirectionFile) -> tuple[DirectionBank, Dir
         raise RefusalEditError(f"{path.name} contains NaN or infinite values")
     bank.mean_diff, bank.harmless_mean = md, hm
     return bank, d
+
+
+def bank_from_candidates(cands: CandidateSet, position: int, layer: int) -> DirectionBank:
+    """The bank `extract` would save for `cands`, its chosen direction the candidate at (`position`, `layer`).
+
+    Why: comparing edits on the prompts their candidates came from favours the edits with more fitted
+    directions (each layer's own candidate over one selected direction); a bank from part of the train
+    prompts lets the rest judge every edit fairly (`bench/confirm.py --cross-fit`).
+    """
+    if not -cands.n_positions <= position < 0 or not 0 <= layer <= cands.n_layers:
+        raise RefusalEditError(f"no candidate at position {position}, layer {layer}")
+    return DirectionBank(
+        cands.vector(position, layer),
+        position=position,
+        layer=layer,
+        mean_diff=cands.mean_diff.float(),
+        harmless_mean=cands.harmless.mean(cands.filtered).float(),
+    )
