@@ -150,7 +150,7 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
     to judge many points). Kept in this one function: the evaluate API is still moving.
     """
     report_json = out / "report.json"
-    if reuse and report_json.is_file():
+    if reuse and _newer(report_json, point_dir / "config.json"):
         return _test_numbers(json.loads(report_json.read_text())["summary"])
     from refusal_edit.evaluation.run import EvalSettings
     from refusal_edit.workflows import evaluate, save_report
@@ -161,6 +161,11 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
     report = evaluate(base, point_dir, settings=settings, base_replies=_BASE_REPLIES)
     save_report(report, out, force=True)
     return _test_numbers(report.summary())
+
+
+def _newer(result: Path, source: Path) -> bool:
+    """`result` exists and was written after `source` (a checkpoint written again since is judged again)."""
+    return result.is_file() and (not source.is_file() or result.stat().st_mtime >= source.stat().st_mtime)
 
 
 def _test_numbers(summary: dict[str, Any]) -> dict[str, Any]:
@@ -197,8 +202,7 @@ def second_judge(
     across points, so the base model's replies (the same in every report) are judged once per run.
     """
     report_json, judged = out / "report.json", report_dir / "report.json"
-    fresh = report_json.is_file() and (not judged.is_file() or report_json.stat().st_mtime >= judged.stat().st_mtime)
-    if not (reuse and fresh):
+    if not (reuse and _newer(report_json, judged)):
         from refusal_edit.evaluation.run import EvalSettings
         from refusal_edit.workflows.evaluation import rejudge
 
@@ -231,8 +235,13 @@ def _cached_cost(path: Path, reuse: bool, cmd: Sequence[str], done: bool) -> dic
     return cost
 
 
-def _written(ckpt: Path) -> bool:
-    return (ckpt / "config.json").is_file() and (ckpt / "refusal_edit.json").is_file()
+def _written(ckpt: Path, spec: dict[str, Any] | None = None) -> bool:
+    """A finished checkpoint of ours is in `ckpt` (with `spec`: and its edit record names that spec - a study
+    run again may give a point id another edit)."""
+    record = ckpt / "refusal_edit.json"
+    if not ((ckpt / "config.json").is_file() and record.is_file()):
+        return False
+    return spec is None or (json.loads(record.read_text()).get("spec") or {}).get("edit") == spec
 
 
 def run_paper(model: str, direction: Path, out: Path, reuse: bool) -> Method:
@@ -288,7 +297,8 @@ def run_tune(model: str, direction: Path, out: Path, reuse: bool) -> Method:
             continue
         ckpt = out / "points" / c["id"]
         write = cli("orthogonalize", model, "--spec", f"{front}#{c['id']}", "--out", str(ckpt), "--force")
-        params["orthogonalize"] = _cached_cost(out / "points" / f"{c['id']}.cost.json", reuse, write, _written(ckpt))
+        done = _written(ckpt, c["spec"])
+        params["orthogonalize"] = _cached_cost(out / "points" / f"{c['id']}.cost.json", reuse, write, done)
         points.append(Point("tune", c["id"], str(ckpt), own, params))
     details = {
         "tune": cost,

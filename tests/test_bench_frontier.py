@@ -193,3 +193,24 @@ def test_base_replies_survive_a_new_bench_process(tmp_path: Path):
     loaded = dict(frontier._BASE_REPLIES)
     assert loaded == {"64:0:abc": [Generated("p", "I can't help with that.", [40, 646])]}
     frontier._BASE_REPLIES.clear()
+
+
+def test_kept_checkpoints_and_reports_are_reused_only_while_they_match(tmp_path: Path):
+    """A study run again may give a point id another edit: its kept checkpoint is written again, and a point
+    whose checkpoint was written after its judge report is judged again."""
+    ckpt = tmp_path / "points" / "t26"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    assert not frontier._written(ckpt)  # no edit record: not ours, not finished
+    spec = {"direction": "layer", "embedding": 0.7}
+    (ckpt / "refusal_edit.json").write_text(json.dumps({"spec": {"edit": spec, "point": "t26"}}))
+    assert frontier._written(ckpt) and frontier._written(ckpt, spec)
+    assert not frontier._written(ckpt, {**spec, "direction": "downstream"})
+    report = tmp_path / "judge" / "report.json"
+    report.parent.mkdir()
+    assert not frontier._newer(report, ckpt / "config.json")  # never judged
+    report.write_text("{}")
+    os.utime(ckpt / "config.json", (1, 1))
+    assert frontier._newer(report, ckpt / "config.json")
+    os.utime(report, (0, 0))  # the checkpoint was written again after the report
+    assert not frontier._newer(report, ckpt / "config.json")

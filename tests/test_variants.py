@@ -47,7 +47,11 @@ KERNEL = EditSpec(
 )
 SUBSPACE = EditSpec(direction="interpolate", index=1.4, rank=3, basis="positions", mlp=Strength(weight=0.7))
 FULL_LAYERWISE = EditSpec(direction="layer", rank=2, basis="layers", projected=True)
-VARIANTS = {"kernel": KERNEL, "subspace": SUBSPACE, "full-layerwise": FULL_LAYERWISE}
+DOWNSTREAM = EditSpec(
+    attn=Strength(weight=1.1, peak=1.5, width=2.0, floor=0.9), mlp=Strength(weight=0.5), embedding=0.7,
+    direction="downstream",
+)  # fmt: skip
+VARIANTS = {"kernel": KERNEL, "subspace": SUBSPACE, "full-layerwise": FULL_LAYERWISE, "downstream": DOWNSTREAM}
 
 
 def write_edit(src, out, spec: EditSpec, b: DirectionBank):
@@ -230,6 +234,14 @@ def test_resolution_facts():
     for layer in range(3):
         v = b.mean_diff[-1, layer + 1]
         assert torch.allclose(layerwise.at("mlp", layer)[0][0], v / v.norm(), atol=1e-6)
+    # Downstream: the chosen direction (layer 2) for the embedding and the writers into streams 1 and 2, the
+    # own candidate of stream 3 for layer 2's writers.
+    down = resolve(EditSpec(direction="downstream"), b, 3)
+    assert all(torch.allclose(down.at(site, layer)[0][0], r, atol=1e-6) for site in ("attn", "mlp") for layer in (0, 1))
+    assert torch.allclose(down.at("embedding", None)[0][0], r, atol=1e-6)
+    assert torch.allclose(down.at("attn", 2)[0][0], layerwise.at("attn", 2)[0][0], atol=1e-6)
+    with pytest.raises(RefusalEditError, match="downstream direction needs the chosen candidate's layer"):
+        resolve(EditSpec(direction="downstream"), DirectionBank(b.chosen, position=-1, mean_diff=b.mean_diff), 3)
     # Projected: orthogonal to the harmless mean at its layer.
     proj = resolve(EditSpec(projected=True), b, 3)
     hm = b.harmless_mean[-1, 2]

@@ -5,7 +5,8 @@ whole family of edits:
 - strength per layer and site: `attn` and `mlp` are `Strength`s (a kernel - peak layer, peak weight,
   width, floor - or an explicit list); `embedding` is one weight. Partial projection W - a u u^T W.
 - direction per layer: the selected direction everywhere (`chosen`), each layer's own candidate
-  (`layer`), or one interpolated between two layers' candidates (`interpolate`);
+  (`layer`), the selected direction up to its own layer and each later layer's own candidate after it
+  (`downstream`), or one interpolated between two layers' candidates (`interpolate`);
 - `projected`: the direction minus its component along the harmless mean at its layer (renormalised);
 - `rank` > 1: the span of several orthonormalised candidates (other positions or neighbouring layers);
 - `preserve_norm`: rescale every written vector to its original norm (no hook twin exists for it).
@@ -27,7 +28,8 @@ import torch
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.linalg import orthonormal, unit
 
-DirectionSource = Literal["chosen", "layer", "interpolate"]
+DirectionSource = Literal["chosen", "layer", "downstream", "interpolate"]
+DIRECTION_SOURCES = ("chosen", "layer", "downstream", "interpolate")
 BasisSource = Literal["positions", "layers"]
 MIN_RELATIVE_NORM = 1e-3  # a candidate this much smaller than the chosen one carries no usable direction
 
@@ -143,8 +145,8 @@ class EditSpec:
         return not self.preserve_norm
 
     def check(self) -> None:
-        if self.direction not in ("chosen", "layer", "interpolate"):
-            raise RefusalEditError(f"unknown direction source {self.direction!r} (chosen, layer, interpolate)")
+        if self.direction not in DIRECTION_SOURCES:
+            raise RefusalEditError(f"unknown direction source {self.direction!r} ({', '.join(DIRECTION_SOURCES)})")
         if self.direction == "interpolate" and self.index is None:
             raise RefusalEditError("an interpolated direction needs `index` (a fractional layer)")
         if self.rank < 1:
@@ -304,6 +306,14 @@ def resolve(spec: EditSpec, bank: DirectionBank, n_layers: int) -> ResolvedEdit:
             return unit(a) * (1 - w) + unit(b) * w, round(index)
         if spec.direction == "chosen" or stream_layer is None:
             return chosen, bank.layer
+        if spec.direction == "downstream":
+            # Upstream of the selected layer each layer's own candidate is fitted to the same few prompts but
+            # generalises worse than the selected one (bench/confirm.py --cross-fit on the demo model: t26's
+            # weights refuse as often as the paper's edit with the selected direction upstream, more without).
+            if bank.layer is None:
+                raise RefusalEditError("a downstream direction needs the chosen candidate's layer")
+            if stream_layer <= bank.layer:
+                return chosen, bank.layer
         v = bank.candidate(position, stream_layer)  # type: ignore[arg-type]
         if _usable(v, chosen):
             return v, stream_layer
@@ -313,7 +323,7 @@ def resolve(spec: EditSpec, bank: DirectionBank, n_layers: int) -> ResolvedEdit:
     cache: dict[int | None, torch.Tensor] = {}
 
     def basis_for(stream_layer: int | None) -> torch.Tensor:
-        key = stream_layer if spec.direction == "layer" else None
+        key = stream_layer if spec.direction in ("layer", "downstream") else None
         if key in cache:
             return cache[key]
         r, src_layer = leading(stream_layer)
