@@ -78,7 +78,8 @@ def test_front_is_written_and_valid(tuned):
     # 2 front points, the paper's edit when it is not one of them, the 2 bridge points when they are not either
     assert 4 <= len(confirmed) <= 5
     assert any(p["reference"] for p in confirmed)
-    assert [p["trial"] for p in confirmed if p["bridge"]] == [9, 10]
+    bridge = [t["number"] for t in data["trials"] if t["bridge"]]
+    assert bridge[:2] == [9, 10] and [p["trial"] for p in confirmed if p["bridge"]] == bridge
     for p in confirmed:
         c = p["confirmed"]
         assert c["prompts"] == 4 and c["kl_prompts"] == 3
@@ -99,27 +100,32 @@ def test_front_is_written_and_valid(tuned):
 
 def test_the_search_ends_with_a_bridge_to_the_paper_and_its_strongest_front_point_at_lower_strengths(tuned):
     from refusal_edit.tuning.front import pareto
-    from refusal_edit.tuning.run import BRIDGE_STEPS, REFINE_FACTORS
+    from refusal_edit.tuning.run import BRIDGE_STEPS, DOWNSTREAM_BRIDGE_STEPS, REFINE_FACTORS
 
     _src, root, _run = tuned
     trials = json.loads((root / "tune" / "front.json").read_text())["trials"]
     refined = [t for t in trials if t["refine"]]
     assert [t["number"] for t in refined] == [9, 10, 11]  # a quarter of 12 trials, last
-    assert [t["bridge"] for t in refined] == [True, True, False]
     earlier = trials[:9]
     paper = earlier[0]["spec"]  # the paper's edit is the first seed (test_front_is_written_and_valid)
     paper_kl = earlier[0]["kl_proxy"]
     front = [t for t in pareto(earlier, lambda t: (t["refusal_proxy"], t["kl_proxy"])) if t["kl_proxy"] < paper_kl]
     shape = min(front, key=lambda t: t["refusal_proxy"])["spec"]
+    per_layer = shape["direction"] == "layer"
+    steps = DOWNSTREAM_BRIDGE_STEPS if per_layer else BRIDGE_STEPS
+    assert [t["bridge"] for t in refined] == [True] * len(steps) + [False] * (3 - len(steps))
 
     def weights(spec):
         return [spec[site].get("weight", 0.0) for site in ("attn", "mlp")] + [spec["embedding"]]
 
-    # The bridge: every weight a fraction of the way to the paper's (1.0), the shape's direction kept.
-    for t, step in zip(refined[:2], BRIDGE_STEPS, strict=True):
+    # The bridge: every weight a fraction of the way to the paper's (1.0), the shape's direction kept - a
+    # per-layer shape's with the selected direction upstream of its layer.
+    for t, step in zip(refined, steps, strict=False):
         expected = [w + step * (p - w) for w, p in zip(weights(shape), weights(paper), strict=True)]
         assert weights(t["spec"]) == pytest.approx(expected, abs=1e-9)
-        assert t["spec"]["direction"] == shape["direction"]
+        assert t["spec"]["direction"] == ("downstream" if per_layer else shape["direction"])
+    if per_layer:
+        return
     # Then the same shape, weaker.
     t, factor = refined[2], REFINE_FACTORS[0]
     assert weights(t["spec"]) == pytest.approx([factor * w for w in weights(shape)], abs=1e-9)
@@ -224,3 +230,38 @@ def test_row_grouped_hooks_equal_one_edit_per_pass():
                 with edit_hooks(model, edit):
                     alone = model(x).logits
         assert (together[2 * i : 2 * i + 2] - alone).abs().max().item() <= 1e-5
+
+
+def test_a_per_layer_shape_is_bridged_with_the_selected_direction_upstream():
+    """The bridge from a per-layer shape runs in its `downstream` form (from the shape itself on), set per trial
+    by a user attribute the sampler never draws; the weaker sweep keeps the shape's own direction."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from refusal_edit.edits.spec import EditSpec
+    from refusal_edit.tuning.run import DOWNSTREAM_BRIDGE_STEPS, REFINE_FACTORS, TuneSettings, _refinements
+    from refusal_edit.tuning.space import BRIDGE_DIRECTION, SearchSpace
+
+    space = SearchSpace(n_layers=6, direction_layer=3, per_layer=True, harmless_means=False, preserve_norm=False)
+    complete = optuna.trial.TrialState.COMPLETE
+    paper = space.params()
+    shape = space.params(weight=1.2, mlp=0.2, peak=3.0, width=2.0, floor=0.1, embedding=0.5, direction="layer")
+
+    def done(number: int, params: dict, values: list[float], spec: dict) -> SimpleNamespace:
+        return SimpleNamespace(number=number, params=params, values=values, user_attrs={"spec": spec}, state=complete)
+
+    trials = [done(0, paper, [0.10, 0.20], EditSpec().to_json()), done(1, shape, [0.15, 0.05], {"direction": "layer"})]
+    out = _refinements(SimpleNamespace(trials=trials), space, TuneSettings(trials=24, refine=6))
+    assert [a for _, a in out] == [{"bridge": True, BRIDGE_DIRECTION: "downstream"}] * 3 + [{"bridge": False}] * 2
+    for (params, _), step in zip(out, DOWNSTREAM_BRIDGE_STEPS, strict=False):
+        assert params["attn_weight"] == pytest.approx(1.2 + step * (1.0 - 1.2))
+        assert params["direction"] == "layer"  # the sampler's own choice, overridden by the attribute
+    assert [p["mlp_weight"] for p, _ in out[3:]] == pytest.approx([0.2 * f for f in REFINE_FACTORS])
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.enqueue_trial(out[1][0], user_attrs=out[1][1])
+    study.enqueue_trial(out[3][0], user_attrs=out[3][1])
+    got = []
+    study.optimize(lambda trial: got.append(space.suggest(trial)) or (0.0, 0.0), n_trials=2)
+    assert [s.direction for s in got] == ["downstream", "layer"]

@@ -3,7 +3,8 @@
 1. Search: an Optuna multi-objective study (TPE) over `SearchSpace`; every trial is the edit applied in
    memory (hooks, or in-place weights for norm preservation - nothing is written), scored by the two
    proxies of `proxies`. Its last `refine` trials first bridge the lowest-refusal front point that damages
-   less than the paper's edit to the paper's edit (`BRIDGE_STEPS` of the way), then sweep the lowest-refusal
+   less than the paper's edit to the paper's edit (`BRIDGE_STEPS` of the way; a per-layer shape keeps the
+   selected direction upstream of its layer, `DOWNSTREAM_BRIDGE_STEPS`), then sweep the lowest-refusal
    front points down in strength (`REFINE_FACTORS`). The bridge is there because the refusal proxy misranks
    points near the paper's edit (on the demo model t9's first-token refusal probability is 0.075, the paper's
    edit's 0.083, yet t9 refuses 2.5 % of the harmful train prompts and the paper's edit 1.2 %): the sampler
@@ -34,7 +35,7 @@ from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.tuning.confirm import Confirmer
 from refusal_edit.tuning.front import pareto, pick, spread
 from refusal_edit.tuning.proxies import ProxyScorer
-from refusal_edit.tuning.space import SearchSpace
+from refusal_edit.tuning.space import BRIDGE_DIRECTION, SearchSpace
 
 STUDY = "study.journal"
 REFINE_FACTORS = (0.8, 0.6)  # strengths of the refinement sweep, as fractions of the swept point's weights
@@ -43,6 +44,12 @@ REFINE_FACTORS = (0.8, 0.6)  # strengths of the refinement sweep, as fractions o
 # multi-token KL, the paper's edit 1.2 %; its MLP writers at 0.5 instead of 0.15 refuse 1.2 % at 0.96 / 0.52
 # (bench/confirm.py, --split train).
 BRIDGE_STEPS = (0.4, 0.7)
+# A per-layer shape is bridged with the selected direction upstream of its layer (direction `downstream`), from
+# the shape itself on: judged fairly (bench/confirm.py --cross-fit: candidates from one half of the 240 harmful
+# train prompts, judged on the other), each layer's own candidate upstream generalises worse - t26's weights
+# refuse 5 of 240 with it, 3 downstream-only as the paper's edit does, at 0.87 / 0.53 of its KLs; the shape
+# itself (t9) goes from 0.127 to 0.093 first-token KL that way.
+DOWNSTREAM_BRIDGE_STEPS = (0.0, 0.4, 0.7)
 
 
 @dataclass
@@ -183,8 +190,8 @@ def search(
 
             run(main)
             if not any(t.user_attrs.get("refine") for t in study.trials):
-                for params, bridge in _refinements(study, space, settings):
-                    study.enqueue_trial(params, user_attrs={"refine": True, "bridge": bridge})
+                for params, attrs in _refinements(study, space, settings):
+                    study.enqueue_trial(params, user_attrs={"refine": True, **attrs})
             run(settings.trials)
     return [_trial_record(t) for t in _completed(study)]
 
@@ -195,21 +202,27 @@ def _completed(study: Any) -> list[Any]:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list[tuple[dict[str, Any], bool]]:
-    """The refinement trials (module docstring), `settings.refine_trials` (parameters, is a bridge point) at
+def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list[tuple[dict[str, Any], dict]]:
+    """The refinement trials (module docstring), `settings.refine_trials` (parameters, user attributes) at
     most: the bridge from the proxy front's lowest-refusal point with less KL than the paper's edit to the
-    paper's edit, then the lowest-refusal such points at every strength of `REFINE_FACTORS`."""
+    paper's edit (a per-layer shape in its `downstream` form, `DOWNSTREAM_BRIDGE_STEPS`), then the
+    lowest-refusal such points at every strength of `REFINE_FACTORS`."""
     trials = _completed(study)
     records = [_trial_record(t) for t in trials]
     reference = _reference(records)
     front = _front(records, kl_cap=None if reference is None else reference["kl_proxy"])
     by_number = {t.number: t for t in trials}
     shapes = sorted((r for r in front if r is not reference), key=lambda r: r["refusal_proxy"])
-    out: list[tuple[dict[str, Any], bool]] = []
+    out: list[tuple[dict[str, Any], dict]] = []
     if shapes and reference is not None:
         start, end = by_number[shapes[0]["number"]].params, by_number[reference["number"]].params
-        out += [(space.between(start, end, t), True) for t in BRIDGE_STEPS]
-    weaker = [(space.scaled(by_number[r["number"]].params, f), False) for r in shapes for f in REFINE_FACTORS]
+        steps, attrs = BRIDGE_STEPS, {"bridge": True}
+        if start.get("direction") == "layer":
+            steps, attrs = DOWNSTREAM_BRIDGE_STEPS, {"bridge": True, BRIDGE_DIRECTION: "downstream"}
+        out += [(space.between(start, end, t), attrs) for t in steps]
+    weaker = [
+        (space.scaled(by_number[r["number"]].params, f), {"bridge": False}) for r in shapes for f in REFINE_FACTORS
+    ]
     return (out + weaker)[: settings.refine_trials]
 
 

@@ -21,6 +21,9 @@ from typing import Any
 from refusal_edit.edits.spec import EditSpec, Strength
 
 MAX_WEIGHT = 1.25  # partial projections past 1 overshoot (flip the component); a little room helps some models
+# A trial's user attribute that sets its direction source: the bridge's points use one the sampler does not
+# offer (`downstream`), so the sampled trials - and the study's determinism - stay as they were.
+BRIDGE_DIRECTION = "bridge_direction"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class SearchSpace:
         """The spec of one Optuna trial."""
         choices = ["chosen", "interpolate", "layer"] if self.per_layer else ["chosen"]
         direction = trial.suggest_categorical("direction", choices)
+        direction = trial.user_attrs.get(BRIDGE_DIRECTION, direction)
         index = None
         if direction == "interpolate":
             index = trial.suggest_float("index", max(1.0, 0.3 * self.n_layers), 0.9 * self.n_layers)
