@@ -150,7 +150,7 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
     to judge many points). Kept in this one function: the evaluate API is still moving.
     """
     report_json = out / "report.json"
-    if reuse and _newer(report_json, point_dir / "config.json"):
+    if reuse and _newer(report_json, _newest_file(point_dir)):
         return _test_numbers(json.loads(report_json.read_text())["summary"])
     from refusal_edit.evaluation.run import EvalSettings
     from refusal_edit.workflows import evaluate, save_report
@@ -161,6 +161,13 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
     report = evaluate(base, point_dir, settings=settings, base_replies=_BASE_REPLIES)
     save_report(report, out, force=True)
     return _test_numbers(report.summary())
+
+
+def _newest_file(folder: Path) -> Path:
+    """The most recently written file in `folder` (a checkpoint keeps its source's config.json and tokenizer
+    times: only the files written for the edit - weights, record - tell when it was written)."""
+    files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda f: f.stat().st_mtime) if files else folder / "config.json"
 
 
 def _newer(result: Path, source: Path) -> bool:

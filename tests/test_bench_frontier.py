@@ -208,9 +208,12 @@ def test_kept_checkpoints_and_reports_are_reused_only_while_they_match(tmp_path:
     assert not frontier._written(ckpt, {**spec, "direction": "downstream"})
     report = tmp_path / "judge" / "report.json"
     report.parent.mkdir()
-    assert not frontier._newer(report, ckpt / "config.json")  # never judged
+    assert not frontier._newer(report, frontier._newest_file(ckpt))  # never judged
     report.write_text("{}")
-    os.utime(ckpt / "config.json", (1, 1))
-    assert frontier._newer(report, ckpt / "config.json")
-    os.utime(report, (0, 0))  # the checkpoint was written again after the report
-    assert not frontier._newer(report, ckpt / "config.json")
+    for f in ckpt.iterdir():
+        os.utime(f, (1, 1))
+    assert frontier._newer(report, frontier._newest_file(ckpt))
+    os.utime(report, (10, 10))  # the edit written again after the report; config.json keeps its source's time
+    os.utime(ckpt / "refusal_edit.json", (20, 20))
+    assert frontier._newest_file(ckpt).name == "refusal_edit.json"
+    assert not frontier._newer(report, frontier._newest_file(ckpt))
