@@ -129,7 +129,7 @@ def main() -> None:
 
     from refusal_edit.directions.artifacts import load_direction
     from refusal_edit.directions.bank import load_bank
-    from refusal_edit.edits.spec import EditSpec, resolve
+    from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
     from refusal_edit.loading.model import load_model
     from refusal_edit.prompts import chat_format
     from refusal_edit.tuning.confirm import Confirmer
@@ -148,21 +148,21 @@ def main() -> None:
     specs = {label: EditSpec.from_json(spec) for label, spec in points.items()}
     kl_texts = fmt.format_all(harmless.instructions)
     start = time.perf_counter()
-    rows: dict[str, dict[str, Any]] = {}
-    if not args.cross_fit:
+
+    def measure(prompts: list[str], edit_bank: DirectionBank) -> dict[str, dict[str, Any]]:
+        """Every point made from `edit_bank`, judged on the harmful `prompts` (numbers without samples)."""
         confirmer = Confirmer(
-            lm.model,
-            lm.tokenizer,
-            harmful.instructions,
-            fmt.format_all(harmful.instructions),
-            kl_texts,
-            args.max_new_tokens,
-            args.batch_size,
+            lm.model, lm.tokenizer, prompts, fmt.format_all(prompts), kl_texts, args.max_new_tokens, args.batch_size
         )
-        resolved = [(label, resolve(spec, bank, n_layers)) for label, spec in specs.items()]
-        for (label, _), m in zip(resolved, confirmer.measure(resolved), strict=True):
-            rows[label] = {k: v for k, v in m.to_json().items() if k != "samples"}
-            print(line(label, rows[label]), flush=True)
+        resolved = [(label, resolve(spec, edit_bank, n_layers)) for label, spec in specs.items()]
+        measured = confirmer.measure(resolved)
+        return {
+            label: {k: v for k, v in m.to_json().items() if k != "samples"}
+            for (label, _), m in zip(resolved, measured, strict=True)
+        }
+
+    if not args.cross_fit:
+        rows = measure(harmful.instructions, bank)
     else:
         from refusal_edit.directions.bank import bank_from_candidates
         from refusal_edit.directions.candidates import generate_candidates
@@ -195,15 +195,11 @@ def main() -> None:
                 f"judged on {len(held_h)}",
                 file=sys.stderr,
             )
-            confirmer = Confirmer(
-                lm.model, lm.tokenizer, held_h, fmt.format_all(held_h), kl_texts, args.max_new_tokens, args.batch_size
-            )
-            resolved = [(label, resolve(spec, fold_bank, n_layers)) for label, spec in specs.items()]
-            for (label, _), m in zip(resolved, confirmer.measure(resolved), strict=True):
-                folds[label].append({k: v for k, v in m.to_json().items() if k != "samples"})
-        for label, measured in folds.items():
-            rows[label] = pooled(measured)
-            print(line(label, rows[label]), flush=True)
+            for label, numbers in measure(held_h, fold_bank).items():
+                folds[label].append(numbers)
+        rows = {label: pooled(measured) for label, measured in folds.items()}
+    for label, numbers in rows.items():
+        print(line(label, numbers), flush=True)
     print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.out is not None:
         result = {

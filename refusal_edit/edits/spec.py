@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -29,7 +29,7 @@ from refusal_edit.errors import RefusalEditError
 from refusal_edit.linalg import orthonormal, unit
 
 DirectionSource = Literal["chosen", "layer", "downstream", "interpolate"]
-DIRECTION_SOURCES = ("chosen", "layer", "downstream", "interpolate")
+DIRECTION_SOURCES: tuple[str, ...] = get_args(DirectionSource)
 BasisSource = Literal["positions", "layers"]
 MIN_RELATIVE_NORM = 1e-3  # a candidate this much smaller than the chosen one carries no usable direction
 

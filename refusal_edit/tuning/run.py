@@ -47,7 +47,7 @@ BRIDGE_STEPS = (0.4, 0.7)
 # A per-layer shape is bridged with the selected direction upstream of its layer (direction `downstream`), from
 # the shape itself on: judged fairly (bench/confirm.py --cross-fit: candidates from one half of the 240 harmful
 # train prompts, judged on the other), each layer's own candidate upstream generalises worse - t26's weights
-# refuse 5 of 240 with it, 3 downstream-only as the paper's edit does, at 0.87 / 0.53 of its KLs; the shape
+# refuse 5 of 240 with it, 3 downstream-only as the paper's edit does, at 0.88 / 0.53 of its KLs; the shape
 # itself (t9) goes from 0.127 to 0.093 first-token KL that way.
 DOWNSTREAM_BRIDGE_STEPS = (0.0, 0.4, 0.7)
 
