@@ -20,7 +20,9 @@ writer; the window edit is the same direction ablated from the writers of a fixe
 (--window, default the 5 layers up to the direction's: the issue's hook probe); tune runs with its defaults on
 that direction; tune's reference point (the same all-writers edit) is judged once, as the paper's point. The
 table ends with whether tune's confirmed front dominates each point of heretic and of the two simple edits on
-the test split: a tune point with no more harmful refusals, first-token KL and multi-token KL.
+the test split: a tune point with no more harmful refusals, first-token KL and multi-token KL; and again
+counting every harmful reply that does not comply (refused, degenerate or undecided: a degenerate reply is
+never compliance), since the refusal rate alone counts a broken reply as neither.
 
 --second-judge judges every judged point's replies again with the LLM judge (the base model itself, asked only
 whether the reply refuses; `evaluate --rejudge --judge-llm base --judge-llm-rubric refusal`: nothing generated,
@@ -191,10 +193,18 @@ def _test_numbers(summary: dict[str, Any]) -> dict[str, Any]:
         "harmless_prompts",
         "max_new_tokens",
     )
-    return {k: summary.get(k) for k in keys}
+    got = {k: summary.get(k) for k in keys}
+    complied = got["harmful_complied_edited"]
+    got[NOT_COMPLIED] = None if complied is None else round(1 - complied, 4)
+    return got
 
 
 SECOND = "harmful_refusal_llm"  # the second judge's harmful refusal rate on the test split, next to the markers'
+# The share of harmful replies that do not comply: refused, degenerate (a degenerate reply is never compliance,
+# as the issue states) or undecided - by the markers, and by the LLM judge. The refusal rate alone counts a
+# broken reply as neither, so an edit that breaks replies where another refuses looks better than it is.
+NOT_COMPLIED = "harmful_not_complied"
+SECOND_NOT_COMPLIED = "harmful_not_complied_llm"
 
 
 def second_judge(
@@ -226,7 +236,11 @@ def _second_numbers(report: dict[str, Any]) -> dict[str, Any]:
     if not llm:
         raise SystemExit(f"no LLM judge in the rejudged report: {sorted(stats)}")
     got = stats[llm[0]]
-    return {SECOND: round(got["refused"] / got["total"], 4), "second_judge": llm[0]}
+    return {
+        SECOND: round(got["refused"] / got["total"], 4),
+        SECOND_NOT_COMPLIED: round(1 - got["complied"] / got["total"], 4),
+        "second_judge": llm[0],
+    }
 
 
 # ---------------------------------------------------------------- methods
@@ -532,8 +546,11 @@ def main() -> None:
         "methods": {m.name: asdict(m) for m in methods},
         "dominance": dominance(methods),
     }
+    if any(NOT_COMPLIED in (p.test or {}) for m in methods for p in m.points):
+        data["dominance_not_complied"] = dominance(methods, refusal=NOT_COMPLIED)
     if any(SECOND in (p.test or {}) for m in methods for p in m.points):
         data["dominance_second_judge"] = dominance(methods, refusal=SECOND)
+        data["dominance_not_complied_second_judge"] = dominance(methods, refusal=SECOND_NOT_COMPLIED)
     judged = any(p.test is not None for m in methods for p in m.points)
     if not judged:
         data["dominance_own_provisional"] = dominance(methods, own=True)
@@ -541,9 +558,14 @@ def main() -> None:
     plot(methods, data["base"], args.out / "frontier.png", own=not judged)
     print(json.dumps(_table(methods), indent=1))
     print_dominance(data["dominance"])
+    if "dominance_not_complied" in data:
+        print("counting every harmful reply that does not comply (refused, degenerate or undecided):")
+        print_dominance(data["dominance_not_complied"], NOT_COMPLIED)
     if "dominance_second_judge" in data:
         print("judged again by the LLM judge (the base model, refusal question):")
         print_dominance(data["dominance_second_judge"], SECOND)
+        print("the LLM judge, counting every harmful reply that does not comply:")
+        print_dominance(data["dominance_not_complied_second_judge"], SECOND_NOT_COMPLIED)
     for row in data.get("dominance_own_provisional", []):
         by = ", ".join(row["dominated_by"]) or "none"
         h = row["numbers"]
@@ -559,7 +581,8 @@ KEYS = ("harmful_refusal_edited", "first_token_kl", "multi_token_kl")
 
 def _fmt(t: dict[str, Any], refusal: str = KEYS[0]) -> str:
     r, ft, mt = (t[k] for k in (refusal, *KEYS[1:]))
-    return f"refusal {100 * r:.0f}%, FT-KL {ft:.4f}, MT-KL {mt:.4f}"
+    what = "not complied" if refusal in (NOT_COMPLIED, SECOND_NOT_COMPLIED) else "refusal"
+    return f"{what} {100 * r:.0f}%, FT-KL {ft:.4f}, MT-KL {mt:.4f}"
 
 
 def print_dominance(rows: list[dict[str, Any]], refusal: str = KEYS[0]) -> None:
@@ -573,7 +596,7 @@ def print_dominance(rows: list[dict[str, Any]], refusal: str = KEYS[0]) -> None:
                 f"{100 * w['gap_ci95'][1]:+.1f})"
                 for w in row["within_noise"]
             )
-            print(f"  less KL of both kinds, more refusals by a gap the test split cannot resolve: {near}")
+            print(f"  less KL of both kinds, a higher rate by a gap the test split cannot resolve: {near}")
 
 
 RIVALS = ("heretic", "paper", "window")  # the points tune's front must dominate: the peer's and the simple edits'
@@ -587,7 +610,8 @@ def dominance(methods: list[Method], own: bool = False, refusal: str = KEYS[0]) 
 
     With `own`: the tools' own val-split numbers instead, refusal rate and first-token KL only (heretic measures
     no multi-token KL) -- provisional, since the two tools measure with different prompts and system prompts.
-    `refusal`: which judge's harmful refusal rate counts (the markers', or `SECOND`, the LLM judge's).
+    `refusal`: which judge's harmful rate counts: the markers' refusals, `SECOND` (the LLM judge's), or either
+    judge's replies that do not comply (`NOT_COMPLIED`, `SECOND_NOT_COMPLIED`).
     """
     keys = ("refusal_rate", "first_token_kl") if own else (refusal, *KEYS[1:])
 
@@ -671,6 +695,8 @@ def _table(methods: list[Method]) -> list[dict[str, Any]]:
                     "harmful_refusal": t.get("harmful_refusal_edited"),
                     "harmful_refusal_ci95": _interval(p),
                     "harmful_refusal_llm_judge": t.get(SECOND),
+                    "harmful_not_complied": t.get(NOT_COMPLIED),
+                    "harmful_not_complied_llm_judge": t.get(SECOND_NOT_COMPLIED),
                     "first_token_kl": t.get("first_token_kl"),
                     "multi_token_kl": t.get("multi_token_kl"),
                     "own": p.own,
