@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,11 +77,14 @@ def test_front_is_written_and_valid(tuned):
     for t in data["trials"]:
         assert 0 <= t["refusal_proxy"] <= 1 and t["kl_proxy"] >= 0
     confirmed = data["confirmed"]
-    # 2 front points, the paper's edit when it is not one of them, the 2 bridge points when they are not either
-    assert 4 <= len(confirmed) <= 5
+    # up to 2 front points, the paper's edit when it is not one of them, every bridge point (the KL-matched
+    # one too) when it is not one of them either
     assert any(p["reference"] for p in confirmed)
     bridge = [t["number"] for t in data["trials"] if t["bridge"]]
-    assert bridge[:2] == [9, 10] and [p["trial"] for p in confirmed if p["bridge"]] == bridge
+    paper_kl = data["trials"][0]["kl_proxy"]
+    within = {t["number"] for t in data["trials"] if t["bridge"] and t["kl_proxy"] <= paper_kl}
+    assert bridge[:2] == [9, 10] and {p["trial"] for p in confirmed if p["bridge"]} == within
+    assert len([p for p in confirmed if not (p["bridge"] or p["reference"])]) <= 2
     for p in confirmed:
         c = p["confirmed"]
         assert c["prompts"] == 4 and c["kl_prompts"] == 3
@@ -98,40 +103,39 @@ def test_front_is_written_and_valid(tuned):
     assert (root / "tune" / "study.journal").is_file()
 
 
-def test_the_search_ends_with_a_bridge_to_the_paper_and_its_strongest_front_point_at_lower_strengths(tuned):
+def test_the_search_ends_with_a_bridge_to_the_paper_and_its_kl_matched_point(tuned):
     from refusal_edit.tuning.front import pareto
-    from refusal_edit.tuning.run import BRIDGE_STEPS, DOWNSTREAM_BRIDGE_STEPS, REFINE_FACTORS
+    from refusal_edit.tuning.run import BRIDGE_STEPS, DOWNSTREAM_BRIDGE_STEPS
 
     _src, root, _run = tuned
     trials = json.loads((root / "tune" / "front.json").read_text())["trials"]
-    refined = [t for t in trials if t["refine"]]
-    assert [t["number"] for t in refined] == [9, 10, 11]  # a quarter of 12 trials, last
-    earlier = trials[:9]
+    earlier = trials[:9]  # a quarter of 12 trials refine, last
     paper = earlier[0]["spec"]  # the paper's edit is the first seed (test_front_is_written_and_valid)
     paper_kl = earlier[0]["kl_proxy"]
     front = [t for t in pareto(earlier, lambda t: (t["refusal_proxy"], t["kl_proxy"])) if t["kl_proxy"] < paper_kl]
     shape = min(front, key=lambda t: t["refusal_proxy"])["spec"]
     per_layer = shape["direction"] == "layer"
     steps = DOWNSTREAM_BRIDGE_STEPS if per_layer else BRIDGE_STEPS
-    assert [t["bridge"] for t in refined] == [True] * len(steps) + [False] * (3 - len(steps))
+    bridge = [t for t in trials if t["refine"] and not t["matched"]]
+    assert [t["number"] for t in bridge] == list(range(9, 9 + len(steps)))
+    assert all(t["bridge"] for t in bridge) and [t["bridge_step"] for t in bridge] == list(steps)
+    matched = [t for t in trials if t["matched"]]
+    assert len(trials) == 12
+    if len(steps) < 3:  # the slot left: the KL-matched point, unless no step matches (then a sampled trial)
+        assert [t["number"] for t in matched] in ([], [11])
+    else:
+        assert matched == []
 
     def weights(spec):
         return [spec[site].get("weight", 0.0) for site in ("attn", "mlp")] + [spec["embedding"]]
 
     # The bridge: every weight a fraction of the way to the paper's (1.0), the shape's direction kept - a
     # per-layer shape's with the selected direction upstream of its layer.
-    for t, step in zip(refined, steps, strict=False):
+    for t in bridge + matched:
+        step = t["bridge_step"]
         expected = [w + step * (p - w) for w, p in zip(weights(shape), weights(paper), strict=True)]
         assert weights(t["spec"]) == pytest.approx(expected, abs=1e-9)
         assert t["spec"]["direction"] == ("downstream" if per_layer else shape["direction"])
-    if per_layer:
-        return
-    # Then the same shape, weaker.
-    t, factor = refined[2], REFINE_FACTORS[0]
-    assert weights(t["spec"]) == pytest.approx([factor * w for w in weights(shape)], abs=1e-9)
-    assert t["spec"]["direction"] == shape["direction"]
-    for site in ("attn", "mlp"):
-        assert t["spec"][site].get("peak") == shape[site].get("peak")
 
 
 def test_resume_continues_and_force_is_needed_to_restart(tuned):
@@ -252,8 +256,13 @@ def test_a_per_layer_shape_is_bridged_with_the_selected_direction_upstream():
         return SimpleNamespace(number=number, params=params, values=values, user_attrs={"spec": spec}, state=complete)
 
     trials = [done(0, paper, [0.10, 0.20], EditSpec().to_json()), done(1, shape, [0.15, 0.05], {"direction": "layer"})]
-    out = _refinements(SimpleNamespace(trials=trials), space, TuneSettings(trials=24, refine=6))
-    assert [a for _, a in out] == [{"bridge": True, BRIDGE_DIRECTION: "downstream"}] * 3 + [{"bridge": False}] * 2
+    out, plan = _refinements(SimpleNamespace(trials=trials), space, TuneSettings(trials=24, refine=6))
+    bridge = {"bridge": True, BRIDGE_DIRECTION: "downstream"}
+    steps = [{"bridge_step": s} for s in DOWNSTREAM_BRIDGE_STEPS]
+    assert [a for _, a in out] == [bridge | s for s in steps] + [{"bridge": False}] * 2
+    # the sixth slot waits for the KL-matched point: the plan keeps the bridge's ends
+    assert plan == {"start": shape, "end": paper, "attrs": bridge, "start_trial": 1, "reference_trial": 0}
+    assert _refinements(SimpleNamespace(trials=trials), space, TuneSettings(trials=24, refine=3))[1] is None
     for (params, _), step in zip(out, DOWNSTREAM_BRIDGE_STEPS, strict=False):
         assert params["attn_weight"] == pytest.approx(1.2 + step * (1.0 - 1.2))
         assert params["direction"] == "layer"  # the sampler's own choice, overridden by the attribute
@@ -265,3 +274,125 @@ def test_a_per_layer_shape_is_bridged_with_the_selected_direction_upstream():
     got = []
     study.optimize(lambda trial: got.append(space.suggest(trial)) or (0.0, 0.0), n_trials=2)
     assert [s.direction for s in got] == ["downstream", "layer"]
+
+
+def test_the_kl_matched_step_interpolates_the_bridge_to_the_paper_s_kl():
+    """The bridge's KL-matched point: where its first-token KL proxy, interpolated between the measured steps,
+    reaches the paper's edit's (the demo model's bridge: 0.098, 0.166, 0.215 at 0, 0.4, 0.7; the paper's 0.190)."""
+    from refusal_edit.tuning.run import matched_step
+
+    demo = [(0.0, 0.098), (0.4, 0.166), (0.7, 0.215)]
+    assert matched_step(demo, 0.190) == pytest.approx(0.4 + 0.3 * (0.190 - 0.166) / (0.215 - 0.166), abs=1e-3)
+    assert matched_step(demo, 0.25) == pytest.approx(0.7 + 0.3 * (0.25 - 0.215) / (0.215 - 0.166), abs=1e-3)
+    assert matched_step(demo, 5.0) is None  # the whole way at most, and that is the paper's weights: nothing new
+    assert matched_step(demo, 0.05) is None  # the shape itself already damages more
+    assert matched_step(demo, 0.167) is None  # 0.41: next to a measured step, nothing new
+    assert matched_step([(0.0, 0.1), (0.4, 0.2), (0.7, 0.18)], 0.25) is None  # no rise at the end to follow
+    assert matched_step([(0.0, 0.1), (0.4, 0.3), (0.7, 0.2)], 0.25) == pytest.approx(0.3)  # the first crossing
+    assert matched_step([(0.0, 0.1)], 0.2) is None and matched_step([], 0.2) is None
+
+
+def test_the_kl_matched_point_is_searched_after_the_bridge_and_confirmed_with_it():
+    """A study whose bridge leaves a slot: the matched trial comes last, between the bridge's ends at the
+    interpolated step, with the bridge's attributes; a study without a crossing gives the slot to the sampler."""
+    import optuna
+
+    from refusal_edit.tuning.run import BRIDGE_PLAN, _matched
+    from refusal_edit.tuning.space import SearchSpace
+
+    space = SearchSpace(n_layers=6, direction_layer=3, per_layer=False, harmless_means=False, preserve_norm=False)
+    paper = space.params()
+    shape = space.params(weight=1.2, mlp=0.2, peak=3.0, width=2.0, floor=0.1, embedding=0.5)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    plan = {"start": shape, "end": paper, "attrs": {"bridge": True}, "start_trial": 1, "reference_trial": 0}
+    study.set_user_attr(BRIDGE_PLAN, plan)
+    kl = iter([0.19, 0.10, 0.15, 0.21])  # the paper's edit, the shape, the bridge at 0.4 and 0.7
+    attrs = [{}, {}, {"bridge_step": 0.4}, {"bridge_step": 0.7}]
+    for params, a in zip(
+        [paper, shape, space.between(shape, paper, 0.4), space.between(shape, paper, 0.7)], attrs, strict=True
+    ):
+        study.enqueue_trial(params, user_attrs=a)
+    study.optimize(lambda trial: (0.0, next(kl)), n_trials=4)
+    params, got = _matched(study, space, plan)
+    assert got == {"bridge": True, "bridge_step": 0.6, "matched": True}
+    assert params["attn_weight"] == pytest.approx(1.2 + 0.6 * (1.0 - 1.2))
+    plan_without_crossing = plan | {"reference_trial": 1}  # target 0.10: the shape itself is there already
+    assert _matched(study, space, plan_without_crossing) is None
+
+
+class _StandInScorer:
+    """Stand-in proxies (no model): refusal falls and KL rises with strength, and any direction but the
+    selected one refuses less and costs KL, so a bridge from a per-layer shape ends above the paper's KL."""
+
+    base = SimpleNamespace(refusal=0.5, refusal_logodds=0.0)
+
+    def score(self, spec):
+        from refusal_edit.tuning.proxies import ProxyScores
+
+        s = spec.to_json()
+        strength = (s["attn"]["weight"] + s["mlp"]["weight"] + s["embedding"]) / 3
+        other = s["direction"] != "chosen"
+        refusal = math.exp(-2 * strength) * (0.3 if other else 1.0)
+        return ProxyScores(refusal, 0.1 * strength**2 + 0.05 * other, math.log(refusal))
+
+
+def test_search_runs_the_kl_matched_point_last_after_the_bridge_it_needs(tmp_path, monkeypatch):
+    """The whole search on stand-in proxies: the bridge's KL crosses the paper's on the way. The last trial is
+    the KL-matched one, at the step `matched_step` gives from the measured trials, between the bridge's ends;
+    a resumed study does not add it again."""
+    from refusal_edit.tuning import run as tuning
+    from refusal_edit.tuning.space import SearchSpace
+
+    Scorer = _StandInScorer
+    monkeypatch.setattr(tuning, "resolve", lambda spec, bank, n_layers: spec)
+    space = SearchSpace(n_layers=6, direction_layer=3, per_layer=True, harmless_means=False, preserve_norm=False)
+    settings = tuning.TuneSettings(trials=16, refine=6, startup=4)
+    storage = tmp_path / "study.journal"
+    trials = tuning.search(Scorer(), space, None, settings, storage)
+    assert len(trials) == 16
+    *rest, last = trials
+    assert last["matched"] and last["bridge"] and last["refine"]
+    bridge = [t for t in rest if t["bridge_step"] is not None]
+    assert bridge and all(t["number"] >= 12 for t in bridge)
+    points = {t["bridge_step"]: t["kl_proxy"] for t in bridge}
+    study = tuning._study(storage, settings, resume=True)
+    plan = study.user_attrs[tuning.BRIDGE_PLAN]
+    if 0.0 not in points:
+        points[0.0] = trials[plan["start_trial"]]["kl_proxy"]
+    paper_kl = trials[plan["reference_trial"]]["kl_proxy"]
+    step = tuning.matched_step(sorted(points.items()), paper_kl)
+    assert step is not None and last["bridge_step"] == step
+    expected = space.between(plan["start"], plan["end"], step)
+    assert last["spec"]["attn"]["weight"] == pytest.approx(expected["attn_weight"])
+    assert last["kl_proxy"] == pytest.approx(paper_kl, rel=0.1)  # about the paper's damage, as meant
+    again = tuning.search(Scorer(), space, None, settings, storage, resume=True)
+    assert [t["number"] for t in again] == [t["number"] for t in trials]
+
+
+def test_bridge_points_that_damage_more_than_the_paper_s_edit_are_not_confirmed(tmp_path, monkeypatch):
+    """Confirmation takes the bridge's points with no more KL proxy than the paper's edit (as for the front's
+    points) and its KL-matched point (at the paper's KL, whichever side the interpolation landed); the ones past
+    it are searched, not confirmed."""
+    from refusal_edit.tuning import run as tuning
+    from refusal_edit.tuning.confirm import Confirmed
+
+    class Confirmer:
+        def measure(self, points):
+            self.labels = [label for label, _ in points]
+            return [Confirmed(0.1, 0.0, 0.9, 0.1, 0.01, 4, 3, 0.0, []) for _ in points]
+
+    monkeypatch.setattr(tuning, "resolve", lambda spec, bank, n_layers: spec)
+    bank = SimpleNamespace(layer=3, mean_diff=object(), harmless_mean=None)
+    settings = tuning.TuneSettings(trials=16, refine=6, startup=4, confirm=2, preserve_norm=False)
+    confirmer = Confirmer()
+    result = tuning.tune(_StandInScorer(), confirmer, bank, 6, settings, tmp_path / "study.journal")
+    paper_kl = result.trials[0]["kl_proxy"]
+    bridge = [t for t in result.trials if t["bridge"]]
+    above = [t["number"] for t in bridge if t["kl_proxy"] > paper_kl and not t["matched"]]
+    assert above, "the stand-in bridge ends above the paper's KL"
+    confirmed = {p["trial"] for p in result.confirmed}
+    assert not confirmed & set(above)
+    assert {t["number"] for t in bridge if t["kl_proxy"] <= paper_kl or t["matched"]} <= confirmed
+    (matched,) = [t for t in bridge if t["matched"]]
+    assert matched["kl_proxy"] == pytest.approx(paper_kl, rel=0.1)
+    assert confirmer.labels[0] == "base" and len(confirmer.labels) == len(result.confirmed) + 1

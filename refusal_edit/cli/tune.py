@@ -27,7 +27,8 @@ def tune(
     refine: int = typer.Option(
         6,
         help="Last trials (at most a quarter): the strongest low-damage point bridged 0.4 and 0.7 of the way to "
-        "the paper's edit, then the lowest-refusal front points at 0.8 and 0.6 of their strength.",
+        "the paper's edit (a per-layer one from 0, in its downstream form), the lowest-refusal front points at "
+        "0.8 and 0.6 of their strength, and last the bridge point whose KL proxy matches the paper's edit's.",
     ),
     confirm: int = typer.Option(
         4, help="Front points confirmed by greedy generation (plus the paper's edit and the bridge points)."

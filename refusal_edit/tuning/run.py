@@ -5,22 +5,28 @@
    proxies of `proxies`. Its last `refine` trials first bridge the lowest-refusal front point that damages
    less than the paper's edit to the paper's edit (`BRIDGE_STEPS` of the way; a per-layer shape keeps the
    selected direction upstream of its layer, `DOWNSTREAM_BRIDGE_STEPS`), then sweep the lowest-refusal
-   front points down in strength (`REFINE_FACTORS`). The bridge is there because the refusal proxy misranks
-   points near the paper's edit (on the demo model t9's first-token refusal probability is 0.075, the paper's
-   edit's 0.083, yet t9 refuses 2.5 % of the harmful train prompts and the paper's edit 1.2 %): the sampler
-   cannot see what buys the last refusals, so the points between a proven low-damage shape and the paper's
-   edit are built rather than searched. The sweep is there because a few dozen trials leave TPE little room
-   at the low-damage end, and a good shape at a lower strength is usually a good low-damage point. The study
-   lives in a journal file, so an interrupted or finished study resumes.
-2. Confirm: the paper's edit (for reference), the bridge points (their proxies cannot rank them, see above)
-   and up to `confirm` points spread along the low-refusal part of the proxy front are measured by greedy
-   generation and teacher-forced KL (`confirm`).
+   front points down in strength (`REFINE_FACTORS`), and last add the bridge's *KL-matched* point: the step
+   where the bridge's first-token KL proxy, interpolated between its measured steps, reaches the paper's
+   edit's (`matched_step`) - the strongest bridge point that still damages no more than the paper's edit.
+   The KL proxy ranks points well where the refusal proxy does not, so this step is computed, not guessed.
+   The bridge is there because the refusal proxy misranks points near the paper's edit (on the demo model
+   t9's first-token refusal probability is 0.075, the paper's edit's 0.083, yet t9 refuses 2.5 % of the
+   harmful train prompts and the paper's edit 1.2 %): the sampler cannot see what buys the last refusals, so
+   the points between a proven low-damage shape and the paper's edit are built rather than searched. The
+   sweep is there because a few dozen trials leave TPE little room at the low-damage end, and a good shape at
+   a lower strength is usually a good low-damage point. The study lives in a journal file, so an interrupted
+   or finished study resumes.
+2. Confirm: the paper's edit (for reference), the bridge points with no more KL proxy than the paper's edit
+   and its KL-matched point (their refusal proxies cannot rank them, see above) and up to `confirm` points
+   spread along the low-refusal part of the proxy front are measured by greedy generation and teacher-forced
+   KL (`confirm`).
 3. Pick: the documented rule of `front.pick` among the confirmed points.
 Only confirmed points are offered; `front.json` keeps every trial too.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -50,6 +56,10 @@ BRIDGE_STEPS = (0.4, 0.7)
 # refuse 5 of 240 with it, 3 downstream-only as the paper's edit does, at 0.88 / 0.53 of its KLs; the shape
 # itself (t9) goes from 0.127 to 0.093 first-token KL that way.
 DOWNSTREAM_BRIDGE_STEPS = (0.0, 0.4, 0.7)
+# A study's user attribute: the bridge's ends, so that its KL-matched point is built after its steps ran.
+BRIDGE_PLAN = "bridge_plan"
+# A KL-matched step closer than this to a measured one adds nothing: the slot goes to the sampler instead.
+MATCH_MIN_GAP = 0.05
 
 
 @dataclass
@@ -147,6 +157,8 @@ def _trial_record(t: Any) -> dict[str, Any]:
         "seed": t.user_attrs.get("seed", False),
         "refine": t.user_attrs.get("refine", False),
         "bridge": t.user_attrs.get("bridge", False),
+        "bridge_step": t.user_attrs.get("bridge_step"),
+        "matched": t.user_attrs.get("matched", False),
     }
 
 
@@ -190,8 +202,17 @@ def search(
 
             run(main)
             if not any(t.user_attrs.get("refine") for t in study.trials):
-                for params, attrs in _refinements(study, space, settings):
+                refinements, plan = _refinements(study, space, settings)
+                if plan is not None:
+                    study.set_user_attr(BRIDGE_PLAN, plan)
+                for params, attrs in refinements:
                     study.enqueue_trial(params, user_attrs={"refine": True, **attrs})
+            plan = study.user_attrs.get(BRIDGE_PLAN)
+            run(settings.trials - (plan is not None))  # the last slot waits for the bridge's measured steps
+            if plan is not None and not any(t.user_attrs.get("matched") for t in study.trials):
+                matched = _matched(study, space, plan)
+                if matched is not None:  # else the sampler takes the slot
+                    study.enqueue_trial(matched[0], user_attrs={"refine": True, **matched[1]})
             run(settings.trials)
     return [_trial_record(t) for t in _completed(study)]
 
@@ -202,11 +223,14 @@ def _completed(study: Any) -> list[Any]:
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list[tuple[dict[str, Any], dict]]:
+def _refinements(
+    study: Any, space: SearchSpace, settings: TuneSettings
+) -> tuple[list[tuple[dict[str, Any], dict]], dict[str, Any] | None]:
     """The refinement trials (module docstring), `settings.refine_trials` (parameters, user attributes) at
     most: the bridge from the proxy front's lowest-refusal point with less KL than the paper's edit to the
     paper's edit (a per-layer shape in its `downstream` form, `DOWNSTREAM_BRIDGE_STEPS`), then the
-    lowest-refusal such points at every strength of `REFINE_FACTORS`."""
+    lowest-refusal such points at every strength of `REFINE_FACTORS`; and the bridge's plan (its ends, the
+    paper's trial) when a slot is left for its KL-matched point (`_matched`), else None."""
     trials = _completed(study)
     records = [_trial_record(t) for t in trials]
     reference = _reference(records)
@@ -214,16 +238,57 @@ def _refinements(study: Any, space: SearchSpace, settings: TuneSettings) -> list
     by_number = {t.number: t for t in trials}
     shapes = sorted((r for r in front if r is not reference), key=lambda r: r["refusal_proxy"])
     out: list[tuple[dict[str, Any], dict]] = []
+    plan = None
+    slots = settings.refine_trials
     if shapes and reference is not None:
         start, end = by_number[shapes[0]["number"]].params, by_number[reference["number"]].params
         steps, attrs = BRIDGE_STEPS, {"bridge": True}
         if start.get("direction") == "layer":
             steps, attrs = DOWNSTREAM_BRIDGE_STEPS, {"bridge": True, BRIDGE_DIRECTION: "downstream"}
-        out += [(space.between(start, end, t), attrs) for t in steps]
+        out += [(space.between(start, end, t), attrs | {"bridge_step": t}) for t in steps[:slots]]
+        if slots > len(steps):
+            plan = {"start": start, "end": end, "attrs": attrs, "start_trial": shapes[0]["number"]}
+            plan["reference_trial"] = reference["number"]
+            slots -= 1
     weaker = [
         (space.scaled(by_number[r["number"]].params, f), {"bridge": False}) for r in shapes for f in REFINE_FACTORS
     ]
-    return (out + weaker)[: settings.refine_trials]
+    return (out + weaker)[:slots], plan
+
+
+def _matched(study: Any, space: SearchSpace, plan: dict[str, Any]) -> tuple[dict[str, Any], dict] | None:
+    """The bridge's KL-matched point (parameters, user attributes) from its measured steps, or None."""
+    kl = {t.number: t.values[1] for t in _completed(study)}
+    points = {t.user_attrs["bridge_step"]: t.values[1] for t in _completed(study) if "bridge_step" in t.user_attrs}
+    if 0.0 not in points and plan["start_trial"] in kl:  # the shape itself is the bridge's step 0
+        points[0.0] = kl[plan["start_trial"]]
+    target = kl.get(plan["reference_trial"])
+    step = None if target is None else matched_step(sorted(points.items()), target)
+    if step is None:
+        return None
+    attrs = plan["attrs"] | {"bridge_step": step, "matched": True}
+    return space.between(plan["start"], plan["end"], step), attrs
+
+
+def matched_step(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The bridge step whose KL reaches `target`, linearly interpolated between the measured (step, KL) points
+    (sorted by step): the first crossing, or beyond the last step along the last two points' line (at most
+    the whole way, 1). None when the first step already damages more, the KL does not rise towards the end,
+    or the step is within `MATCH_MIN_GAP` of a measured one or of the end (the paper's weights): it would
+    add nothing."""
+    if not points or points[0][1] > target:
+        return None
+    pairs = list(itertools.pairwise(points))
+    crossing = next(((a, b) for a, b in pairs if a[1] <= target < b[1]), None)
+    if crossing is None:  # every measured step damages less: extrapolate from the last two
+        if not pairs or pairs[-1][1][1] <= pairs[-1][0][1]:
+            return None
+        crossing = pairs[-1]
+    (s0, k0), (s1, k1) = crossing
+    step = min(1.0, s0 + (s1 - s0) * (target - k0) / (k1 - k0))
+    if min(abs(step - s) for s in [*(s for s, _ in points), 1.0]) < MATCH_MIN_GAP:
+        return None
+    return round(step, 3)
 
 
 def _reference(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -279,7 +344,14 @@ def tune(
     reference = _reference(trials)
     kl_cap = reference["kl_proxy"] if reference is not None else None
     chosen_trials = to_confirm(trials, scorer.base.refusal, settings, kl_cap)
-    bridge = [t for t in trials if t["bridge"] and t not in chosen_trials]
+    # The bridge's points that damage no more than the paper's edit (by the KL proxy, as for the front points):
+    # one that damages more is not worth confirming. The KL-matched point is the bridge at the paper's damage:
+    # confirmed whichever side of it the interpolation landed (on the demo model 0.19040 against 0.19040).
+    bridge = [
+        t
+        for t in trials
+        if t["bridge"] and t not in chosen_trials and (t["matched"] or kl_cap is None or t["kl_proxy"] <= kl_cap)
+    ]
     if reference is not None and reference not in chosen_trials:
         chosen_trials = [reference, *chosen_trials]
     chosen_trials += bridge
@@ -303,6 +375,7 @@ def tune(
             "describe": spec.describe(),
             "reference": t is reference,
             "bridge": t["bridge"],
+            "bridge_step": t["bridge_step"],
             "proxy": {"refusal": t["refusal_proxy"], "kl": t["kl_proxy"]},
             "confirmed": m.to_json(),
         }
