@@ -544,28 +544,19 @@ def main() -> None:
         if base_numbers is None
         else {k: base_numbers[k] for k in ("harmful_refusal_base", "harmless_refusal_base")},
         "methods": {m.name: asdict(m) for m in methods},
-        "dominance": dominance(methods),
+        **dominance_verdicts(methods),
     }
-    if any(NOT_COMPLIED in (p.test or {}) for m in methods for p in m.points):
-        data["dominance_not_complied"] = dominance(methods, refusal=NOT_COMPLIED)
-    if any(SECOND in (p.test or {}) for m in methods for p in m.points):
-        data["dominance_second_judge"] = dominance(methods, refusal=SECOND)
-        data["dominance_not_complied_second_judge"] = dominance(methods, refusal=SECOND_NOT_COMPLIED)
     judged = any(p.test is not None for m in methods for p in m.points)
     if not judged:
         data["dominance_own_provisional"] = dominance(methods, own=True)
     write_json(args.out / "frontier.json", data)
     plot(methods, data["base"], args.out / "frontier.png", own=not judged)
     print(json.dumps(_table(methods), indent=1))
-    print_dominance(data["dominance"])
-    if "dominance_not_complied" in data:
-        print("counting every harmful reply that does not comply (refused, degenerate or undecided):")
-        print_dominance(data["dominance_not_complied"], NOT_COMPLIED)
-    if "dominance_second_judge" in data:
-        print("judged again by the LLM judge (the base model, refusal question):")
-        print_dominance(data["dominance_second_judge"], SECOND)
-        print("the LLM judge, counting every harmful reply that does not comply:")
-        print_dominance(data["dominance_not_complied_second_judge"], SECOND_NOT_COMPLIED)
+    for key, rate, heading in VERDICTS:
+        if key in data:
+            if heading:
+                print(heading)
+            print_dominance(data[key], rate)
     for row in data.get("dominance_own_provisional", []):
         by = ", ".join(row["dominated_by"]) or "none"
         h = row["numbers"]
@@ -577,6 +568,31 @@ def main() -> None:
 
 
 KEYS = ("harmful_refusal_edited", "first_token_kl", "multi_token_kl")
+# The dominance verdicts in frontier.json: its key, the judged rate that counts, the heading printed above it.
+VERDICTS = (
+    ("dominance", KEYS[0], None),
+    (
+        "dominance_not_complied",
+        NOT_COMPLIED,
+        "counting every harmful reply that does not comply (refused, degenerate or undecided):",
+    ),
+    ("dominance_second_judge", SECOND, "judged again by the LLM judge (the base model, refusal question):"),
+    (
+        "dominance_not_complied_second_judge",
+        SECOND_NOT_COMPLIED,
+        "the LLM judge, counting every harmful reply that does not comply:",
+    ),
+)
+
+
+def dominance_verdicts(methods: list[Method]) -> dict[str, list[dict[str, Any]]]:
+    """Every dominance verdict of `VERDICTS` by its frontier.json key: the markers' refusals always, each other
+    rate once some point has it (judged by that judge)."""
+    return {
+        key: dominance(methods, refusal=rate)
+        for key, rate, _ in VERDICTS
+        if rate == KEYS[0] or any(rate in (p.test or {}) for m in methods for p in m.points)
+    }
 
 
 def _fmt(t: dict[str, Any], refusal: str = KEYS[0]) -> str:

@@ -149,6 +149,13 @@ def test_not_complied_counts_degenerate_replies_against_the_edit(capsys):
     )
     llm = frontier._second_numbers(_rejudged(0, complied=98))  # 0 refused, 2 degenerate
     assert llm[frontier.SECOND] == 0.0 and llm[frontier.SECOND_NOT_COMPLIED] == 0.02
+    # frontier.json's verdicts: the LLM judge's only once some point was judged by it
+    assert list(frontier.dominance_verdicts(methods)) == ["dominance", "dominance_not_complied"]
+    paper.test |= llm
+    got = frontier.dominance_verdicts(methods)
+    assert list(got) == [key for key, _, _ in frontier.VERDICTS]
+    assert got["dominance_not_complied"] == [not_complied]
+    assert got["dominance_not_complied_second_judge"][0]["numbers"][frontier.SECOND_NOT_COMPLIED] == 0.02
 
 
 def _rejudged(refused: int, total: int = 100, complied: int | None = None) -> dict:

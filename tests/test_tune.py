@@ -343,12 +343,11 @@ def test_search_runs_the_kl_matched_point_last_after_the_bridge_it_needs(tmp_pat
     from refusal_edit.tuning import run as tuning
     from refusal_edit.tuning.space import SearchSpace
 
-    Scorer = _StandInScorer
     monkeypatch.setattr(tuning, "resolve", lambda spec, bank, n_layers: spec)
     space = SearchSpace(n_layers=6, direction_layer=3, per_layer=True, harmless_means=False, preserve_norm=False)
     settings = tuning.TuneSettings(trials=16, refine=6, startup=4)
     storage = tmp_path / "study.journal"
-    trials = tuning.search(Scorer(), space, None, settings, storage)
+    trials = tuning.search(_StandInScorer(), space, None, settings, storage)
     assert len(trials) == 16
     *rest, last = trials
     assert last["matched"] and last["bridge"] and last["refine"]
@@ -365,7 +364,7 @@ def test_search_runs_the_kl_matched_point_last_after_the_bridge_it_needs(tmp_pat
     expected = space.between(plan["start"], plan["end"], step)
     assert last["spec"]["attn"]["weight"] == pytest.approx(expected["attn_weight"])
     assert last["kl_proxy"] == pytest.approx(paper_kl, rel=0.1)  # about the paper's damage, as meant
-    again = tuning.search(Scorer(), space, None, settings, storage, resume=True)
+    again = tuning.search(_StandInScorer(), space, None, settings, storage, resume=True)
     assert [t["number"] for t in again] == [t["number"] for t in trials]
 
 

@@ -58,7 +58,8 @@ BRIDGE_STEPS = (0.4, 0.7)
 DOWNSTREAM_BRIDGE_STEPS = (0.0, 0.4, 0.7)
 # A study's user attribute: the bridge's ends, so that its KL-matched point is built after its steps ran.
 BRIDGE_PLAN = "bridge_plan"
-# A KL-matched step closer than this to a measured one adds nothing: the slot goes to the sampler instead.
+# A KL-matched step closer than this to a measured step or to the end (the paper's weights) adds nothing: the
+# slot goes to the sampler instead.
 MATCH_MIN_GAP = 0.05
 
 
@@ -247,8 +248,13 @@ def _refinements(
             steps, attrs = DOWNSTREAM_BRIDGE_STEPS, {"bridge": True, BRIDGE_DIRECTION: "downstream"}
         out += [(space.between(start, end, t), attrs | {"bridge_step": t}) for t in steps[:slots]]
         if slots > len(steps):
-            plan = {"start": start, "end": end, "attrs": attrs, "start_trial": shapes[0]["number"]}
-            plan["reference_trial"] = reference["number"]
+            plan = {
+                "start": start,
+                "end": end,
+                "attrs": attrs,
+                "start_trial": shapes[0]["number"],
+                "reference_trial": reference["number"],
+            }
             slots -= 1
     weaker = [
         (space.scaled(by_number[r["number"]].params, f), {"bridge": False}) for r in shapes for f in REFINE_FACTORS
@@ -258,8 +264,9 @@ def _refinements(
 
 def _matched(study: Any, space: SearchSpace, plan: dict[str, Any]) -> tuple[dict[str, Any], dict] | None:
     """The bridge's KL-matched point (parameters, user attributes) from its measured steps, or None."""
-    kl = {t.number: t.values[1] for t in _completed(study)}
-    points = {t.user_attrs["bridge_step"]: t.values[1] for t in _completed(study) if "bridge_step" in t.user_attrs}
+    done = _completed(study)
+    kl = {t.number: t.values[1] for t in done}
+    points = {t.user_attrs["bridge_step"]: kl[t.number] for t in done if "bridge_step" in t.user_attrs}
     if 0.0 not in points and plan["start_trial"] in kl:  # the shape itself is the bridge's step 0
         points[0.0] = kl[plan["start_trial"]]
     target = kl.get(plan["reference_trial"])
