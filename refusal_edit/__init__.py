@@ -1,6 +1,6 @@
 """refusal-edit: find the refusal direction of a chat model and turn it into an exact checkpoint edit.
 
-The public API (the README's "As a library") is the names in `__all__`; they are imported on first use,
+The public API (docs/python-api.md) is the names in `__all__`; they are imported on first use,
 so `import refusal_edit` (and the command line) stays fast. Everything else is reachable through its
 module: `refusal_edit.workflows` (what each command does), `refusal_edit.directions`,
 `refusal_edit.edits`, `refusal_edit.evaluation`, `refusal_edit.judging`, `refusal_edit.hub`.

@@ -2,7 +2,7 @@
 
 - every table entry has a tiny config, and `refusal-edit archs` lists them all on stdout;
 - the stock class of each entry is the one transformers' auto classes pick;
-- the README's supported-architectures table is the table;
+- the supported-architectures table of docs/exactness.md is the table;
 - transformers' own tensor-parallel plan (which marks residual writers `rowwise`) names nothing we miss;
 - hooks (anatomy) and the weight plan find the same writers on every loaded model;
 - an edit changes the writers and nothing else: a multimodal wrapper's vision tower and projector stay
@@ -34,7 +34,7 @@ from refusal_edit.edits.plan import plan_ablation
 from refusal_edit.edits.preview import preview_ablation
 
 ARCHS = sorted(CONFIGS)
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "exactness.md"  # the architectures table
 # The families issue 12 added: each also runs the whole extract -> orthogonalize -> evaluate path.
 ADDED = [
     "gpt_oss",
