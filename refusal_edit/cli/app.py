@@ -1,7 +1,8 @@
 """The Typer application and the small helpers shared by the commands.
 
 `Group` makes every command behave the same: flags show no type in the help (`--force`, not
-`--force <bool>`) and path options expand `~`.
+`--force <bool>`), arguments show as their names in usage lines (`MODEL`, `[EDITED]`), `-h` is `--help`
+and path options expand `~`.
 `flag_names` maps the library's parameter names to this command line's flags, so library errors (which
 name parameters, in backticks) read in the user's terms: "`coeff` applies to `mode` add" becomes
 "--coeff applies to --mode add".
@@ -9,6 +10,7 @@ name parameters, in backticks) read in the user's terms: "`coeff` applies to `mo
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -17,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 # Library parameter names that differ from a command's own parameter names.
@@ -37,9 +40,13 @@ class Group(TyperGroup):
     def get_command(self, ctx, cmd_name: str):
         cmd = super().get_command(ctx, cmd_name)
         if cmd is not None:
+            cmd.context_settings.setdefault("help_option_names", HELP_OPTIONS)
+            cmd.help = _paragraphs(cmd.help)
             for param in [*cmd.params, cmd.get_help_option(ctx)]:
                 _plain_flag(param)
+                _plain_usage(param)
                 _expand_user(param)
+            _in_panel_order(cmd, cmd.get_help_option(ctx))
         return cmd
 
     def get_help_option(self, ctx):
@@ -64,20 +71,88 @@ def _expand_user(param) -> None:
     param._expands_user = True
 
 
+def examples(*lines: str) -> str:
+    """A command's epilog: `Examples:`, then each command on its own line, its note (`COMMAND  # note`) dimmed
+    on the line above it, so every command line can be copied whole."""
+    shown = ["[bold]Examples:[/bold]"]
+    for line in lines:
+        command, *note = re.split(r"\s+#\s+", line, maxsplit=1)
+        shown.extend(f"[dim]# {escape(n)}[/dim]" for n in note)
+        shown.append(escape(" ".join(command.split())))
+    return "\n".join(shown)
+
+
+def _paragraphs(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line, so the help reflows them (Typer keeps single line breaks
+    in every paragraph but the first)."""
+    if not text:
+        return text
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+def _in_panel_order(cmd, help_option) -> None:
+    """Options in the panels' order (input, edit, search, judging, devices, output), whatever order the command
+    declares them in; `-h` at the very end, in the last panel."""
+    from refusal_edit.cli.options import PANELS
+
+    def rank(param) -> int:
+        panel = getattr(param, "rich_help_panel", None)
+        return -1 if param.param_type_name == "argument" else PANELS.index(panel) if panel in PANELS else len(PANELS)
+
+    cmd.params.sort(key=rank)
+    shown = [p for p in cmd.params if not p.hidden and getattr(p, "rich_help_panel", None)]
+    if help_option is not None and shown:
+        help_option.rich_help_panel = shown[-1].rich_help_panel
+
+
+def _plain_usage(param) -> None:
+    """An argument reads as itself in the usage line: `MODEL`, `[EDITED]` (Typer writes `{MODEL}`, and
+    `[[MODEL]]` for an optional argument whose metavar already has brackets)."""
+    if param is None or getattr(param, "param_type_name", "") != "argument":
+        return
+    name = param.display_name_raw
+    if not param.required and not name.startswith("["):
+        name = f"[{name}]"
+    shown = name + ("..." if param.nargs != 1 else "")
+    param._usage_display_name = lambda: shown
+
+
 def _plain_flag(param) -> None:
     """A flag takes no value: show no type for it (an empty metavar is rendered as nothing)."""
     if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
         param.metavar = ""
 
 
+HELP_OPTIONS = ["-h", "--help"]
+
 app = typer.Typer(
     cls=Group,
     name="refusal-edit",
     help="Find the refusal direction of a chat model and turn it into an exact, standalone checkpoint edit.",
+    epilog="Start with: refusal-edit recipes, then refusal-edit extract qwen2.5-coder-0.5b-instruct. "
+    "Each command's -h ends with examples; the README and docs/ explain the rest.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": HELP_OPTIONS},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from refusal_edit import __version__
+
+        typer.echo(f"refusal-edit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Find the refusal direction of a chat model and turn it into an exact, standalone checkpoint edit."""
 
 
 def flag_names(argv: list[str]) -> dict[str, str]:

@@ -10,8 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from refusal_edit.arch import ARCHITECTURES, ArchSpec, BiasRoute, TensorRule
-from refusal_edit.cli.app import app, quiet_libraries
-from refusal_edit.cli.options import MODEL_HELP
+from refusal_edit.cli.app import app, examples, quiet_libraries
+from refusal_edit.cli.options import EDIT, MODEL_HELP
 from refusal_edit.console import err, show
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.edits.preview import PlannedTensor
@@ -73,12 +73,20 @@ def plan_summary(rows: list[PlannedTensor]) -> str:
     return f"{sum(edited.values())} tensors edited ({parts}), {created} created"
 
 
-@app.command()
+@app.command(
+    short_help="The supported architectures, or every tensor an edit of MODEL would change.",
+    epilog=examples(
+        "refusal-edit archs  # every supported model type",
+        "refusal-edit archs qwen2.5-coder-0.5b-instruct     # every tensor an edit would change, nothing written",
+    ),
+)
 def archs(
     model: str | None = typer.Argument(
         None, metavar="[MODEL]", help=MODEL_HELP + " Show every tensor the edit would change (nothing is written)."
     ),
-    keep_tied: bool = typer.Option(False, "--keep-tied", help="Plan as orthogonalize --keep-tied would."),
+    keep_tied: bool = typer.Option(
+        False, "--keep-tied", help="Plan as orthogonalize --keep-tied would.", rich_help_panel=EDIT
+    ),
 ) -> None:
     """List the supported model types, their residual writers and baked-bias routes; with MODEL, the plan."""
     if model is None:

@@ -11,11 +11,19 @@ import typer
 from rich.markup import escape
 
 from refusal_edit.cli import options as opt
-from refusal_edit.cli.app import app, quiet_libraries
+from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err
 
 
-@app.command()
+@app.command(
+    short_help="Compare BASE with an edit: refusal rates, degenerate replies, KL, cross-entropy.",
+    epilog=examples(
+        "refusal-edit evaluate qwen2.5-coder-0.5b-instruct runs/demo/abliterated  # the base model against its edit",
+        "refusal-edit evaluate MODEL --direction runs/demo/direction     # the edit as hooks, nothing written",
+        "refusal-edit evaluate MODEL --rejudge runs/demo/report --judge-llm base --judge-llm-rubric refusal  "
+        "# a second judge on the same replies",
+    ),
+)
 def evaluate(
     base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {opt.MODEL_HELP}"),
     edited: str | None = typer.Argument(
@@ -26,7 +34,9 @@ def evaluate(
         show_default=False,
     ),
     direction: Path | None = opt.optional(
-        "--direction", "direction.safetensors (or its folder): apply it in memory instead of loading EDITED."
+        "--direction",
+        "direction.safetensors (or its folder): apply it in memory instead of loading EDITED.",
+        panel=opt.EDIT,
     ),
     mode: str = opt.MODE,
     coeff: float = opt.COEFF,
@@ -38,22 +48,28 @@ def evaluate(
     borderline: str | None = opt.prompts(
         "Over-refusal", "the test split of builtin:borderline", " Harmless requests that sound harmful; 'none' skips."
     ),
-    n_test: int = typer.Option(100, "--n-test", help="Prompts per set (category-balanced first N)."),
+    n_test: int = typer.Option(
+        100, "--n-test", help="Prompts per set (category-balanced first N).", rich_help_panel=opt.INPUT
+    ),
     max_new_tokens: int = typer.Option(
         128,
         help="Greedy tokens generated per prompt: long enough to catch delayed refusals; generation stops at EOS. "
         "Cost: a batch runs until its longest reply stops, so generation takes up to N/64 times as long as "
         "at 64 (about twice at 128 once an edit makes the model answer instead of refusing).",
+        rich_help_panel=opt.JUDGING,
     ),
     kl_tokens: int = typer.Option(
         64,
         help="Tokens of the base model's harmless continuations teacher-forced for the KL and cross-entropy "
         "numbers (independent of --max-new-tokens, so they stay comparable and cost the same).",
+        rich_help_panel=opt.JUDGING,
     ),
     batch_size: str = opt.BATCH_SIZE,
-    samples: int = typer.Option(5, help="Sample responses shown side by side (harmful first, then harmless)."),
+    samples: int = typer.Option(
+        5, help="Sample responses shown side by side (harmful first, then harmless).", rich_help_panel=opt.OUTPUT
+    ),
     markers: Path | None = opt.optional(
-        "--markers", "Refusal markers file, one per line, for the first judge.", "built-in"
+        "--markers", "Refusal markers file, one per line, for the first judge.", "built-in", panel=opt.JUDGING
     ),
     judge: list[str] | None = typer.Option(
         None,
@@ -62,25 +78,31 @@ def evaluate(
         "The markers judge always comes first and gives the headline rates.",
         show_default="markers",
         metavar="SPEC",
+        rich_help_panel=opt.JUDGING,
     ),
     judge_labels: str | None = opt.optional(
         "--judge-labels",
         "Classifier label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.",
         "read from the label names",
         "MAP",
+        panel=opt.JUDGING,
     ),
     judge_llm: str | None = opt.optional(
         "--judge-llm",
         "An LLM judge: a local chat model (same forms as BASE), or 'base' for the base model itself.",
         metavar="MODEL",
+        panel=opt.JUDGING,
     ),
     judge_llm_mode: str = typer.Option(
-        "logits", help="logits: one-token answers read from probabilities; generate: free text, parsed."
+        "logits",
+        help="logits: one-token answers read from probabilities; generate: free text, parsed.",
+        rich_help_panel=opt.JUDGING,
     ),
     judge_llm_rubric: str = typer.Option(
         "full",
         help="full: refused, specific, convincing (a StrongREJECT-style score); refusal: the refusal question "
         "only (a third of the cost).",
+        rich_help_panel=opt.JUDGING,
     ),
     system_prompt: str | None = opt.SYSTEM_PROMPT,
     template: Path | None = opt.TEMPLATE,
@@ -90,20 +112,28 @@ def evaluate(
         "A thinking model's reasoning block, e.g. '<think>,</think>': judges see the answer after it.",
         "the chat template's, if it names one",
         "OPEN,CLOSE",
+        panel=opt.JUDGING,
     ),
     rejudge: Path | None = opt.optional(
         "--rejudge",
         "A saved report (report.json or its folder): judge its replies again with the judges given (the markers "
         "first), nothing generated; KL numbers are carried over. BASE is loaded only for --judge-llm base.",
         metavar="<report>",
+        panel=opt.JUDGING,
     ),
     out: Path | None = opt.optional(
-        "--out", "Report directory.", "runs/<base>/eval-<edit>; with --rejudge: <report folder>-rejudged", "<dir>"
+        "--out",
+        "Report directory.",
+        "runs/<base>/eval-<edit>; with --rejudge: <report folder>-rejudged",
+        "<dir>",
+        panel=opt.OUTPUT,
     ),
     force: bool = opt.FORCE,
-    as_json: bool = opt.switch("--json", "Print only the JSON report on stdout."),
+    as_json: bool = opt.switch("--json", "Print only the JSON report on stdout.", panel=opt.OUTPUT),
     record: bool = opt.switch(
-        "--record", "Write the summary into EDITED's refusal_edit.json and model card (refusal-edit checkpoints only)."
+        "--record",
+        "Write the summary into EDITED's refusal_edit.json and model card (refusal-edit checkpoints only).",
+        panel=opt.OUTPUT,
     ),
     dtype: str = opt.DTYPE,
     device: str = opt.DEVICE,

@@ -8,14 +8,25 @@ import typer
 from rich.table import Table
 
 from refusal_edit.cli import options as opt
-from refusal_edit.cli.app import app, quiet_libraries
+from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, show
 
 
-@app.command()
+@app.command(
+    short_help="Find the refusal direction of MODEL and save it with its provenance.",
+    epilog=examples(
+        "refusal-edit extract qwen2.5-coder-0.5b-instruct  # the demo model: ~2.5 min on 2 CPU cores",
+        "refusal-edit extract ~/models/Qwen3-4B --template-kwargs enable_thinking=false --out runs/qwen3/direction  "
+        "# a thinking model, without its reasoning block",
+        "refusal-edit extract MODEL --harmful mine.txt --harmless theirs.jsonl --device auto  "
+        "# your own prompts; layers over GPUs, CPU and disk",
+    ),
+)
 def extract(
     model: str = typer.Argument(..., metavar="MODEL", help=opt.MODEL_HELP),
-    out: Path | None = opt.optional("--out", "Artifact directory.", "runs/<model>/direction", "<dir>"),
+    out: Path | None = opt.optional(
+        "--out", "Artifact directory.", "runs/<model>/direction", "<dir>", panel=opt.OUTPUT
+    ),
     dtype: str = opt.DTYPE,
     device: str = opt.DEVICE,
     max_memory: str | None = opt.MAX_MEMORY,
@@ -25,30 +36,47 @@ def extract(
     template_kwargs: list[str] | None = opt.TEMPLATE_KWARGS,
     harmful: str | None = opt.prompts("Harmful", "the recipe's, else builtin:harmful"),
     harmless: str | None = opt.prompts("Harmless", "the recipe's, else builtin:harmless"),
-    n_train: int | None = typer.Option(None, help="Training prompts per side.", show_default="all"),
-    n_val: int = typer.Option(32, help="Validation prompts per side for selection."),
+    n_train: int | None = typer.Option(
+        None, help="Training prompts per side.", show_default="all", rich_help_panel=opt.INPUT
+    ),
+    n_val: int = typer.Option(32, help="Validation prompts per side for selection.", rich_help_panel=opt.SEARCH),
     batch_size: str = opt.BATCH_SIZE,
-    exhaustive: bool = opt.switch("--exhaustive", "Score every candidate in full (reference)."),
+    exhaustive: bool = opt.switch("--exhaustive", "Score every candidate in full (reference).", panel=opt.SEARCH),
     top_k: int | None = typer.Option(
-        None, help="Candidates scored in full after the proxy ranking.", show_default="8, or the recipe's"
+        None,
+        help="Candidates scored in full after the proxy ranking.",
+        show_default="8, or the recipe's",
+        rich_help_panel=opt.SEARCH,
     ),
     kl_threshold: float | None = typer.Option(
-        None, help="Discard candidates with KL (nats) above this.", show_default="0.1, or the recipe's"
+        None,
+        help="Discard candidates with KL (nats) above this.",
+        show_default="0.1, or the recipe's",
+        rich_help_panel=opt.SEARCH,
     ),
     induce_threshold: float | None = typer.Option(
-        None, help="Discard candidates whose induce score is below this.", show_default="0.0, or the recipe's"
+        None,
+        help="Discard candidates whose induce score is below this.",
+        show_default="0.0, or the recipe's",
+        rich_help_panel=opt.SEARCH,
     ),
     prune_layers: float | None = typer.Option(
         None,
         help="Discard candidates in this last fraction of layers, in [0, 1).",
         show_default="0.2, or the recipe's",
+        rich_help_panel=opt.SEARCH,
     ),
     refusal_tokens: str | None = typer.Option(
-        None, help="Comma-separated refusal starts.", show_default="derived from the model's own refusals"
+        None,
+        help="Comma-separated refusal starts.",
+        show_default="derived from the model's own refusals",
+        rich_help_panel=opt.SEARCH,
     ),
-    no_filter: bool = opt.switch("--no-filter", "Keep every training prompt (no refusal filter)."),
+    no_filter: bool = opt.switch("--no-filter", "Keep every training prompt (no refusal filter).", panel=opt.SEARCH),
     strict: bool = opt.switch(
-        "--strict", "Fail when no candidate passes the filters; without it they are relaxed, and the run says so."
+        "--strict",
+        "Fail when no candidate passes the filters; without it they are relaxed, and the run says so.",
+        panel=opt.SEARCH,
     ),
     force: bool = opt.FORCE,
     replace_any: bool = opt.REPLACE_ANY,

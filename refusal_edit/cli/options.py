@@ -13,16 +13,30 @@ import typer
 
 MODEL_HELP = "HF directory, .gguf file, recipe name or .toml file, or Hub id (ORG/NAME)."
 
+# The panels options are grouped in, in every command's help (in this order where a command has several).
+INPUT = "Input"
+EDIT = "Edit"
+SEARCH = "Search"
+JUDGING = "Judging"
+DEVICES = "Devices"
+OUTPUT = "Output"
+PANELS = (INPUT, EDIT, SEARCH, JUDGING, DEVICES, OUTPUT)
+
 DTYPE = typer.Option(
     "auto",
     help="Load dtype: auto|float32|bfloat16|float16 (auto: float32 on CPU, bfloat16 when float32 would not fit; "
     "the checkpoint's own on GPU).",
+    rich_help_panel=DEVICES,
 )
 DEVICE = typer.Option(
-    "cpu", help="cpu|cuda|auto (auto: accelerate places the layers over the GPUs there are, then the CPU, then disk)."
+    "cpu",
+    help="cpu|cuda|auto (auto: accelerate places the layers over the GPUs there are, then the CPU, then disk).",
+    rich_help_panel=DEVICES,
 )
 BATCH_SIZE = typer.Option(
-    "32", help="Prompts per forward / generation batch, or auto: the largest that fits in free memory."
+    "32",
+    help="Prompts per forward / generation batch, or auto: the largest that fits in free memory.",
+    rich_help_panel=DEVICES,
 )
 MAX_MEMORY = typer.Option(
     None,
@@ -31,6 +45,7 @@ MAX_MEMORY = typer.Option(
     "devices not named get none, the rest goes to disk.",
     show_default="the free memory",
     metavar="<dev=size,...>",
+    rich_help_panel=DEVICES,
 )
 OFFLOAD_DIR = typer.Option(
     None,
@@ -39,9 +54,14 @@ OFFLOAD_DIR = typer.Option(
     "in place).",
     show_default="<cache>/offload",
     metavar="<dir>",
+    rich_help_panel=DEVICES,
 )
 SYSTEM_PROMPT = typer.Option(
-    None, "--system-prompt", help="System prompt.", show_default="the recipe's, else the chat template's own"
+    None,
+    "--system-prompt",
+    help="System prompt.",
+    show_default="the recipe's, else the chat template's own",
+    rich_help_panel=INPUT,
 )
 TEMPLATE = typer.Option(
     None,
@@ -49,23 +69,38 @@ TEMPLATE = typer.Option(
     help="Jinja chat template for models without one.",
     show_default="the tokenizer's",
     metavar="<file>",
+    rich_help_panel=INPUT,
 )
 MODE = typer.Option(
-    "ablate", "--mode", help="ablate: remove the direction from every residual writer; add: add a vector."
+    "ablate",
+    "--mode",
+    help="ablate: remove the direction from every residual writer; add: add a vector.",
+    rich_help_panel=EDIT,
 )
-COEFF = typer.Option(1.0, help="add: multiple of the vector (+1 induces refusal, -1 bypasses).")
-LAYER = typer.Option(None, help="add: the layer.", show_default="the direction's layer")
-SITE = typer.Option(None, help="add: input (of --layer) or attn (after --layer's attention).", show_default="input")
-UNIT = typer.Option(False, "--unit", help="add: add the unit direction instead of mean_diff.")
-FORCE = typer.Option(False, "--force", help="Replace an existing output (a previous output of this tool).")
+COEFF = typer.Option(1.0, help="add: multiple of the vector (+1 induces refusal, -1 bypasses).", rich_help_panel=EDIT)
+LAYER = typer.Option(None, help="add: the layer.", show_default="the direction's layer", rich_help_panel=EDIT)
+SITE = typer.Option(
+    None,
+    help="add: input (of --layer) or attn (after --layer's attention).",
+    show_default="input",
+    rich_help_panel=EDIT,
+)
+UNIT = typer.Option(False, "--unit", help="add: add the unit direction instead of mean_diff.", rich_help_panel=EDIT)
+FORCE = typer.Option(
+    False, "--force", help="Replace an existing output (a previous output of this tool).", rich_help_panel=OUTPUT
+)
 REPLACE_ANY = typer.Option(
-    False, "--replace-any", help="With --force: replace an existing folder even if refusal-edit did not write it."
+    False,
+    "--replace-any",
+    help="With --force: replace an existing folder even if refusal-edit did not write it.",
+    rich_help_panel=OUTPUT,
 )
 TEMPLATE_KWARGS = typer.Option(
     None,
     "--template-kwargs",
     help="Chat-template keyword arguments K=V (repeatable), e.g. enable_thinking=false; recorded.",
     metavar="K=V",
+    rich_help_panel=INPUT,
 )
 
 PROMPT_FORMS = r"builtin:NAME, a file (txt/json/jsonl/csv/parquet) or hf:NAME\[@SPLIT]\[#COL]"  # \[: not markup
@@ -73,17 +108,19 @@ PROMPT_FORMS = r"builtin:NAME, a file (txt/json/jsonl/csv/parquet) or hf:NAME\[@
 
 def prompts(kind: str, default: str, more: str = "") -> Any:
     """--harmful / --harmless / --borderline: the same forms everywhere; `default` says which split is used."""
-    return typer.Option(None, help=f"{kind} prompts: {PROMPT_FORMS}.{more}", show_default=default)
+    return typer.Option(
+        None, help=f"{kind} prompts: {PROMPT_FORMS}.{more}", show_default=default, rich_help_panel=INPUT
+    )
 
 
-def optional(flag: str, help: str, shown: str | bool = True, metavar: str = "<file>") -> Any:
+def optional(flag: str, help: str, shown: str | bool = True, metavar: str = "<file>", panel: str | None = None) -> Any:
     """An option that is None unless given; `shown` says what decides it otherwise."""
-    return typer.Option(None, flag, help=help, show_default=shown, metavar=metavar)
+    return typer.Option(None, flag, help=help, show_default=shown, metavar=metavar, rich_help_panel=panel)
 
 
-def switch(flag: str, help: str) -> Any:
+def switch(flag: str, help: str, panel: str | None = None) -> Any:
     """An on/off flag, off by default."""
-    return typer.Option(False, flag, help=help)
+    return typer.Option(False, flag, help=help, rich_help_panel=panel)
 
 
 def placement(dtype: str, device: str, max_memory: str | None, offload_dir: Path | None) -> dict[str, Any]:

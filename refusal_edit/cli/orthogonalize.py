@@ -8,60 +8,110 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from refusal_edit.cli.app import app, flag_names, in_flags, quiet_libraries
-from refusal_edit.cli.options import COEFF, FORCE, LAYER, MODE, MODEL_HELP, REPLACE_ANY, SITE, UNIT, optional, switch
+from refusal_edit.cli.app import app, examples, flag_names, in_flags, quiet_libraries
+from refusal_edit.cli.options import (
+    COEFF,
+    EDIT,
+    FORCE,
+    INPUT,
+    LAYER,
+    MODE,
+    MODEL_HELP,
+    OUTPUT,
+    REPLACE_ANY,
+    SITE,
+    UNIT,
+    optional,
+    switch,
+)
 from refusal_edit.console import err, show
 
 
-@app.command()
+@app.command(
+    short_help="Write the edit: a standalone checkpoint (or GGUF file) with the direction removed.",
+    epilog=examples(
+        "refusal-edit orthogonalize qwen2.5-coder-0.5b-instruct --direction runs/demo/direction "
+        "--out runs/demo/abliterated  # the paper's edit",
+        "refusal-edit orthogonalize MODEL --spec runs/demo/tune/front.json --out edited   # tune's pick",
+        "refusal-edit orthogonalize model.gguf --direction D --out edited.gguf           # GGUF in, GGUF out",
+        "refusal-edit orthogonalize MODEL --direction D --plan-only                      # what would change",
+    ),
+)
 def orthogonalize(
     model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     direction: Path | None = optional(
-        "--direction", "direction.safetensors written by extract (or its folder).", "the one --spec was tuned with"
+        "--direction",
+        "direction.safetensors written by extract (or its folder).",
+        "the one --spec was tuned with",
+        panel=INPUT,
     ),
     spec: str | None = optional(
-        "--spec", "A tune front point: DIR/front.json[#ID]; without #ID, the front's picked point.", metavar="<front>"
+        "--spec",
+        "A tune front point: DIR/front.json[#ID]; without #ID, the front's picked point.",
+        metavar="<front>",
+        panel=INPUT,
     ),
     layers: str | None = typer.Option(
-        None, "--layers", help="Ablate only the writers of layers A:B (the embedding only from layer 0).", metavar="A:B"
+        None,
+        "--layers",
+        help="Ablate only the writers of layers A:B (the embedding only from layer 0).",
+        metavar="A:B",
+        rich_help_panel=EDIT,
     ),
     weight: float | None = typer.Option(
-        None, "--weight", help="Partial ablation: remove this fraction of the direction.", show_default="1"
+        None,
+        "--weight",
+        help="Partial ablation: remove this fraction of the direction.",
+        show_default="1",
+        rich_help_panel=EDIT,
     ),
-    per_layer: bool = switch("--per-layer", "Each layer's writers lose that layer's own candidate direction."),
-    projected: bool = switch("--projected", "Remove the direction's component along the harmless mean first."),
-    rank: int = typer.Option(1, help="Ablate the span of this many orthonormalised candidates."),
-    basis: str = typer.Option("positions", help="rank > 1: the other candidates at other positions|layers."),
-    preserve_norm: bool = switch("--preserve-norm", "Rescale every written vector to its original norm (exact)."),
+    per_layer: bool = switch(
+        "--per-layer", "Each layer's writers lose that layer's own candidate direction.", panel=EDIT
+    ),
+    projected: bool = switch(
+        "--projected", "Remove the direction's component along the harmless mean first.", panel=EDIT
+    ),
+    rank: int = typer.Option(1, help="Ablate the span of this many orthonormalised candidates.", rich_help_panel=EDIT),
+    basis: str = typer.Option(
+        "positions", help="rank > 1: the other candidates at other positions|layers.", rich_help_panel=EDIT
+    ),
+    preserve_norm: bool = switch(
+        "--preserve-norm", "Rescale every written vector to its original norm (exact).", panel=EDIT
+    ),
     out: Path | None = optional(
         "--out",
         "Output directory; or EDITED.gguf for a GGUF MODEL (edited in its own quant types). Must not exist "
         "unless --force.",
         metavar="<dir|.gguf>",
+        panel=OUTPUT,
     ),
-    plan_only: bool = switch("--plan-only", "Print every tensor the edit would change, and how; write nothing."),
+    plan_only: bool = switch(
+        "--plan-only", "Print every tensor the edit would change, and how; write nothing.", panel=OUTPUT
+    ),
     mode: str = MODE,
     coeff: float = COEFF,
     layer: int | None = LAYER,
     site: str | None = SITE,
     unit: bool = UNIT,
-    dtype: str = typer.Option("keep", help="Output dtype: keep|bfloat16|float16|float32."),
+    dtype: str = typer.Option("keep", help="Output dtype: keep|bfloat16|float16|float32.", rich_help_panel=OUTPUT),
     max_shard_size: str | None = typer.Option(
-        None, help="Reshard the output (e.g. 5GB, 500MB).", show_default="mirror the input"
+        None, help="Reshard the output (e.g. 5GB, 500MB).", show_default="mirror the input", rich_help_panel=OUTPUT
     ),
     keep_tied: bool = switch(
-        "--keep-tied", "Keep tied embeddings (smaller, approximate); by default they are untied (exact)."
+        "--keep-tied", "Keep tied embeddings (smaller, approximate); by default they are untied (exact).", panel=EDIT
     ),
     base_model: str | None = typer.Option(
         None,
         help="Hub id (ORG/NAME) of the base model, for the model card.",
         show_default="the recipe's, the Hub id, or the edited input's base model",
+        rich_help_panel=OUTPUT,
     ),
     force: bool = FORCE,
     replace_any: bool = REPLACE_ANY,
     allow_nonfinite: bool = switch(
         "--allow-nonfinite",
         "Write NaN/inf values that the edit or the dtype cast produced (with a warning) instead of failing.",
+        panel=OUTPUT,
     ),
 ) -> None:
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""

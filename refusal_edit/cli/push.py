@@ -9,8 +9,8 @@ from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 
-from refusal_edit.cli.app import app, quiet_libraries
-from refusal_edit.cli.options import optional, switch
+from refusal_edit.cli.app import app, examples, quiet_libraries
+from refusal_edit.cli.options import OUTPUT, optional, switch
 from refusal_edit.console import err, out, show
 
 
@@ -21,20 +21,31 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-@app.command()
+@app.command(
+    short_help="Upload an edited checkpoint to the Hugging Face Hub (private by default).",
+    epilog=examples(
+        "refusal-edit push runs/demo/abliterated --repo you/qwen-coder-abliterated --dry-run  # what would go up",
+        "refusal-edit push runs/demo/abliterated --repo you/qwen-coder-abliterated",
+    ),
+)
 def push(
     folder: Path = typer.Argument(..., metavar="DIR", help="Edited checkpoint directory (written by orthogonalize)."),
-    repo: str = typer.Option(..., "--repo", help="Target model repo OWNER/NAME (NAME alone: your namespace)."),
-    public: bool = switch("--public", "Create the repo public; it is private otherwise."),
-    revision: str = typer.Option("main", "--revision", help="Branch to commit to (created if missing)."),
-    commit_message: str | None = typer.Option(None, "--commit-message", help="Commit summary."),
+    repo: str = typer.Option(
+        ..., "--repo", help="Target model repo OWNER/NAME (NAME alone: your namespace).", rich_help_panel=OUTPUT
+    ),
+    public: bool = switch("--public", "Create the repo public; it is private otherwise.", panel=OUTPUT),
+    revision: str = typer.Option(
+        "main", "--revision", help="Branch to commit to (created if missing).", rich_help_panel=OUTPUT
+    ),
+    commit_message: str | None = typer.Option(None, "--commit-message", help="Commit summary.", rich_help_panel=OUTPUT),
     token: str | None = optional(
         "--token",
         "Hub token (prefer HF_TOKEN or `hf auth login`: a token on the command line lands in shell history).",
         "HF_TOKEN, then hf auth login",
         "<token>",
+        panel=OUTPUT,
     ),
-    dry_run: bool = switch("--dry-run", "Show the files and model card; contact nothing."),
+    dry_run: bool = switch("--dry-run", "Show the files and model card; contact nothing.", panel=OUTPUT),
 ) -> None:
     """Upload a complete edited checkpoint with a validated model card, as one commit (private by default)."""
     quiet_libraries()

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from refusal_edit.cli import options as opt
-from refusal_edit.cli.app import app, quiet_libraries
+from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, show
 
 
@@ -16,29 +16,54 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-@app.command()
+@app.command(
+    short_help="Search edit variants for the refusal-damage front and pick a confirmed point.",
+    epilog=examples(
+        "refusal-edit tune qwen2.5-coder-0.5b-instruct --direction runs/demo/direction --out runs/demo/tune  "
+        "# the demo model: ~7 min on 2 CPU cores",
+        "refusal-edit tune MODEL --direction D --trials 24 --confirm 3 --n-val 24   # smaller and faster",
+        "refusal-edit tune MODEL --direction D --out runs/x/tune --resume           # continue a study",
+    ),
+)
 def tune(
     model: str = typer.Argument(..., metavar="MODEL", help=opt.MODEL_HELP),
     direction: Path = typer.Option(
-        ..., "--direction", help="direction.safetensors (or its run folder) written by extract.", metavar="<file>"
+        ...,
+        "--direction",
+        help="direction.safetensors (or its run folder) written by extract.",
+        metavar="<file>",
+        rich_help_panel=opt.INPUT,
     ),
-    out: Path | None = opt.optional("--out", "Study folder.", "runs/<model>/tune", "<dir>"),
-    trials: int = typer.Option(32, help="Optuna trials in all (the seed points included)."),
+    out: Path | None = opt.optional("--out", "Study folder.", "runs/<model>/tune", "<dir>", panel=opt.OUTPUT),
+    trials: int = typer.Option(32, help="Optuna trials in all (the seed points included).", rich_help_panel=opt.SEARCH),
     refine: int = typer.Option(
         6,
         help="Last trials (at most a quarter): the strongest low-damage point bridged 0.4 and 0.7 of the way to "
         "the paper's edit (a per-layer one from 0, in its downstream form), the lowest-refusal front points at "
         "0.8 and 0.6 of their strength, and last the bridge point whose KL proxy matches the paper's edit's.",
+        rich_help_panel=opt.SEARCH,
     ),
     confirm: int = typer.Option(
-        4, help="Front points confirmed by greedy generation (plus the paper's edit and the bridge points)."
+        4,
+        help="Front points confirmed by greedy generation (plus the paper's edit and the bridge points).",
+        rich_help_panel=opt.SEARCH,
     ),
-    max_kl: float = typer.Option(0.1, help="Pick: fewest refusals with first-token KL (nats) at most this."),
-    n_val: int = typer.Option(32, help="Harmful validation prompts whose replies confirm each point."),
-    search_prompts: int = typer.Option(16, help="Prompts per side scored in every search trial (and for KL)."),
-    max_new_tokens: int = typer.Option(48, help="Greedy tokens per reply (and per KL continuation) when confirming."),
-    no_preserve_norm: bool = opt.switch("--no-preserve-norm", "Leave norm-preserving edits out of the search."),
-    seed: int = typer.Option(0, help="Sampler seed."),
+    max_kl: float = typer.Option(
+        0.1, help="Pick: fewest refusals with first-token KL (nats) at most this.", rich_help_panel=opt.SEARCH
+    ),
+    n_val: int = typer.Option(
+        32, help="Harmful validation prompts whose replies confirm each point.", rich_help_panel=opt.SEARCH
+    ),
+    search_prompts: int = typer.Option(
+        16, help="Prompts per side scored in every search trial (and for KL).", rich_help_panel=opt.SEARCH
+    ),
+    max_new_tokens: int = typer.Option(
+        48, help="Greedy tokens per reply (and per KL continuation) when confirming.", rich_help_panel=opt.SEARCH
+    ),
+    no_preserve_norm: bool = opt.switch(
+        "--no-preserve-norm", "Leave norm-preserving edits out of the search.", panel=opt.SEARCH
+    ),
+    seed: int = typer.Option(0, help="Sampler seed.", rich_help_panel=opt.SEARCH),
     harmful: str | None = opt.prompts("Harmful", "the recipe's, else builtin:harmful", " Their val split is used."),
     harmless: str | None = opt.prompts("Harmless", "the recipe's, else builtin:harmless", " Their val split is used."),
     system_prompt: str | None = opt.SYSTEM_PROMPT,
@@ -49,8 +74,10 @@ def tune(
     device: str = opt.DEVICE,
     max_memory: str | None = opt.MAX_MEMORY,
     offload_dir: Path | None = opt.OFFLOAD_DIR,
-    resume: bool = opt.switch("--resume", "Continue the study in --out."),
-    force: bool = opt.switch("--force", "Start over in --out (removes only a previous study's files)."),
+    resume: bool = opt.switch("--resume", "Continue the study in --out.", panel=opt.OUTPUT),
+    force: bool = opt.switch(
+        "--force", "Start over in --out (removes only a previous study's files).", panel=opt.OUTPUT
+    ),
 ) -> None:
     """Search edit variants (per-layer strength, per-layer / interpolated / projected directions, norm
     preservation) with Optuna on cheap proxies, confirm the best points by generation, and pick one.
