@@ -1,8 +1,9 @@
 """Greedy generation in batches (the batching engine's left padding and pad-id rule), shared by
-refusal-token derivation and evaluation."""
+refusal-token derivation and evaluation; and one reply streamed as it is generated (chat)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -67,3 +68,63 @@ def generate(
 
     run_batches(model, batches, step, description)  # backs off once on out-of-memory (see forward)
     return out  # type: ignore[return-value]
+
+
+@dataclass
+class Streamed:
+    """One streamed reply: its text and tokens, and when its first token came (seconds after the call)."""
+
+    text: str
+    token_ids: list[int]
+    first_token_s: float | None
+    seconds: float
+
+
+@torch.inference_mode()
+def stream(
+    model,
+    tokenizer,
+    text: str,
+    on_text: Callable[[str], None] | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+) -> Streamed:
+    """One reply to an already chat-formatted `text`, handed to `on_text` piece by piece as it is generated.
+
+    transformers' `TextStreamer` decodes the pieces (whole words, so a multi-byte character is never split);
+    it runs in this thread, so Ctrl-C stops generation at once. Greedy unless `temperature` > 0."""
+    from transformers import TextStreamer
+
+    start = time.perf_counter()
+    first: list[float] = []
+
+    class Pieces(TextStreamer):
+        def put(self, value):  # the prompt comes first (skipped), then one token per call
+            if not self.next_tokens_are_prompt and not first:
+                first.append(time.perf_counter() - start)
+            super().put(value)
+
+        def on_finalized_text(self, piece: str, stream_end: bool = False) -> None:
+            if piece and on_text is not None:
+                on_text(piece)
+
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model_device(model))
+    greedy = temperature <= 0
+    sampling = {"do_sample": not greedy, "temperature": None if greedy else temperature}
+    eos = model.generation_config.eos_token_id
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        streamer=Pieces(tokenizer, skip_prompt=True, skip_special_tokens=True),
+        pad_token_id=pad_id(tokenizer),
+        eos_token_id=eos,
+        top_p=None,
+        top_k=None,
+        **sampling,
+    )
+    new = out[0, ids.shape[1] :].tolist()
+    stops = set(eos if isinstance(eos, list) else [eos])
+    new = new[: next((k for k, t in enumerate(new) if t in stops), len(new))]
+    reply = tokenizer.decode(new, skip_special_tokens=True)
+    return Streamed(reply, new, first[0] if first else None, time.perf_counter() - start)

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from refusal_edit.cli import (  # noqa: F401  (each module registers its command)
     archs,
+    chat,
     evaluate,
     export_cvec,
     extract,

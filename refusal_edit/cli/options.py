@@ -95,6 +95,41 @@ REPLACE_ANY = typer.Option(
     help="With --force: replace an existing folder even if refusal-edit did not write it.",
     rich_help_panel=OUTPUT,
 )
+# The edit variants (orthogonalize, chat): a tune front point, or the options that describe one.
+SPEC = typer.Option(
+    None,
+    "--spec",
+    help="A tune front point: DIR/front.json[#ID]; without #ID, the front's picked point.",
+    metavar="<front>",
+    rich_help_panel=INPUT,
+)
+LAYERS = typer.Option(
+    None,
+    "--layers",
+    help="Ablate only the writers of layers A:B (the embedding only from layer 0).",
+    metavar="A:B",
+    rich_help_panel=EDIT,
+)
+WEIGHT = typer.Option(
+    None,
+    "--weight",
+    help="Partial ablation: remove this fraction of the direction.",
+    show_default="1",
+    rich_help_panel=EDIT,
+)
+PER_LAYER = typer.Option(
+    False, "--per-layer", help="Each layer's writers lose that layer's own candidate direction.", rich_help_panel=EDIT
+)
+PROJECTED = typer.Option(
+    False, "--projected", help="Remove the direction's component along the harmless mean first.", rich_help_panel=EDIT
+)
+RANK = typer.Option(1, help="Ablate the span of this many orthonormalised candidates.", rich_help_panel=EDIT)
+BASIS = typer.Option(
+    "positions", help="rank > 1: the other candidates at other positions|layers.", rich_help_panel=EDIT
+)
+PRESERVE_NORM = typer.Option(
+    False, "--preserve-norm", help="Rescale every written vector to its original norm (exact).", rich_help_panel=EDIT
+)
 TEMPLATE_KWARGS = typer.Option(
     None,
     "--template-kwargs",
@@ -131,3 +166,24 @@ def placement(dtype: str, device: str, max_memory: str | None, offload_dir: Path
 def chat(system_prompt: str | None, template: Path | None) -> dict[str, Any]:
     """The chat format's options, as the workflows take them."""
     return {"system_prompt": system_prompt, "template": template}
+
+
+def edit_variant(
+    spec: str | None,
+    layers: str | None,
+    weight: float | None,
+    per_layer: bool,
+    projected: bool,
+    rank: int,
+    basis: str,
+    preserve_norm: bool,
+) -> Any:
+    """The edit variant the options describe: the `--spec` front point as given, else an `EditSpec` from the
+    variant options, else None (the paper's plain edit). Both at once is an error."""
+    from refusal_edit.edits.spec import variant
+    from refusal_edit.errors import RefusalEditError
+
+    options = variant(layers, weight, "layer" if per_layer else None, projected, rank, basis, preserve_norm)
+    if spec is not None and options is not None:
+        raise RefusalEditError("`spec` already describes the edit: drop the variant options")
+    return spec if spec is not None else options

@@ -10,17 +10,26 @@ from rich.table import Table
 
 from refusal_edit.cli.app import app, examples, flag_names, in_flags, quiet_libraries
 from refusal_edit.cli.options import (
+    BASIS,
     COEFF,
     EDIT,
     FORCE,
     INPUT,
     LAYER,
+    LAYERS,
     MODE,
     MODEL_HELP,
     OUTPUT,
+    PER_LAYER,
+    PRESERVE_NORM,
+    PROJECTED,
+    RANK,
     REPLACE_ANY,
     SITE,
+    SPEC,
     UNIT,
+    WEIGHT,
+    edit_variant,
     optional,
     switch,
 )
@@ -45,39 +54,14 @@ def orthogonalize(
         "the one --spec was tuned with",
         panel=INPUT,
     ),
-    spec: str | None = optional(
-        "--spec",
-        "A tune front point: DIR/front.json[#ID]; without #ID, the front's picked point.",
-        metavar="<front>",
-        panel=INPUT,
-    ),
-    layers: str | None = typer.Option(
-        None,
-        "--layers",
-        help="Ablate only the writers of layers A:B (the embedding only from layer 0).",
-        metavar="A:B",
-        rich_help_panel=EDIT,
-    ),
-    weight: float | None = typer.Option(
-        None,
-        "--weight",
-        help="Partial ablation: remove this fraction of the direction.",
-        show_default="1",
-        rich_help_panel=EDIT,
-    ),
-    per_layer: bool = switch(
-        "--per-layer", "Each layer's writers lose that layer's own candidate direction.", panel=EDIT
-    ),
-    projected: bool = switch(
-        "--projected", "Remove the direction's component along the harmless mean first.", panel=EDIT
-    ),
-    rank: int = typer.Option(1, help="Ablate the span of this many orthonormalised candidates.", rich_help_panel=EDIT),
-    basis: str = typer.Option(
-        "positions", help="rank > 1: the other candidates at other positions|layers.", rich_help_panel=EDIT
-    ),
-    preserve_norm: bool = switch(
-        "--preserve-norm", "Rescale every written vector to its original norm (exact).", panel=EDIT
-    ),
+    spec: str | None = SPEC,
+    layers: str | None = LAYERS,
+    weight: float | None = WEIGHT,
+    per_layer: bool = PER_LAYER,
+    projected: bool = PROJECTED,
+    rank: int = RANK,
+    basis: str = BASIS,
+    preserve_norm: bool = PRESERVE_NORM,
     out: Path | None = optional(
         "--out",
         "Output directory; or EDITED.gguf for a GGUF MODEL (edited in its own quant types). Must not exist "
@@ -117,20 +101,17 @@ def orthogonalize(
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
     from refusal_edit.edits import DirectionEdit
-    from refusal_edit.edits.spec import variant
     from refusal_edit.errors import RefusalEditError
     from refusal_edit.workflows import orthogonalize as run
 
-    options = variant(layers, weight, "layer" if per_layer else None, projected, rank, basis, preserve_norm)
-    if spec is not None and options is not None:
-        raise RefusalEditError("`spec` already describes the edit: drop the variant options")
+    options = edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm)
     if plan_only:
         from refusal_edit.cli.archs import plan_summary, plan_table
         from refusal_edit.edits.preview import planned_tensors
         from refusal_edit.workflows.editing import plan_job
 
         edit = DirectionEdit(mode, coeff, layer, site, unit)
-        job = plan_job(model, direction, edit, keep_tied, spec if spec else options)
+        job = plan_job(model, direction, edit, keep_tied, options)
         rows = planned_tensors(job.plan, job.ckpt)
         show(plan_table(job.plan, rows, f"{job.mode}: {job.source.name} (plan only, nothing written)"))
         show(plan_summary(rows))
@@ -157,7 +138,7 @@ def orthogonalize(
         base_model=base_model,
         replace_any=replace_any,
         allow_nonfinite=allow_nonfinite,
-        spec=spec if spec is not None else options,
+        spec=options,
     )
     w = result.write
     table = Table(title=escape(f"{result.record.mode if result.record else mode}: {out}"))

@@ -36,13 +36,20 @@ class ChatFormat:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def messages(self, instruction: str) -> list[dict[str, str]]:
-        msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
-        return [*msgs, {"role": "user", "content": instruction}]
+        return self.conversation([{"role": "user", "content": instruction}])
+
+    def conversation(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+        """`turns` (user and assistant messages) after the system message, if one is set."""
+        return ([] if self.system is None else [{"role": "system", "content": self.system}]) + list(turns)
 
     def format(self, instruction: str) -> str:
+        return self.format_turns([{"role": "user", "content": instruction}])
+
+    def format_turns(self, turns: list[dict[str, str]]) -> str:
+        """A whole conversation as model input, ready for the assistant's next reply (chat)."""
         try:
             return self.tokenizer.apply_chat_template(
-                self.messages(instruction),
+                self.conversation(turns),
                 chat_template=self.template,
                 tokenize=False,
                 add_generation_prompt=True,
