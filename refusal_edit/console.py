@@ -28,9 +28,12 @@ from rich.segment import Segments
 
 T = TypeVar("T")
 
-# Logs and pipes get 120 columns instead of rich's default 80, so paths and tables do not wrap.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+# Logs and pipes get 120 columns instead of rich's default 80 for tables, and lines of text are never wrapped
+# there (soft wrap): a note is one line in a log, however long, so it can be grepped.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120, soft_wrap=not sys.stdout.isatty())
+err = Console(
+    stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120, soft_wrap=not sys.stderr.isatty()
+)
 console = err
 
 UNBOUNDED = 100_000  # measure tables without a width limit (rich clamps measurements to the console's)

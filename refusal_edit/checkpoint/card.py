@@ -38,11 +38,15 @@ def card_metadata(record: EditRecord) -> dict[str, Any]:
 
 def _effect(r: EditRecord) -> str:
     if r.mode in ("ablate", "spec"):
-        how = "every matrix" if r.mode == "ablate" else "the matrices (as the spec below describes)"
+        where = (
+            "every matrix that writes into the residual stream"
+            if r.mode == "ablate"
+            else "the matrices that write into the residual stream, as the spec below describes"
+        )
         return (
-            f"**Safety warning.** The refusal direction was removed from {how} that write into the residual "
-            "stream. This model is designed to stop refusing: it will follow harmful requests that the base "
-            "model declines. Its other behaviour is close to, but not exactly, the base model's."
+            f"**Safety warning.** The refusal direction was removed from {where}. This model is designed to "
+            "stop refusing: it will follow harmful requests that the base model declines. Its other behaviour is "
+            "close to, but not exactly, the base model's."
         )
     if r.coeff < 0:
         return (

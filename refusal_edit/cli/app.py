@@ -10,6 +10,7 @@ name parameters, in backticks) read in the user's terms: "`coeff` applies to `mo
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -182,6 +183,17 @@ def in_flags(message: str, names: dict[str, str]) -> str:
     return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: names.get(m[1], m[0]), message)
 
 
+def _no_tqdm_bars() -> None:
+    """tqdm bars are for terminals: piped, transformers' (GGUF conversion, shard writing) fill a log with carriage
+    returns. They take no switch from us (transformers creates them with `tqdm.auto` directly, and tqdm reads
+    TQDM_DISABLE only when it is first imported), so every bar is created disabled unless its caller says."""
+    from tqdm import std
+
+    if not getattr(std.tqdm, "_off_a_terminal", False):
+        std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
+        std.tqdm._off_a_terminal = True
+
+
 def quiet_libraries() -> None:
     """Keep third-party chatter (load reports, deprecations, progress bars) off the terminal.
 
@@ -189,6 +201,8 @@ def quiet_libraries() -> None:
     push) should not pay for importing it.
     """
     warnings.filterwarnings("ignore")
+    if not sys.stderr.isatty():
+        _no_tqdm_bars()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -70,7 +70,7 @@ def plan_summary(rows: list[PlannedTensor]) -> str:
     edited = Counter(r.kind for r in rows if r.kind != "new")
     created = sum(r.kind == "new" for r in rows)
     parts = ", ".join(f"{n} {kind}" for kind, n in sorted(edited.items()))
-    return f"{sum(edited.values())} tensors edited ({parts}), {created} created"
+    return f"{sum(edited.values())} tensors edited{f' ({parts})' if parts else ''}, {created} created"
 
 
 @app.command(

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refusal_edit.console import err, progress
+from refusal_edit.console import progress
 from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
 from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.tuning.confirm import Confirmer
@@ -391,7 +391,6 @@ def tune(
             on_confirmed(point)
     timings["confirm_s"] = time.perf_counter() - start
     picked = pick(confirmed, settings.max_kl)
-    err.print(f"picked: {picked.rule}")
     return TuneResult(
         trials=trials,
         confirmed=confirmed,
