@@ -50,7 +50,7 @@ def show(renderable: RenderableType, target: Console | None = None) -> None:
     c = target or out
     narrowest = Measurement.get(c, c.options.update_width(UNBOUNDED), renderable).minimum
     if narrowest <= c.width:
-        c.print(renderable)
+        c.print(renderable, soft_wrap=False)  # a table's cells wrap within it, even where text lines do not
         return
     lines = c.render_lines(renderable, c.options.update_width(narrowest), new_lines=True)
     c.print(Segments([segment for line in lines for segment in line]), crop=False, end="")

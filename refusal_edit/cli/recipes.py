@@ -40,13 +40,18 @@ def recipes() -> None:
     from refusal_edit.workflows.recipes import list_recipes
 
     table = Table(title="recipes")
-    for col in ("recipe", "model", "size", "licence", "weights from", "fetched", "about"):
-        wraps = col in ("weights from", "about")
-        table.add_column(col, justify="right" if col == "size" else "left", no_wrap=not wraps)
+    for col in ("recipe", "model", "size", "licence", "weights from", "fetched"):
+        wraps = col == "weights from"
+        table.add_column(
+            col,
+            justify="right" if col == "size" else "left",
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+        )
     for entry in list_recipes():
         r = entry.recipe
         if r is None:
-            table.add_row(escape(entry.name), "-", "-", "-", "-", "-", f"[red]{escape(entry.problem or '')}[/red]")
+            table.add_row(escape(entry.name), f"[red]{escape(entry.problem or '')}[/red]", "-", "-", "-", "-")
             continue
         size = f"{entry.size / 1e6:.0f} MB" if entry.size else "-"
         model = str(r.source.get("base_model") or "-")
@@ -57,6 +62,5 @@ def recipes() -> None:
             escape(r.license or "-"),
             escape(weights_from(r)),
             "yes" if entry.fetched else "no",
-            escape(r.description),
         )
     show(table)
