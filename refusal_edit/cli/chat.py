@@ -8,10 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
-from rich.columns import Columns
 from rich.live import Live
 from rich.markup import escape
 from rich.panel import Panel
+from rich.table import Table
 from rich.text import Text
 
 from refusal_edit.cli import options as opt
@@ -191,12 +191,15 @@ def show_turn(session, text: str) -> None:
     if len(labels) > 1 and out.is_terminal:
         pieces = ["" for _ in labels]
 
-        def columns() -> Columns:
-            return Columns(
-                [Panel(Text(p), title=escape(lab), title_align="left") for lab, p in zip(labels, pieces, strict=True)],
-                equal=True,
-                expand=True,
-            )
+        def columns() -> Table:
+            grid = Table.grid(expand=True, padding=(0, 1))
+            for _ in labels:
+                grid.add_column(ratio=1)
+            panels = [
+                Panel(Text(p), title=escape(lab), title_align="left") for lab, p in zip(labels, pieces, strict=True)
+            ]
+            grid.add_row(*panels)
+            return grid
 
         with Live(columns(), console=out, auto_refresh=False) as live:
 
