@@ -45,6 +45,8 @@ def main() -> None:
             rate = (r.tokens - 1) / (r.seconds - r.first_token_s) if r.first_token_s and r.tokens > 1 else None
             rows.append({"prompt": prompt, "model": r.label, "tokens": r.tokens, "first_token_s": r.first_token_s,
                          "seconds": r.seconds, "tokens_per_s_after_first": rate})  # fmt: skip
+            print(f"  {r.label}: first token {r.first_token_s:.2f} s, {r.tokens} tokens in {r.seconds:.1f} s",
+                  flush=True)  # fmt: skip
     print(f"loaded in {load_s:.1f} s; {len(prompts)} prompts, {args.max_new_tokens} new tokens at most, "
           f"{args.threads} threads")  # fmt: skip
     print(f"{'model':<48} {'first token: median':>20} {'max':>7} {'tokens/s after':>15}")
