@@ -78,6 +78,7 @@ class Streamed:
     token_ids: list[int]
     first_token_s: float | None
     seconds: float
+    first_token_cpu_s: float | None = None  # CPU seconds of this process (all threads) until then: a load-free cost
 
 
 @torch.inference_mode()
@@ -95,13 +96,13 @@ def stream(
     it runs in this thread, so Ctrl-C stops generation at once. Greedy unless `temperature` > 0."""
     from transformers import TextStreamer
 
-    start = time.perf_counter()
-    first: list[float] = []
+    start, cpu = time.perf_counter(), time.process_time()
+    first: list[tuple[float, float]] = []
 
     class Pieces(TextStreamer):
         def put(self, value):  # the prompt comes first (skipped), then one token per call
             if not self.next_tokens_are_prompt and not first:
-                first.append(time.perf_counter() - start)
+                first.append((time.perf_counter() - start, time.process_time() - cpu))
             super().put(value)
 
         def on_finalized_text(self, piece: str, stream_end: bool = False) -> None:
@@ -127,4 +128,5 @@ def stream(
     stops = set(eos if isinstance(eos, list) else [eos])
     new = new[: next((k for k, t in enumerate(new) if t in stops), len(new))]
     reply = tokenizer.decode(new, skip_special_tokens=True)
-    return Streamed(reply, new, first[0] if first else None, time.perf_counter() - start)
+    wall, cpu_s = first[0] if first else (None, None)
+    return Streamed(reply, new, wall, time.perf_counter() - start, cpu_s)

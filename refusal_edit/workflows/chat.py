@@ -48,6 +48,7 @@ class Reply:
     tokens: int
     first_token_s: float | None  # from the message to the first generated token (prefill included)
     seconds: float
+    first_token_cpu_s: float | None = None  # CPU seconds (all threads) to the first token: what load cannot inflate
 
 
 class Chat:
@@ -105,7 +106,9 @@ class Chat:
                     max_new_tokens=self.max_new_tokens,
                     temperature=self.temperature,
                 )
-            replies.append(Reply(s.label, out.text, len(out.token_ids), out.first_token_s, out.seconds))
+            replies.append(
+                Reply(s.label, out.text, len(out.token_ids), out.first_token_s, out.seconds, out.first_token_cpu_s)
+            )
         for s, r in zip(self.speakers, replies, strict=True):
             s.turns += [{"role": "user", "content": message}, {"role": "assistant", "content": r.text}]
         return replies
