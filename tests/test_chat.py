@@ -92,6 +92,7 @@ def test_a_variant_and_a_baked_addition_as_hooks(cli, models):
         (["--json"], "--json prints the replies to --prompt: give --prompt or --prompt-file"),
         (["--direction", "D", "--weight", "0.5", "--spec", "front.json"], "--spec already describes the edit"),
         (["--max-new-tokens", "0", "--prompt", "hi"], "--max-new-tokens must be at least 1"),
+        (["--temperature", "-1", "--prompt", "hi"], "--temperature must be 0 (greedy) or more"),
     ],
 )
 def test_mistakes_are_one_line(extra, needle, cli, models):

@@ -51,16 +51,21 @@ class Reply:
     first_token_cpu_s: float | None = None  # CPU seconds (all threads) to the first token: what load cannot inflate
 
 
+def check_generation(max_new_tokens: int, temperature: float) -> None:
+    """How replies are generated: at least one token each, greedy (0) or sampled (above 0)."""
+    if max_new_tokens < 1:
+        raise RefusalEditError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise RefusalEditError(f"`temperature` must be 0 (greedy) or more, got {temperature}")
+
+
 class Chat:
     """A conversation with one or more speakers; `ask` answers a message with each of them in turn."""
 
     def __init__(self, speakers: list[Speaker], max_new_tokens: int = 256, temperature: float = 0.0) -> None:
         if not speakers:
             raise RefusalEditError("a chat needs at least one model")
-        if max_new_tokens < 1:
-            raise RefusalEditError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise RefusalEditError(f"`temperature` must be 0 (greedy) or more, got {temperature}")
+        check_generation(max_new_tokens, temperature)
         self.speakers = speakers
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -160,6 +165,7 @@ def open_chat(
     `edited` is any chat model, whoever made it (it keeps its own chat template); `direction` / `spec` is the
     edit orthogonalize would write, as hooks on MODEL's own weights (nothing is written or loaded twice).
     `system_prompt` defaults to the recipe's, else the chat template's own."""
+    check_generation(max_new_tokens, temperature)
     hooks = direction is not None or spec is not None
     if edited is not None and hooks:
         raise RefusalEditError("give `edited` or `direction` / `spec` (a hook edit), not both")
