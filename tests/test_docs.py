@@ -82,6 +82,7 @@ def test_version_and_h(cli):
     version = cli("--version")
     assert version.code == 0 and version.out.strip() == f"refusal-edit {__version__}"
     assert cli("-h").out == cli("--help").out and "Commands" in cli("-h").out
+    assert "<bool>" not in cli("-h").out  # a flag takes no value
 
 
 def test_the_readme_is_read_in_five_minutes():
