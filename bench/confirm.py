@@ -28,12 +28,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 RECIPE = "qwen2.5-coder-0.5b-instruct"
-T = TypeVar("T")
 
 
 def load_points(path: Path) -> dict[str, dict[str, Any]]:
@@ -60,35 +58,6 @@ def check_out(out: Path | None, points: Path, force: bool) -> None:
         raise SystemExit(f"error: --out {out} is the --points file; give another file")
     if out.exists() and not force:
         raise SystemExit(f"error: --out {out} exists (--force replaces it)")
-
-
-def halves(items: Sequence[T]) -> list[tuple[list[T], list[T]]]:
-    """Two folds of alternate items, as (fitted on, judged on): every item is judged exactly once."""
-    return [(list(items[f::2]), list(items[1 - f :: 2])) for f in (0, 1)]
-
-
-def pooled(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The folds' numbers (`Confirmed.to_json()` without samples) as one point: counts summed over every
-    judged prompt, the KLs (measured on the same harmless prompts in each fold) averaged."""
-    from refusal_edit.evaluation.stats import count, wilson
-
-    n = sum(f["prompts"] for f in folds)
-    refused = sum(count(f["refusal_rate"], f["prompts"]) for f in folds)
-    degenerate = sum(count(f["degenerate_rate"], f["prompts"]) for f in folds)
-    mt = [f["multi_token_kl"] for f in folds]
-    return {
-        "refusal_rate": refused / n,
-        "degenerate_rate": degenerate / n,
-        "complied_rate": (n - refused - degenerate) / n,
-        "first_token_kl": sum(f["first_token_kl"] for f in folds) / len(folds),
-        "multi_token_kl": None if None in mt else sum(mt) / len(mt),
-        "prompts": n,
-        "refused": refused,
-        "degenerate": degenerate,
-        "refusal_ci95": [round(x, 4) for x in wilson(refused, n)],
-        "seconds": sum(f["seconds"] for f in folds),
-        "folds": list(folds),
-    }
 
 
 def line(label: str, m: dict[str, Any]) -> str:
@@ -164,38 +133,36 @@ def main() -> None:
     if not args.cross_fit:
         rows = measure(harmful.instructions, bank)
     else:
-        from refusal_edit.directions.bank import bank_from_candidates
-        from refusal_edit.directions.candidates import generate_candidates
         from refusal_edit.directions.refusal_tokens import user_refusal_tokens
+        from refusal_edit.errors import RefusalEditError
+        from refusal_edit.tuning.crossfit import fold_banks, pooled
+        from refusal_edit.workflows.tune import extract_settings
 
-        if bank.position is None or bank.layer is None:
-            raise SystemExit("error: --cross-fit needs the direction's position and layer (an extract run's direction)")
         ids = user_refusal_tokens(lm.tokenizer, json.loads(direction.metadata.get("refusal_tokens", "[]"))).ids
-        run_json = (direction.path.parent / "run.json") if direction.path is not None else None
-        settings = json.loads(run_json.read_text()).get("settings", {}) if run_json and run_json.is_file() else {}
         harmless_train = sets["harmless"].split("train").instructions
-        folds: dict[str, list[dict[str, Any]]] = {label: [] for label in specs}
-        for k, ((fit_h, held_h), (fit_s, _)) in enumerate(
-            zip(halves(harmful.instructions), halves(harmless_train), strict=True)
-        ):
-            cands = generate_candidates(
+        try:
+            made = fold_banks(
                 lm.model,
                 lm.tokenizer,
                 fmt,
-                fit_h,
-                fit_s,
+                harmful.instructions,
+                harmless_train,
                 ids,
+                bank.position,
+                bank.layer,
                 batch_size=args.batch_size,
-                filter_train=bool(settings.get("filter_train", True)),
+                filter_train=bool(extract_settings(direction).get("filter_train", True)),
             )
-            fold_bank = bank_from_candidates(cands, bank.position, bank.layer)
+        except RefusalEditError as exc:
+            raise SystemExit(f"error: --cross-fit: {exc}") from None
+        folds: dict[str, list[dict[str, Any]]] = {label: [] for label in specs}
+        for k, fold in enumerate(made):
             print(
-                f"half {k + 1}: candidates from {cands.harmful.count_kept if cands.filtered else len(fit_h)} harmful / "
-                f"{cands.harmless.count_kept if cands.filtered else len(fit_s)} harmless prompts, "
-                f"judged on {len(held_h)}",
+                f"half {k + 1}: candidates from {fold.fitted[0]} harmful / {fold.fitted[1]} harmless prompts, "
+                f"judged on {len(fold.judged)}",
                 file=sys.stderr,
             )
-            for label, numbers in measure(held_h, fold_bank).items():
+            for label, numbers in measure(fold.judged, fold.bank).items():
                 folds[label].append(numbers)
         rows = {label: pooled(measured) for label, measured in folds.items()}
     for label, numbers in rows.items():

@@ -1,4 +1,5 @@
-"""bench/confirm.py without models: the points it reads, what --out may replace, how --cross-fit pools."""
+"""bench/confirm.py without models: the points it reads, what --out may replace, how --cross-fit (tune's
+`tuning.crossfit`) pools."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from refusal_edit.evaluation.stats import wilson
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 _spec = importlib.util.spec_from_file_location("bench_confirm", BENCH / "confirm.py")
 assert _spec is not None and _spec.loader is not None
 confirm = importlib.util.module_from_spec(_spec)
 sys.modules["bench_confirm"] = confirm
 _spec.loader.exec_module(confirm)
+
+from refusal_edit.tuning.crossfit import halves, pooled  # noqa: E402  (moved from the bench into tune)
 
 
 def test_points_come_from_a_label_map_or_every_confirmed_point_of_a_front(tmp_path):
@@ -85,7 +90,7 @@ def test_the_script_stops_before_any_work_when_out_is_its_input(tmp_path):
 
 def test_cross_fit_halves_judge_every_prompt_once_on_candidates_that_never_saw_it():
     prompts = [f"p{i}" for i in range(7)]
-    folds = confirm.halves(prompts)
+    folds = halves(prompts)
     assert [len(fit) + len(held) for fit, held in folds] == [7, 7]
     assert sorted(p for _, held in folds for p in held) == sorted(prompts)  # each judged exactly once
     assert all(not set(fit) & set(held) for fit, held in folds)
@@ -98,12 +103,13 @@ def test_pooled_counts_every_judged_prompt_and_averages_the_kls():
         {"refusal_rate": 2 / 120, "degenerate_rate": 1 / 120, "first_token_kl": 0.2, "multi_token_kl": 0.06,
          "prompts": 120, "seconds": 12.0},
     ]  # fmt: skip
-    got = confirm.pooled(folds)
+    got = pooled(folds)
     assert (got["refused"], got["degenerate"], got["prompts"]) == (3, 1, 240)
     assert got["refusal_rate"] == 3 / 240 and got["complied_rate"] == 236 / 240
     assert got["first_token_kl"] == pytest.approx(0.15) and got["multi_token_kl"] == pytest.approx(0.05)
     assert got["refusal_ci95"][0] < 3 / 240 < got["refusal_ci95"][1] and got["folds"] == folds
-    assert confirm.pooled([{**folds[0], "multi_token_kl": None}, folds[1]])["multi_token_kl"] is None
+    assert tuple(got["failure_ci95"]) == pytest.approx(wilson(4, 240), abs=1e-4)
+    assert pooled([{**folds[0], "multi_token_kl": None}, folds[1]])["multi_token_kl"] is None
     assert "refused   1.2 %" in confirm.line("t0", got)
 
 

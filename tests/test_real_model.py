@@ -206,7 +206,8 @@ def test_tuned_point_keeps_its_refusal_rate_on_test(extracted, demo_model, workd
     from refusal_edit.tuning.proxies import applied
     from refusal_edit.workflows.tune import tune
 
-    settings = TuneSettings(trials=14, confirm=2, search_prompts=8, max_new_tokens=48)
+    # resolve=0: the pick on val alone, as this check compares val with test (held-out judging: test_tune*.py)
+    settings = TuneSettings(trials=14, confirm=2, search_prompts=8, max_new_tokens=48, resolve=0)
     outcome = tune(DEMO, extracted / "direction.safetensors", workdir / "tune", settings=settings)
     data = json.loads(outcome.front_json.read_text())
     assert (workdir / "tune" / "front.png").stat().st_size > 10_000

@@ -14,7 +14,7 @@ import torch
 from tiny import token_batch
 
 from refusal_edit.evaluation.stats import wilson
-from refusal_edit.tuning.front import _failure_interval, pareto, pick, spread
+from refusal_edit.tuning.front import _failure_interval, pareto, spread
 
 FAST = ["--n-train", "6", "--n-val", "4", "--batch-size", "8", "--top-k", "2"]
 PERMISSIVE = ["--kl-threshold", "1e9", "--induce-threshold", "-1e9", "--refusal-tokens", "i,as"]
@@ -30,6 +30,8 @@ TUNE = [
     "--max-new-tokens",
     "6",
     "--batch-size",
+    "8",
+    "--resolve-prompts",
     "8",
 ]
 
@@ -93,11 +95,26 @@ def test_front_is_written_and_valid(tuned):
         assert lo <= c["refusal_rate"] <= hi and (lo, hi) != (0.0, 1.0)
         assert c["first_token_kl"] >= 0 and c["multi_token_kl"] is not None
     assert data["chosen"] in {p["id"] for p in confirmed}
-    table = (root / "tune-stdout.txt").read_text()  # every confirmed point's interval, as front.json has it
-    assert "refused 95% CI" in table
+    # the pick: the default rule, a verdict for every confirmed point; the points that could be picked judged
+    # again on the cross-fitted train prompts (extract's 6: 3 per half), the lowest val rate among them
+    assert data["pick"]["kind"] == "least-damage" and data["pick"]["max_kl"] is None
+    assert set(data["pick"]["verdicts"]) == {p["id"] for p in confirmed}
+    assert data["pick"]["verdicts"][data["chosen"]].startswith("picked")
+    judged = [p for p in confirmed if p["resolved"]]
+    assert len(judged) >= 1 and data["timings"]["resolve_s"] > 0
+    for p in judged:
+        r = p["resolved"]
+        assert r["prompts"] == 6 and [f["prompts"] for f in r["folds"]] == [3, 3]
+        assert tuple(r["failure_ci95"]) == pytest.approx(wilson(r["refused"] + r["degenerate"], 6), abs=1e-4)
+    table = (root / "tune-stdout.txt").read_text()  # every judged rate with its interval, as front.json has it
+    assert "held-out:" in table  # the headers wrap; the intervals (no spaces) stay whole
     for p in confirmed:
-        lo, hi = p["confirmed"]["refusal_ci95"]
-        assert f"{100 * lo:.0f}%-{100 * hi:.0f}%" in table
+        for key in ("refusal_ci95", "failure_ci95"):
+            lo, hi = p["confirmed"][key]
+            assert f"({100 * lo:.0f}%-{100 * hi:.0f}%)" in table
+        if p["resolved"]:
+            lo, hi = p["resolved"]["failure_ci95"]
+            assert f"({100 * lo:.0f}%-{100 * hi:.0f}%)" in table
     assert data["direction"]["candidates"] is True
     assert (root / "tune" / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "tune" / "study.journal").is_file()
@@ -175,28 +192,7 @@ def test_spec_written_by_orthogonalize_equals_its_hook_twin(tuned, tmp_path):
     assert (logits - reference).abs().max().item() <= 1e-4
 
 
-def test_pick_rule_and_front_helpers():
-    def point(i, refused, degenerate, first, multi):
-        return {
-            "id": f"t{i}",
-            "confirmed": {
-                "refusal_rate": refused,
-                "degenerate_rate": degenerate,
-                "first_token_kl": first,
-                "multi_token_kl": multi,
-            },
-        }
-
-    points = [
-        point(0, 0.0, 0.0, 0.20, 0.05),  # fewest refusals but over budget
-        point(1, 0.1, 0.0, 0.04, 0.010),
-        point(2, 0.0, 0.1, 0.03, 0.008),  # degenerate replies count as failures: ties with t1
-        point(3, 0.3, 0.0, 0.01, 0.002),
-    ]
-    chosen = pick(points, max_kl=0.05)
-    assert points[chosen.index]["id"] == "t2" and chosen.within_max_kl  # tie on failures -> lower multi-token KL
-    fallback = pick(points, max_kl=0.001)
-    assert points[fallback.index]["id"] == "t3" and not fallback.within_max_kl
+def test_front_helpers():
     front = pareto([(1, 5), (2, 2), (3, 3), (5, 1)], key=lambda p: p)
     assert front == [(1, 5), (2, 2), (5, 1)]
     assert spread(list(range(10)), 3, key=float) == [0, 4, 9]

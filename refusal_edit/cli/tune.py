@@ -48,9 +48,6 @@ def tune(
         help="Front points confirmed by greedy generation (plus the paper's edit and the bridge points).",
         rich_help_panel=opt.SEARCH,
     ),
-    max_kl: float = typer.Option(
-        0.1, help="Pick: fewest refusals with first-token KL (nats) at most this.", rich_help_panel=opt.SEARCH
-    ),
     n_val: int = typer.Option(
         32, help="Harmful validation prompts whose replies confirm each point.", rich_help_panel=opt.SEARCH
     ),
@@ -64,6 +61,33 @@ def tune(
         "--no-preserve-norm", "Leave norm-preserving edits out of the search.", panel=opt.SEARCH
     ),
     seed: int = typer.Option(0, help="Sampler seed.", rich_help_panel=opt.SEARCH),
+    pick: str = typer.Option(
+        "least-damage",
+        help="Which point front.json names. least-damage: the least first-token (then multi-token) KL among the "
+        "points whose refused-or-degenerate rate cannot be told from the lowest (95% intervals); fewest-refusals; "
+        "least-damage-under:KL (least-damage with --max-kl KL); or a point id such as t27.",
+        metavar="RULE",
+        rich_help_panel=opt.SEARCH,
+    ),
+    max_kl: float | None = opt.optional(
+        "--max-kl",
+        "Pick only among points with first-token KL (nats) at most this.",
+        "no cap",
+        "<nats>",
+        panel=opt.SEARCH,
+    ),
+    resolve: int = typer.Option(
+        3,
+        help="Points that could be picked judged again per round on the cross-fitted train prompts (more prompts, "
+        "none fitted to: each half's directions judged on the other half); 0: the pick rests on val.",
+        rich_help_panel=opt.SEARCH,
+    ),
+    resolve_prompts: int = typer.Option(
+        96,
+        help="Held-out harmful prompts those points are judged on (32 tokens a reply): in each half, the ones the base "
+        "model refuses most.",
+        rich_help_panel=opt.SEARCH,
+    ),
     harmful: str | None = opt.prompts("Harmful", "the recipe's, else builtin:harmful", " Their val split is used."),
     harmless: str | None = opt.prompts("Harmless", "the recipe's, else builtin:harmless", " Their val split is used."),
     system_prompt: str | None = opt.SYSTEM_PROMPT,
@@ -85,7 +109,7 @@ def tune(
     quiet_libraries()
     from refusal_edit.forward import parse_batch_size
     from refusal_edit.prompts.template import parse_template_kwargs
-    from refusal_edit.tuning import TuneSettings
+    from refusal_edit.tuning import PickRule, TuneSettings
     from refusal_edit.workflows.tune import tune as workflow
 
     rows = parse_batch_size(batch_size)  # auto: chosen once the model is loaded
@@ -93,7 +117,9 @@ def tune(
         trials=trials,
         confirm=confirm,
         refine=refine,
-        max_kl=max_kl,
+        pick=PickRule.parse(pick, max_kl),
+        resolve=resolve,
+        resolve_prompts=resolve_prompts,
         max_new_tokens=max_new_tokens,
         search_prompts=search_prompts,
         batch_size=1 if rows == "auto" else int(rows),
@@ -116,31 +142,71 @@ def tune(
         batch_size=rows if rows == "auto" else None,
     )
     result = outcome.result
-    base = result.base["confirmed"]
-    table = Table(
-        title=f"confirmed front: {len(result.trials)} trials, base refusal {_pct(base['refusal_rate'])} "
-        f"({base['prompts']} harmful val prompts)"
-    )
-    columns = ("id", "edit", "refused", "refused 95% CI", "degenerate", "first-token KL (nats)")
-    for col in (*columns, "multi-token KL (nats)"):
-        table.add_column(col, justify="left" if col in ("id", "edit") else "right")
-    for p in result.confirmed:
-        c = p["confirmed"]
-        mark = " *" if p["id"] == result.chosen else (" (paper)" if p["reference"] else "")
-        table.add_row(
-            p["id"] + mark,
-            p["describe"],
-            _pct(c["refusal_rate"]),
-            "-".join(_pct(x) for x in c["refusal_ci95"]),
-            _pct(c["degenerate_rate"]),
-            f"{c['first_token_kl']:.4f}",
-            "-" if c["multi_token_kl"] is None else f"{c['multi_token_kl']:.4f}",
-        )
-    show(table)
+    show(front_table(result))
     err.print(f"pick (*): {result.rule}")
+    for line in nearer_lines(result):
+        err.print(line)
+    t = result.timings
     err.print(
-        f"search {result.timings['search_s']:.0f} s, confirmation {result.timings['confirm_s']:.0f} s; "
+        f"search {t['search_s']:.0f} s, confirmation {t['confirm_s']:.0f} s, held-out judging {t['resolve_s']:.0f} s; "
         f"front: {outcome.front_json}  plot: {outcome.front_png}"
     )
     if result.chosen is not None:
         err.print(f"write it: refusal-edit orthogonalize {model} --spec {outcome.front_json}#{result.chosen} --out DIR")
+
+
+def _rate(rate: float, ci: list[float]) -> str:
+    return f"{_pct(rate)} ({'-'.join(_pct(x) for x in ci)})"
+
+
+def front_table(result) -> Table:
+    """Every confirmed point's judged numbers, each rate with its Wilson 95 % interval."""
+    base = result.base["confirmed"]
+    table = Table(
+        title=f"confirmed front: {len(result.trials)} trials, base refusal "
+        f"{_rate(base['refusal_rate'], base['refusal_ci95'])} ({base['prompts']} harmful val prompts)"
+    )
+    columns = (
+        "id",
+        "edit",
+        "refused (95% CI)",
+        "degenerate",
+        "refused or degenerate (95% CI)",
+        "held-out: refused or degenerate (95% CI)",
+        "first-token KL (nats)",
+        "multi-token KL (nats)",
+    )
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("id", "edit") else "right")
+    for p in result.confirmed:
+        c, r = p["confirmed"], p.get("resolved")
+        mark = " *" if p["id"] == result.chosen else (" (paper)" if p["reference"] else "")
+        held = (
+            "-"
+            if not r
+            else f"{_rate((r['refused'] + r['degenerate']) / r['prompts'], r['failure_ci95'])} of {r['prompts']}"
+        )
+        table.add_row(
+            p["id"] + mark,
+            p["describe"],
+            _rate(c["refusal_rate"], c["refusal_ci95"]),
+            _pct(c["degenerate_rate"]),
+            _rate(c["refusal_rate"] + c["degenerate_rate"], c["failure_ci95"]),
+            held,
+            f"{c['first_token_kl']:.4f}",
+            "-" if c["multi_token_kl"] is None else f"{c['multi_token_kl']:.4f}",
+        )
+    return table
+
+
+def nearer_lines(result) -> list[str]:
+    """Why each point with less first-token KL than the pick lost (front.json has every point's verdict)."""
+    if result.chosen is None:
+        return []
+    chosen = result.point()["confirmed"]["first_token_kl"]
+    verdicts = result.pick["verdicts"]
+    nearer = sorted(
+        (p for p in result.confirmed if p["confirmed"]["first_token_kl"] < chosen and p["id"] in verdicts),
+        key=lambda p: p["confirmed"]["first_token_kl"],
+    )
+    return [f"  {p['id']} lost: {verdicts[p['id']]}" for p in nearer]

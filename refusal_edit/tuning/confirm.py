@@ -57,8 +57,18 @@ class Confirmed:
         """Wilson 95 % interval of the refusal rate: val holds a few dozen prompts, so it is wide."""
         return wilson(count(self.refusal_rate, self.prompts), self.prompts)
 
+    @property
+    def failure_ci95(self) -> tuple[float, float]:
+        """Wilson 95 % interval of the refused-or-degenerate rate (what the pick judges)."""
+        n = self.prompts
+        return wilson(count(self.refusal_rate, n) + count(self.degenerate_rate, n), n)
+
     def to_json(self) -> dict:
-        return {**asdict(self), "refusal_ci95": [round(x, 4) for x in self.refusal_ci95]}
+        return {
+            **asdict(self),
+            "refusal_ci95": [round(x, 4) for x in self.refusal_ci95],
+            "failure_ci95": [round(x, 4) for x in self.failure_ci95],
+        }
 
 
 def judge_replies(prompts: Sequence[str], replies: Sequence[Generated]) -> tuple[list[bool], list[str | None]]:
@@ -89,6 +99,10 @@ class Confirmer:
         self.harmful_prompts, self.harmful_texts = list(harmful_prompts), list(harmful_texts)
         self.harmless_texts = list(harmless_texts)
         self.max_new_tokens, self.batch_size, self.samples = max_new_tokens, batch_size, samples
+        self.continuations: list[list[int]] = []
+        self.base_logprobs: list[torch.Tensor] = []
+        if not self.harmless_texts:  # replies only (`judge`): no KL, so no base continuations
+            return
         self.continuations = [
             g.token_ids
             for g in generate(
@@ -96,7 +110,7 @@ class Confirmer:
             )
         ]
         # Base log-probabilities at the positions that predict each continuation, kept in float16.
-        self.base_logprobs: list[torch.Tensor] = teacher_forced(
+        self.base_logprobs = teacher_forced(
             tokenizer,
             self.harmless_texts,
             self.continuations,
@@ -168,6 +182,14 @@ class Confirmer:
                         f"replies ({label})",
                     )
         return replies  # type: ignore[return-value]
+
+    def judge(self, points: Sequence[tuple[str, ResolvedEdit | None]]) -> list[tuple[int, int]]:
+        """Every point's (refused, degenerate) replies to the harmful prompts, without the KL."""
+        out = []
+        for rows in self._replies(points):
+            refused, degenerate = judge_replies(self.harmful_prompts, rows)
+            out.append((sum(refused), sum(r is not None for r in degenerate)))
+        return out
 
     def measure(self, points: Sequence[tuple[str, ResolvedEdit | None]]) -> list[Confirmed]:
         """Every point's numbers (None: the base model itself)."""

@@ -1,16 +1,8 @@
-"""Pareto fronts, which points to confirm, the documented pick rule, and the front plot.
-
-Pick rule (`pick`): among the confirmed points, the fewest failures on the harmful validation prompts
-(refusals plus degenerate replies) whose first-token KL is at most `max_kl`; ties go to the lower
-multi-token KL, then the lower first-token KL. When no point is under `max_kl`, the point with the lowest
-first-token KL is picked and the result says so.
-"""
+"""Pareto fronts, which points to confirm, and the front plot (the pick rule: `tuning.pick`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,35 +31,6 @@ def spread(items: Sequence[T], k: int, key: Callable[[T], float]) -> list[T]:
         return [ordered[0]]
     picks = sorted({round(j * (len(ordered) - 1) / (k - 1)) for j in range(k)})
     return [ordered[j] for j in picks]
-
-
-@dataclass
-class Pick:
-    index: int | None
-    rule: str
-    within_max_kl: bool
-
-
-def pick(points: Sequence[dict[str, Any]], max_kl: float) -> Pick:
-    """The documented rule (module docstring) over confirmed points (dicts with `confirmed` numbers)."""
-    if not points:
-        return Pick(None, "no confirmed points", False)
-
-    def failures(p: dict[str, Any]) -> float:
-        c = p["confirmed"]
-        return c["refusal_rate"] + c["degenerate_rate"]
-
-    def order(i: int) -> tuple[float, float, float]:
-        c = points[i]["confirmed"]
-        multi = c["multi_token_kl"] if c["multi_token_kl"] is not None else math.inf
-        return failures(points[i]), multi, c["first_token_kl"]
-
-    under = [i for i, p in enumerate(points) if p["confirmed"]["first_token_kl"] <= max_kl]
-    rule = f"fewest refusals + degenerate replies with first-token KL <= {max_kl:g}; ties: lower multi-token KL"
-    if under:
-        return Pick(min(under, key=order), rule, True)
-    best = min(range(len(points)), key=lambda i: points[i]["confirmed"]["first_token_kl"])
-    return Pick(best, f"no point has first-token KL <= {max_kl:g}: the lowest first-token KL", False)
 
 
 def _failure_interval(c: dict[str, Any]) -> tuple[float, float]:

@@ -17,10 +17,13 @@
    a lower strength is usually a good low-damage point. The study lives in a journal file, so an interrupted
    or finished study resumes.
 2. Confirm: the paper's edit (for reference), the bridge points with no more KL proxy than the paper's edit
-   and its KL-matched point (their refusal proxies cannot rank them, see above) and up to `confirm` points
-   spread along the low-refusal part of the proxy front are measured by greedy generation and teacher-forced
-   KL (`confirm`).
-3. Pick: the documented rule of `front.pick` among the confirmed points.
+   and its KL-matched point (their refusal proxies cannot rank them, see above), up to `confirm` points
+   spread along the low-refusal part of the proxy front, and a point the pick names, are measured by greedy
+   generation on the val prompts and teacher-forced KL (`confirm`).
+3. Resolve: the points that could be picked (`pick.to_resolve`: the lowest val rate and the least damaging of
+   the points not told apart from it) are judged again on the cross-fitted train prompts (`crossfit`: more
+   prompts, none of them fitted to), round after round until no unjudged point would beat the pick.
+4. Pick: the rule of `pick` (`PickRule`) among the confirmed points.
 Only confirmed points are offered; `front.json` keeps every trial too.
 """
 
@@ -39,7 +42,9 @@ from refusal_edit.console import progress
 from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
 from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.tuning.confirm import Confirmer
-from refusal_edit.tuning.front import pareto, pick, spread
+from refusal_edit.tuning.crossfit import CrossFit
+from refusal_edit.tuning.front import pareto, spread
+from refusal_edit.tuning.pick import PickRule, pick, to_resolve
 from refusal_edit.tuning.proxies import ProxyScorer
 from refusal_edit.tuning.space import BRIDGE_DIRECTION, SearchSpace
 
@@ -67,7 +72,13 @@ MATCH_MIN_GAP = 0.05
 class TuneSettings:
     trials: int = 32  # Optuna trials in all (seeds included); a resumed study runs up to this many
     confirm: int = 4  # front points confirmed by generation (plus the paper's edit for reference)
-    max_kl: float = 0.1  # the pick rule's first-token KL budget (nats)
+    pick: PickRule = field(default_factory=PickRule)  # which confirmed point front.json names
+    # Points judged again on the cross-fitted train prompts per round (0: none; the pick then rests on val).
+    resolve: int = 3
+    # Held-out harmful prompts they are judged on (None: every train prompt), the ones the base model refuses
+    # most; and the reply length there (refusals show in the first tokens; every token of every reply costs).
+    resolve_prompts: int | None = 96
+    resolve_tokens: int = 32
     search_prompts: int = 16  # per side in the search: the most-refused harmful val prompts, harmless val prompts
     max_new_tokens: int = 48  # confirmation: greedy reply length, and the continuation length of the KL
     batch_size: int = 32
@@ -88,7 +99,13 @@ class TuneSettings:
             search_prompts=self.search_prompts,
             batch_size=self.batch_size,
         )
-        check_at_least(0, refine=self.refine)
+        check_at_least(0, refine=self.refine, resolve=self.resolve)
+        check_at_least(1, resolve_tokens=self.resolve_tokens)
+        if self.resolve_prompts is not None:
+            check_at_least(2, resolve_prompts=self.resolve_prompts)
+        trial = self.pick.trial
+        if trial is not None and trial >= self.trials:
+            raise RefusalEditError(f"pick {self.pick.point}: the study has trials t0 to t{self.trials - 1}")
         return self
 
     @property
@@ -105,6 +122,7 @@ class TuneResult:
     chosen: str | None
     rule: str
     within_max_kl: bool
+    pick: dict[str, Any]  # the rule (kind, max_kl, point) and every point's verdict
     settings: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -333,8 +351,10 @@ def tune(
     storage: Path,
     resume: bool = False,
     on_confirmed: Callable[[dict[str, Any]], None] | None = None,
+    crossfit: Callable[[], CrossFit] | None = None,
 ) -> TuneResult:
-    """Search, confirm and pick (module docstring); `storage` is the study journal file."""
+    """Search, confirm, resolve and pick (module docstring); `storage` is the study journal file, `crossfit`
+    makes the cross-fitted judge when a point needs it (None: the pick rests on the val prompts)."""
     timings: dict[str, float] = {}
     space = SearchSpace(
         n_layers=n_layers,
@@ -348,20 +368,7 @@ def tune(
     timings["search_s"] = time.perf_counter() - start
     if not trials:
         raise RefusalEditError("no trial completed")
-    reference = _reference(trials)
-    kl_cap = reference["kl_proxy"] if reference is not None else None
-    chosen_trials = to_confirm(trials, scorer.base.refusal, settings, kl_cap)
-    # The bridge's points that damage no more than the paper's edit (by the KL proxy, as for the front points):
-    # one that damages more is not worth confirming. The KL-matched point is the bridge at the paper's damage:
-    # confirmed whichever side of it the interpolation landed (on the demo model 0.19040 against 0.19040).
-    bridge = [
-        t
-        for t in trials
-        if t["bridge"] and t not in chosen_trials and (t["matched"] or kl_cap is None or t["kl_proxy"] <= kl_cap)
-    ]
-    if reference is not None and reference not in chosen_trials:
-        chosen_trials = [reference, *chosen_trials]
-    chosen_trials += bridge
+    chosen_trials = _to_measure(trials, scorer.base.refusal, settings)
     start = time.perf_counter()
     specs = [EditSpec.from_json(t["spec"]) for t in chosen_trials]
     measured = confirmer.measure(
@@ -373,6 +380,7 @@ def tune(
         "refusal_logodds": scorer.base.refusal_logodds,
         "confirmed": measured[0].to_json(),
     }
+    reference = _reference(trials)
     confirmed: list[dict[str, Any]] = []
     for t, spec, m in zip(chosen_trials, specs, measured[1:], strict=True):
         point = {
@@ -385,12 +393,21 @@ def tune(
             "bridge_step": t["bridge_step"],
             "proxy": {"refusal": t["refusal_proxy"], "kl": t["kl_proxy"]},
             "confirmed": m.to_json(),
+            "resolved": None,
         }
         confirmed.append(point)
         if on_confirmed is not None:
             on_confirmed(point)
     timings["confirm_s"] = time.perf_counter() - start
-    picked = pick(confirmed, settings.max_kl)
+    start = time.perf_counter()
+    judge: CrossFit | None = None
+    while crossfit is not None and (todo := to_resolve(confirmed, settings.pick, settings.resolve)):
+        judge = judge or crossfit()
+        numbers = judge.measure([(confirmed[i]["id"], EditSpec.from_json(confirmed[i]["spec"])) for i in todo])
+        for i, m in zip(todo, numbers, strict=True):
+            confirmed[i]["resolved"] = m
+    timings["resolve_s"] = time.perf_counter() - start
+    picked = pick(confirmed, settings.pick)
     return TuneResult(
         trials=trials,
         confirmed=confirmed,
@@ -398,6 +415,33 @@ def tune(
         chosen=None if picked.index is None else confirmed[picked.index]["id"],
         rule=picked.rule,
         within_max_kl=picked.within_max_kl,
+        pick={**asdict(settings.pick), "verdicts": picked.verdicts},
         settings=asdict(settings),
         timings=timings,
     )
+
+
+def _to_measure(trials: Sequence[dict[str, Any]], base_refusal: float, settings: TuneSettings) -> list[dict[str, Any]]:
+    """The trials confirmation measures: the paper's edit first, the proxy front's (`to_confirm`), the bridge's
+    points that damage no more than the paper's edit by the KL proxy (as for the front's points: one that
+    damages more is not worth confirming) and its KL-matched point (the bridge at the paper's damage: confirmed
+    whichever side of it the interpolation landed; on the demo model 0.19040 against 0.19040), and the trial a
+    point pick names."""
+    reference = _reference(trials)
+    kl_cap = reference["kl_proxy"] if reference is not None else None
+    chosen = to_confirm(trials, base_refusal, settings, kl_cap)
+    bridge = [
+        t
+        for t in trials
+        if t["bridge"] and t not in chosen and (t["matched"] or kl_cap is None or t["kl_proxy"] <= kl_cap)
+    ]
+    if reference is not None and reference not in chosen:
+        chosen = [reference, *chosen]
+    chosen += bridge
+    named = settings.pick.trial
+    if named is not None and all(t["number"] != named for t in chosen):
+        extra = [t for t in trials if t["number"] == named]
+        if not extra:
+            raise RefusalEditError(f"pick {settings.pick.point}: that trial did not complete")
+        chosen += extra
+    return chosen

@@ -27,6 +27,7 @@ from refusal_edit.prompts import chat_format
 from refusal_edit.provenance import versions
 from refusal_edit.tuning import Confirmer, ProxyScorer, TuneResult, TuneSettings, plot_front
 from refusal_edit.tuning import tune as run_tune
+from refusal_edit.tuning.crossfit import CrossFit, fold_banks
 from refusal_edit.tuning.run import STUDY
 from refusal_edit.workflows import sources
 
@@ -142,7 +143,44 @@ def tune(
     confirmer = Confirmer(
         lm.model, lm.tokenizer, h_val.instructions, h_texts, s_texts[:k], settings.max_new_tokens, settings.batch_size
     )
-    result = run_tune(scorer, confirmer, bank, n_layers, settings, target / STUDY, resume=resume)
+    made = extract_settings(d)
+    n_train = made.get("n_train") if isinstance(made.get("n_train"), int) else None
+    h_train, s_train = sets["harmful"].split("train").sample(n_train), sets["harmless"].split("train").sample(n_train)
+
+    def crossfit() -> CrossFit:
+        folds = fold_banks(
+            lm.model,
+            lm.tokenizer,
+            fmt,
+            h_train.instructions,
+            s_train.instructions,
+            ids,
+            bank.position,
+            bank.layer,
+            settings.batch_size,
+            filter_train=bool(made.get("filter_train", True)),
+        )
+        return CrossFit(
+            lm.model,
+            lm.tokenizer,
+            fmt,
+            folds,
+            n_layers,
+            settings.resolve_tokens,
+            settings.batch_size,
+            settings.resolve_prompts,
+        )
+
+    result = run_tune(
+        scorer,
+        confirmer,
+        bank,
+        n_layers,
+        settings,
+        target / STUDY,
+        resume=resume,
+        crossfit=crossfit if bank.position is not None and bank.layer is not None else None,
+    )
     data = {
         "tool": "refusal-edit",
         "model": lm.source.describe(),
@@ -161,6 +199,10 @@ def tune(
             "harmless_val": s_val.describe(),
             "search": f"the {k} harmful val prompts the base model refuses most; the first {k} harmless val prompts "
             "(also the KL of the confirmation)",
+            "harmful_train": h_train.describe(),
+            "harmless_train": s_train.describe(),
+            "resolved": "cross-fitted: each half of the train prompts' candidates make the edits judged on the "
+            "other half's harmful prompts",
         },
         "refusal_token_ids": ids,
         **result.to_json(),
@@ -170,6 +212,17 @@ def tune(
     png = plot_front(data, target / f".{FRONT_PNG}.tmp.png")
     os.replace(png, target / FRONT_PNG)
     return TuneOutcome(result, target, target / FRONT_JSON, target / FRONT_PNG, data)
+
+
+def extract_settings(d: DirectionFile) -> dict[str, Any]:
+    """The settings extract recorded beside the direction (its run.json; empty when there is none), so that
+    cross-fitting makes its candidates as extract made the direction's: the same train prompts, filtered alike."""
+    run_json = d.path.parent / "run.json" if d.path is not None else None
+    try:
+        recorded = json.loads(run_json.read_text()).get("settings", {}) if run_json and run_json.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def load_front_point(spec: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,0 +1,155 @@
+"""Cross-fitted confirmation: judge edits on harmful prompts none of their directions was fitted to.
+
+Why: every direction an edit draws on (the selected one, each layer's own candidate) is a difference in means
+over the train prompts, so judging edits there flatters the ones with more fitted directions (on the demo
+model the per-layer bridge "tied" the paper's edit on train and lost on test; cross-fitted, the order agreed
+with the test split's), and `tune`'s val prompts are the ones its search scored. So the train prompts are
+split in two halves (alternate prompts); each half's candidates (difference in means, filtered as `extract`
+filtered them, the selected one at the direction's position and layer) make every edit, which is judged on
+the other half's harmful prompts; counts are pooled over the halves. Every judged prompt is judged once, by
+edits whose directions never saw it - on more prompts than `tune`'s val split holds, so that a few percent
+of refusals can be told apart. Where fewer are judged (`judged`), each half judges the prompts the base model
+refuses most by its first-token refusal score (computed anyway, by the other half's candidates): a prompt the
+base model answers says little about an edit's refusals, and every prompt costs a generation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from refusal_edit.console import err
+from refusal_edit.directions.bank import bank_from_candidates
+from refusal_edit.directions.candidates import generate_candidates
+from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.evaluation.stats import count, wilson
+from refusal_edit.prompts.template import ChatFormat
+from refusal_edit.tuning.confirm import Confirmer
+
+T = TypeVar("T")
+
+
+def halves(items: Sequence[T]) -> list[tuple[list[T], list[T]]]:
+    """Two folds of alternate items, as (fitted on, judged on): every item is judged exactly once."""
+    return [(list(items[f::2]), list(items[1 - f :: 2])) for f in (0, 1)]
+
+
+def pooled(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The folds' numbers (rates of `prompts` prompts, as `Confirmed.to_json()` has them) as one point: counts
+    summed over every judged prompt with their Wilson 95 % intervals; KLs (measured on the same harmless
+    prompts in each fold), when the folds have them, averaged."""
+    n = sum(f["prompts"] for f in folds)
+    refused = sum(count(f["refusal_rate"], f["prompts"]) for f in folds)
+    degenerate = sum(count(f["degenerate_rate"], f["prompts"]) for f in folds)
+    out = {
+        "refusal_rate": refused / n,
+        "degenerate_rate": degenerate / n,
+        "complied_rate": (n - refused - degenerate) / n,
+        "prompts": n,
+        "refused": refused,
+        "degenerate": degenerate,
+        "refusal_ci95": [round(x, 4) for x in wilson(refused, n)],
+        "failure_ci95": [round(x, 4) for x in wilson(refused + degenerate, n)],
+        "seconds": sum(f["seconds"] for f in folds),
+    }
+    if all("first_token_kl" in f for f in folds):
+        mt = [f["multi_token_kl"] for f in folds]
+        out["first_token_kl"] = sum(f["first_token_kl"] for f in folds) / len(folds)
+        out["multi_token_kl"] = None if None in mt else sum(mt) / len(mt)
+    return out | {"folds": list(folds)}
+
+
+@dataclass
+class Fold:
+    """One half's bank (its candidates, made from the other prompts) and the harmful prompts it judges, the
+    ones the base model refuses most (first-token refusal score) first."""
+
+    bank: DirectionBank
+    judged: list[str]
+    fitted: tuple[int, int]  # harmful, harmless prompts the candidates' means kept
+
+
+def fold_banks(
+    model,
+    tokenizer,
+    fmt: ChatFormat,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_ids: Sequence[int],
+    position: int | None,
+    layer: int | None,
+    batch_size: int = 16,
+    filter_train: bool = True,
+) -> list[Fold]:
+    """The two folds of `harmful` / `harmless` (the train prompts the direction came from)."""
+    if position is None or layer is None:
+        raise RefusalEditError("cross-fitting needs the direction's position and layer (an extract run's direction)")
+    made = []
+    for fit_h, fit_s in zip(halves(harmful), halves(harmless), strict=True):
+        cands = generate_candidates(
+            model, tokenizer, fmt, fit_h[0], fit_s[0], refusal_ids, batch_size=batch_size, filter_train=filter_train
+        )
+        kept = (
+            (cands.harmful.count_kept, cands.harmless.count_kept) if cands.filtered else (len(fit_h[0]), len(fit_s[0]))
+        )
+        made.append((cands, fit_h, kept))
+    folds = []
+    for k, (cands, (_, held), kept) in enumerate(made):
+        scores = made[1 - k][0].harmful.scores.tolist()  # the other half fitted on the prompts this one judges
+        order = sorted(range(len(held)), key=lambda i: -scores[i])
+        folds.append(Fold(bank_from_candidates(cands, position, layer), [held[i] for i in order], kept))
+    return folds
+
+
+class CrossFit:
+    """Refused and degenerate replies of edit specs on the folds' held-out harmful prompts (`judged` of them at
+    most, split evenly between the folds), pooled."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        fmt: ChatFormat,
+        folds: Sequence[Fold],
+        n_layers: int,
+        max_new_tokens: int = 48,
+        batch_size: int = 32,
+        judged: int | None = None,
+    ) -> None:
+        self.folds, self.n_layers = list(folds), n_layers
+        per_fold = None if judged is None else max(1, judged // len(self.folds))
+        self.confirmers = [
+            Confirmer(
+                model,
+                tokenizer,
+                f.judged[:per_fold],
+                fmt.format_all(f.judged[:per_fold]),
+                [],
+                max_new_tokens,
+                batch_size,
+            )
+            for f in self.folds
+        ]
+
+    @property
+    def prompts(self) -> int:
+        return sum(len(c.harmful_prompts) for c in self.confirmers)
+
+    def measure(self, points: Sequence[tuple[str, EditSpec]]) -> list[dict[str, Any]]:
+        """Every point's pooled numbers (`pooled`), its edits made from each fold's bank."""
+        per_point: list[list[dict[str, Any]]] = [[] for _ in points]
+        for k, (fold, confirmer) in enumerate(zip(self.folds, self.confirmers, strict=True)):
+            start = time.perf_counter()
+            edits = [(f"{label}, half {k + 1}", resolve(spec, fold.bank, self.n_layers)) for label, spec in points]
+            counts = confirmer.judge(edits)
+            seconds = (time.perf_counter() - start) / max(1, len(points))
+            n = len(confirmer.harmful_prompts)
+            for record, (refused, degenerate) in zip(per_point, counts, strict=True):
+                record.append(
+                    {"prompts": n, "refusal_rate": refused / n, "degenerate_rate": degenerate / n, "seconds": seconds}
+                )
+        err.print(f"cross-fitted: {len(points)} point(s) judged on {self.prompts} held-out harmful prompts")
+        return [pooled(f) for f in per_point]
