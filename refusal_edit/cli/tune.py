@@ -20,7 +20,7 @@ def _pct(x: float) -> str:
     short_help="Search edit variants for the refusal-damage front and pick a confirmed point.",
     epilog=examples(
         "refusal-edit tune qwen2.5-coder-0.5b-instruct --direction runs/demo/direction --out runs/demo/tune  "
-        "# the demo model: ~7 min on 2 CPU cores",
+        "# the demo model: ~7 min on 2 CPU cores before held-out judging (~3 min more, estimated)",
         "refusal-edit tune MODEL --direction D --trials 24 --confirm 3 --n-val 24   # smaller and faster",
         "refusal-edit tune MODEL --direction D --out runs/x/tune --resume           # continue a study",
     ),
