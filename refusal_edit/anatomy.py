@@ -45,17 +45,24 @@ class Anatomy:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def _chain(self, block: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor | None, nn.Module | None]:
+        """The product of the gains of the norms `names` (as each applies it), and the outermost of them."""
+        if not names:
+            return None, None
+        from accelerate.utils import align_module_device
+
+        gain = None
+        for name in names:
+            norm = block.get_submodule(name)
+            with align_module_device(norm):  # an offloaded norm's weight is on the meta device until then
+                g = norm.weight.detach().float() + self.spec.norm_offset  # a new tensor: outlives the context
+            gain = g if gain is None else gain * g
+        return gain, norm
+
     def site_writers(self, layer: int, site: Site) -> list[Writer]:
         """The children of `layer` that write at `site` (hybrid layers have one of the alternatives)."""
         spec_site = self.spec.site(site)
         block = self.layers[layer]
-        norm = getattr(block, spec_site.post_norm) if spec_site.post_norm else None
-        gain = None
-        if norm is not None:
-            from accelerate.utils import align_module_device
-
-            with align_module_device(norm):  # an offloaded norm's weight is on the meta device until then
-                gain = norm.weight.detach().float() + self.spec.norm_offset  # a new tensor: outlives the context
         scales = dict(self.spec.output_scales)
         out = []
         for name in spec_site.modules:
@@ -63,9 +70,10 @@ class Anatomy:
                 module = block.get_submodule(name)
             except AttributeError:
                 continue
+            gain, norm = self._chain(block, spec_site.norms(name))
             scale = 1.0 if norm is not None else scales.get(name, self.spec.residual_scale)(self.config)
             out.append(Writer(site, layer, name, module, gain, scale, norm))
-        if not out:
+        if not out and not spec_site.optional:
             raise RefusalEditError(
                 f"layer {layer} has none of the {site} writers the table names ({', '.join(spec_site.modules)})"
             )
@@ -84,7 +92,10 @@ class Anatomy:
     def attention_write(self, layer: int) -> tuple[nn.Module, float]:
         """The module whose output is the attention write of `layer`, and the factor applied after it.
         Sandwich norms: the post-attention norm itself (what a bias after the add would be)."""
-        writer = self.site_writers(layer, "attn")[0]
+        writers = self.site_writers(layer, "attn")
+        if not writers:
+            raise RefusalEditError(f"layer {layer} of {self.spec.model_type} has no attention writer to add after")
+        writer = writers[0]
         if writer.norm is not None:
             return writer.norm, 1.0
         return writer.module, writer.scale

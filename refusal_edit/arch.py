@@ -47,6 +47,7 @@ class TensorRule:
     kind: TensorKind
     site: Site
     per_expert: bool = False  # one tensor per routed expert: their count must match the config
+    module: str | None = None  # the layer child it belongs to, where the site's norms differ by module
 
     def match(self, name: str) -> re.Match[str] | None:
         return re.search(r"(?:^|\.)" + self.pattern + "$", name)
@@ -75,6 +76,18 @@ class WriterSite:
     name: Site
     modules: tuple[str, ...]
     post_norm: str | None = None
+    # Per-module norm chains (innermost first) where the modules of a site differ: a hybrid whose attention
+    # layers are sandwiched and whose linear-attention layers are not, or Gemma 4's MoE branches, each
+    # through its own norm and then a shared one. Derived specs state them; the table uses `post_norm`.
+    chains: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    optional: bool = False  # a layer may have no writer here (one mixer per layer: Nemotron-H)
+
+    def norms(self, module: str | None) -> tuple[str, ...]:
+        """The norms between `module`'s output and the residual add, innermost first."""
+        chains = dict(self.chains)
+        if module is not None and module in chains:
+            return chains[module]
+        return () if self.post_norm is None else (self.post_norm,)
 
 
 @dataclass(frozen=True)
@@ -150,6 +163,7 @@ class ArchSpec:
     recurrent: bool = False  # some mixers carry a state (linear attention, SSM, convolution): no shared-prefix cache
     config_aliases: tuple[tuple[str, str], ...] = ()  # (standard name, this model's config.json key)
     notes: str = ""
+    derived: bool = False  # derived from the model itself and verified (refusal_edit.derive), not hand-written
 
     def site(self, name: Site) -> WriterSite:
         return next(s for s in self.sites if s.name == name)
@@ -157,14 +171,18 @@ class ArchSpec:
     @property
     def sandwich(self) -> bool:
         """A norm sits between some writer and the residual add."""
-        return any(s.post_norm for s in self.sites)
+        return any(s.post_norm or any(c for _, c in s.chains) for s in self.sites)
+
+    def post_norm_names(self, layer: int, site: Site, module: str | None = None) -> tuple[str, ...]:
+        """Suffix names of the norm weights between `module` (a writer of `site`) and the add, innermost first."""
+        if site == "embedding":
+            return ()
+        return tuple(f"{self.layers}.{layer}.{n}.weight" for n in self.site(site).norms(module))
 
     def post_norm_name(self, layer: int, site: Site) -> str | None:
-        """Suffix name of the norm weight that follows the `site` writer of `layer`, if any."""
-        if site == "embedding":
-            return None
-        norm = self.site(site).post_norm
-        return None if norm is None else f"{self.layers}.{layer}.{norm}.weight"
+        """Suffix name of the norm weight that follows the `site` writer of `layer`, if any (one norm)."""
+        names = self.post_norm_names(layer, site)
+        return names[-1] if names else None
 
     def num_experts(self, cfg: Any) -> int | None:
         for attr in self.experts_attrs:
@@ -454,35 +472,50 @@ _SPECS = (
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _SPECS}
+# Specs derived from a model and verified this process (refusal_edit.derive), by model_type.
+DERIVED: dict[str, ArchSpec] = {}
+# Test-only: every model type goes through the derivation, as if the table were empty.
+NO_TABLE_ENV = "REFUSAL_EDIT_NO_TABLE"
+
+
+def table() -> dict[str, ArchSpec]:
+    """The hand-written table (empty when the test-only switch `REFUSAL_EDIT_NO_TABLE=1` is set)."""
+    import os
+
+    return {} if os.environ.get(NO_TABLE_ENV) == "1" else ARCHITECTURES
 
 
 def supported() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def get_spec(model_type: str | None) -> ArchSpec:
-    """The spec for `model_type`, or a clear error listing what is supported (never a partial edit)."""
-    spec = ARCHITECTURES.get(model_type or "")
-    if spec is None:
-        raise RefusalEditError(
-            f"unsupported architecture {model_type!r}; supported model types: {', '.join(supported())}"
-        )
-    return spec
+def _model_type(config: Any) -> str | None:
+    return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+
+
+def get_spec(model_type: str | None, config: Any = None) -> ArchSpec:
+    """The spec for `model_type`: the table's entry, else one derived from the model and verified (from
+    `config`, or the type's default config); a clear error when neither exists (never a partial edit)."""
+    spec = table().get(model_type or "") or DERIVED.get(model_type or "")
+    if spec is not None:
+        return spec
+    from refusal_edit.derive import derived_spec
+
+    return derived_spec(model_type, config)
 
 
 def spec_for_config(config: Any) -> ArchSpec:
     """The spec of a config (a `config.json` dict or a transformers config): by its top-level model_type,
     so that a multimodal wrapper is its own entry (its stock class, no relabelling) and never mistaken
     for the bare language model inside."""
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    return get_spec(model_type)
+    return get_spec(_model_type(config), config)
 
 
 def is_recurrent(config: Any) -> bool:
     """Whether some layers carry a state (linear attention, SSM, convolution) that a shared-prefix KV cache
-    cannot hold; False for types outside the table (judges and other helper models)."""
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    spec = ARCHITECTURES.get(model_type or "")
+    cannot hold; False for types outside the table and not derived (judges and other helper models)."""
+    model_type = _model_type(config) or ""
+    spec = table().get(model_type) or DERIVED.get(model_type)
     return spec is not None and spec.recurrent
 
 

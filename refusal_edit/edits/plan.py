@@ -182,7 +182,7 @@ def _check_complete(spec: ArchSpec, cfg: Any, found: Found) -> None:
     for layer in range(n_layers):
         here = [m for m in weights if m.layer == layer]
         for site in ("attn", "mlp"):
-            if not any(m.rule.site == site for m in here):
+            if not spec.site(site).optional and not any(m.rule.site == site for m in here):
                 raise RefusalEditError(
                     f"checkpoint does not match the {spec.model_type} layout: layer {layer} has no {site} "
                     "output projection"
@@ -203,16 +203,18 @@ def _check_float(info: TensorInfo) -> None:
 
 
 def post_norm_gain(source: TensorSource, spec: ArchSpec, m: TensorMatch) -> torch.Tensor | None:
-    """The gain of the sandwich norm after writer `m`, read from the checkpoint (None: no such norm)."""
+    """The gain of the sandwich norms after writer `m` (their product, as each applies it), read from the
+    checkpoint (None: no such norm)."""
     if m.layer is None:
         return None
-    norm = spec.post_norm_name(m.layer, m.rule.site)
-    if norm is None:
-        return None
-    name = layer_prefix(m.name, spec, m.layer) + norm
-    if source.find(name) is None:
-        raise RefusalEditError(f"missing norm weight {name} (needed for the {spec.model_type} edit)")
-    return source.read(name).float() + spec.norm_offset
+    gain = None
+    for norm in spec.post_norm_names(m.layer, m.rule.site, m.rule.module):
+        name = layer_prefix(m.name, spec, m.layer) + norm
+        if source.find(name) is None:
+            raise RefusalEditError(f"missing norm weight {name} (needed for the {spec.model_type} edit)")
+        g = source.read(name).float() + spec.norm_offset
+        gain = g if gain is None else gain * g
+    return gain
 
 
 def projection(
@@ -275,12 +277,12 @@ def plan_edit(ckpt: Checkpoint | TensorSource, edit: ResolvedEdit, keep_tied: bo
     found = _matches(source, spec)
     _check_complete(spec, cfg, found)
     plan = EditPlan("ablate", spec, notes=list(dict.fromkeys(edit.notes)))
-    gains: dict[tuple[int | None, str], torch.Tensor | None] = {}
+    gains: dict[tuple[int | None, str, str | None], torch.Tensor | None] = {}
     unchanged = 0
     for m, info in found:
         _check_float(info)
         basis, alpha = edit.at(m.rule.site, m.layer)
-        key = (m.layer, m.rule.site)
+        key = (m.layer, m.rule.site, m.rule.module)
         if key not in gains:
             gains[key] = post_norm_gain(source, spec, m)
         basis = sandwich(basis, gains[key])
@@ -380,7 +382,7 @@ def plan_addition(
     if route is None:
         raise _route_error(spec, layer, site)
     writer_layer = layer - 1 if site == "input" else layer
-    anchor = next(m.name for m, _ in found if m.layer == writer_layer and m.rule.site == "attn")
+    anchor = next(m.name for m, _ in found if m.layer == writer_layer)
     prefix = layer_prefix(anchor, spec, writer_layer)
     target = f"{prefix}{spec.layers}.{writer_layer}.{route.target}.bias"
     if source.find(f"{prefix}{spec.layers}.{writer_layer}.{route.target}.weight") is None:

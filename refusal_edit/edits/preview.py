@@ -56,8 +56,8 @@ def planned_tensors(plan: EditPlan, ckpt: Checkpoint | TensorSource) -> list[Pla
         site = m.rule.site if m is not None else ""
         norm = None
         if m is not None and m.layer is not None:
-            suffix = spec.post_norm_name(m.layer, m.rule.site)
-            norm = None if suffix is None else layer_prefix(info.name, spec, m.layer) + suffix
+            suffixes = spec.post_norm_names(m.layer, m.rule.site, m.rule.module)
+            norm = " * ".join(layer_prefix(info.name, spec, m.layer) + x for x in suffixes) or None
         kind = m.rule.kind if m is not None else "bias"
         rows.append(PlannedTensor(info.name, transform.label, kind, site, layer, tuple(info.shape), info.dtype, norm))
     rows.sort(key=lambda r: (-1 if r.layer is None else r.layer, SITE_ORDER[r.site], r.name))

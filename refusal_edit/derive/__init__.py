@@ -1,0 +1,184 @@
+"""Architectures outside the table: derived from the model itself, verified exact, cached.
+
+`derived_spec` is what `refusal_edit.arch.get_spec` falls back to for a model type the hand-written table
+lacks: a tiny random instance is built from the user's own config (`shrink`), its residual writers are
+found numerically (`probe`, `account`, `params`, `build`) and the resulting `ArchSpec` is accepted only if
+the edits it drives are exact on that instance (`verify`). A verified spec is cached as JSON under the
+cache directory by model type, transformers version and the config's structural fingerprint, so the
+derivation runs once per type; a failure is a clear error naming what could not be resolved, before any
+real weight is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from refusal_edit.arch import DERIVED, ArchSpec, TensorRule, WriterSite
+from refusal_edit.errors import RefusalEditError
+
+__all__ = ["cache_path", "derived_spec", "from_json", "to_json"]
+
+
+def _config(model_type: str, config: Any) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        if config is None:
+            return AutoConfig.for_model(model_type)
+        if isinstance(config, dict):
+            data = {k: v for k, v in config.items() if k != "model_type"}
+            return AutoConfig.for_model(model_type, **data)
+    except Exception as exc:
+        raise RefusalEditError(
+            f"unsupported architecture {model_type!r}: transformers cannot read it ({exc})"
+        ) from None
+    return config
+
+
+def _fingerprint(config: Any) -> str:
+    """What can change a model's structure without changing its type: flags, names, layer kinds."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    skip = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "name_or_path"}
+    keep: dict[str, Any] = {"model_type": config.model_type, "text": text.model_type}
+    for key, value in sorted(text.to_dict().items()):
+        if key in skip:
+            continue
+        if isinstance(value, (bool, str)) or value is None:
+            keep[key] = value
+        elif isinstance(value, list) and all(isinstance(v, (str, bool)) for v in value):
+            keep[key] = sorted({str(v) for v in value})
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_path(config: Any) -> Path:
+    import transformers
+
+    from refusal_edit.loading.cache import cache_root
+
+    name = f"{config.model_type}-{transformers.__version__}-{_fingerprint(config)}.json"
+    return cache_root() / "archs" / name
+
+
+def to_json(spec: ArchSpec) -> dict[str, Any]:
+    return {
+        "model_type": spec.model_type,
+        "stock_class": spec.stock_class,
+        "tensors": [[r.pattern, r.kind, r.site, r.per_expert, r.module] for r in spec.tensors],
+        "layers": spec.layers,
+        "sites": [
+            [s.name, list(s.modules), s.post_norm, [[m, list(c)] for m, c in s.chains], s.optional] for s in spec.sites
+        ],
+        "embeddings": list(spec.embeddings),
+        "final_norm": spec.final_norm,
+        "lm_head": spec.lm_head,
+        "norm_offset": spec.norm_offset,
+        "embed_scale": spec.embed_scale.__name__,
+        "experts_attrs": list(spec.experts_attrs),
+        "text_model_type": spec.text_model_type,
+        "recurrent": spec.recurrent,
+        "notes": spec.notes,
+    }
+
+
+def from_json(data: dict[str, Any]) -> ArchSpec:
+    from refusal_edit.derive.scales import scale_function
+
+    return ArchSpec(
+        data["model_type"],
+        tuple(TensorRule(p, k, s, bool(e), m) for p, k, s, e, m in data["tensors"]),
+        data["stock_class"],
+        layers=data["layers"],
+        sites=tuple(
+            WriterSite(n, tuple(mods), post, tuple((m, tuple(c)) for m, c in chains), bool(opt))
+            for n, mods, post, chains, opt in data["sites"]
+        ),
+        embeddings=tuple(data["embeddings"]),
+        final_norm=data["final_norm"],
+        lm_head=data["lm_head"],
+        norm_offset=float(data["norm_offset"]),
+        embed_scale=scale_function(data["embed_scale"]),
+        experts_attrs=tuple(data["experts_attrs"]),
+        text_model_type=data["text_model_type"],
+        recurrent=bool(data["recurrent"]),
+        notes=data["notes"],
+        derived=True,
+    )
+
+
+def _decoder_types() -> set[str]:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def derive_and_verify(config: Any) -> tuple[ArchSpec, dict[str, float]]:
+    """Derive the spec of `config`'s type on a tiny instance and verify it there (no cache, no registry)."""
+    import torch
+
+    from refusal_edit.derive.build import derive
+    from refusal_edit.derive.verify import verify
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and far faster on a shared machine
+    try:
+        derived = derive(config)
+        return derived.spec, verify(derived.spec, derived.model, derived.ids)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def derived_spec(model_type: str | None, config: Any = None) -> ArchSpec:
+    """The verified spec of a model type outside the table (cached), or a clear error."""
+    from refusal_edit.console import err
+
+    if not model_type:
+        raise RefusalEditError("the model config names no model_type")
+    if model_type not in _decoder_types():
+        raise RefusalEditError(
+            f"unsupported architecture {model_type!r}: transformers {_version()} has no causal-LM or image-text "
+            "class for it (only decoder language models can be edited)"
+        )
+    cfg = _config(model_type, config)
+    path = cache_path(cfg)
+    if path.is_file():
+        try:
+            spec = from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            spec = None
+        if spec is not None:
+            DERIVED[model_type] = spec
+            return spec
+    start = time.perf_counter()
+    try:
+        spec, _ = derive_and_verify(cfg)
+    except RefusalEditError as exc:
+        raise RefusalEditError(f"unsupported architecture {model_type!r}: {exc}") from None
+    except Exception as exc:  # transformers' own failures on a tiny instance
+        raise RefusalEditError(
+            f"unsupported architecture {model_type!r}: the derivation failed ({type(exc).__name__}: {exc})"
+        ) from None
+    DERIVED[model_type] = spec
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(to_json(spec), indent=1))
+    tmp.replace(path)
+    err.print(
+        f"{model_type}: not in the table; residual writers derived and verified on a tiny instance "
+        f"({time.perf_counter() - start:.1f} s, cached)",
+        markup=False,
+        highlight=False,
+    )
+    return spec
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
