@@ -91,6 +91,11 @@ def archs(
     """List the supported model types, their residual writers and baked-bias routes; with MODEL, the plan."""
     if model is None:
         show(architectures_table(list(ARCHITECTURES.values())))
+        show(
+            "Any other decoder language model transformers knows (causal LM or image-text-to-text) is derived and "
+            "verified on first use: its writers are found on a tiny instance built from its config and the edit is "
+            "checked exact there before any real weight is read (cached per model type and transformers version)."
+        )
         return
     quiet_libraries()
     from refusal_edit.checkpoint.layout import open_checkpoint

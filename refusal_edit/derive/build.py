@@ -203,6 +203,27 @@ def _bias_rules(module: nn.Module, p: WriterParam, *rules_: Any) -> list[TensorR
     return out
 
 
+def _embedding_calls(rec: Recording, target: torch.Tensor, before: int) -> list[Any]:
+    """The sibling modules whose outputs make up `target` (the first layer's input), called before `before`;
+    a parameterless step (dropout, a scale) is followed to its own input."""
+    from refusal_edit.derive.account import norm_offset
+
+    cands = [c for c in rec.siblings.values() if c.order < before and c.out is not None]
+    parts = smallest_set(target, cands, [])
+    if parts is None:
+        raise RefusalEditError("the first layer's input is not made of embedding outputs")
+    out = []
+    for call in parts:
+        offset = norm_offset(call)
+        if offset is not None and offset != offset and call.inp is not None:  # transparent: follow its input
+            out += _embedding_calls(rec, call.inp, call.order)
+        elif offset is not None:
+            raise RefusalEditError(f"a norm ({call.name}) follows the embeddings: no exact embedding edit")
+        else:
+            out.append(call)
+    return out
+
+
 def _stock_class(config: Any) -> tuple[str, str | None]:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -287,24 +308,24 @@ def derive(config: Any) -> Derived:
                 if rule.pattern not in {x.pattern for x in rules}:
                     rules.append(rule)
 
-    # embeddings: what layer 0's input is made of
-    before = [c for c in rec.siblings.values() if c.order < rec.layer_order[0] and c.out is not None]
-    parts = smallest_set(rec.layer_in[0], before, [])
-    if parts is None:
-        raise RefusalEditError("the first layer's input is not made of embedding outputs")
-    parent = layers_name.rsplit(".", 1)[0] if "." in layers_name else ""
+    # embeddings: what layer 0's input is made of (through parameterless steps such as dropout)
     vocab = int(cfg.vocab_size)
+    parts = _embedding_calls(rec, rec.layer_in[0], rec.layer_order[0])
     embed_rules: list[TensorRule] = []
     names: list[str] = []
-    token_first = sorted(
-        parts, key=lambda c: (getattr(c.module, "weight", torch.empty(0)).shape[:1] != (vocab,), c.order)
-    )
-    for call in token_first:
+
+    def token_first(c: Any) -> tuple:
+        weight = getattr(c.module, "weight", None)
+        return (not (isinstance(weight, torch.Tensor) and weight.shape[0] == vocab), c.order)
+
+    token_first_calls = sorted(parts, key=token_first)
+    for call in token_first_calls:
         for p in writer_params(call, hidden, rec.hidden_shape):
             if p.ndim != 2 or p.axis != 1:
                 raise RefusalEditError(f"embedding {call.name}.{p.name} does not hold one row per token")
             embed_rules.append(TensorRule(_generalize(f"{call.name}.{p.name}"), "embedding", "embedding"))
         names.append(call.name)
+    token_first = token_first_calls  # type: ignore[assignment]
     embed_scale = "one"
     token = token_first[0]
     coeffs = constant_coefficients(rec.layer_in[0], [c.out for c in token_first])
@@ -362,7 +383,6 @@ def derive(config: Any) -> Derived:
         notes=f"derived from the model and verified; embedding scale: {embed_scale}",
         derived=True,
     )
-    del parent
     return Derived(spec, model, ids)
 
 

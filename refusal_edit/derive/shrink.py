@@ -113,6 +113,18 @@ def _keep_equal(original: dict[str, Any], d: dict[str, Any]) -> None:
                 d[k] = small
 
 
+def _keep_products(original: dict[str, Any], d: dict[str, Any]) -> None:
+    """Where a width was the product of two others (Mamba's d_ssm = heads x head dim), keep it so."""
+    ints = {k: v for k, v in original.items() if isinstance(v, int) and not isinstance(v, bool) and v > 1}
+    changed = [k for k in ints if d.get(k) != ints[k] and k in _WIDTHS]
+    for a in changed:
+        for b in ints:
+            for c in ints:
+                if b <= c and a not in (b, c) and ints[a] == ints[b] * ints[c] and (b in changed or c in changed):
+                    if d[b] * d[c] <= ints[a]:
+                        d[a] = d[b] * d[c]
+
+
 def _shrink_dict(d: dict[str, Any], heads: int) -> dict[str, Any]:
     original = d
     d = copy.deepcopy(d)
@@ -132,6 +144,7 @@ def _shrink_dict(d: dict[str, Any], heads: int) -> dict[str, Any]:
             elif isinstance(value, list):
                 d[key] = [v for v in value if isinstance(v, int) and v < VOCAB] or [2]
     _keep_equal(original, d)
+    _keep_products(original, d)
     for key in _KV_HEADS:
         kv = d.get(key)
         if isinstance(kv, int) and not isinstance(kv, bool) and kv > 1:

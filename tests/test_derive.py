@@ -1,0 +1,145 @@
+"""Architectures derived from the model itself (issue 29): `refusal_edit.derive`.
+
+- the derivation reproduces every hand-written table entry: on each table type's tiny model, the weight
+  plan from the derived spec edits the same tensors, with the same layout and the same basis (sandwich
+  gains included), as the table's, in memory and on the saved checkpoint;
+- the named late-2026 families (Gemma 4, Qwen3.5 dense and MoE, Llama 4, GLM-4.7-Flash, MiniMax-M2,
+  Nemotron-H, Kimi-Linear) are derived, verified and edited exactly through the CLI (bench/archs.py's path);
+- verification is not circular: a spec that misses a writer, or names a non-writer, is rejected, with the site;
+- a type outside the table is derived once, says so in one line, and is cached; an encoder-only type is
+  refused with a reason; `refusal-edit archs` says that other decoder LMs are derived on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import CONFIGS, build, save
+
+from refusal_edit.arch import ARCHITECTURES, DERIVED, NO_TABLE_ENV, WriterSite
+from refusal_edit.checkpoint.layout import open_checkpoint
+from refusal_edit.derive import derive_and_verify, from_json, to_json
+from refusal_edit.derive.build import derive
+from refusal_edit.derive.verify import verify
+from refusal_edit.edits.memory import ModelTensors
+from refusal_edit.edits.plan import plan_ablation
+from refusal_edit.errors import RefusalEditError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+TABLE = sorted(ARCHITECTURES)
+NAMED = ["gemma4", "qwen3_5", "qwen3_5_moe", "llama4", "glm4_moe_lite", "minimax_m2", "nemotron_h", "kimi_linear"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _plan(source, r):
+    plan = plan_ablation(source, r)
+    return {name: (type(t).__name__, t.q) for name, t in plan.transforms.items()}
+
+
+def _same_plans(a: dict, b: dict) -> None:
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    for name in a:
+        assert a[name][0] == b[name][0], name
+        assert torch.allclose(a[name][1], b[name][1], atol=1e-6), name
+
+
+@pytest.mark.parametrize("model_type", TABLE)
+def test_the_derivation_reproduces_the_table(model_type, tmp_path, monkeypatch):
+    model = build(model_type)
+    spec, figures = derive_and_verify(model.config)
+    assert max(figures.values()) <= 1e-4
+    r = torch.randn(int(model.config.get_text_config().hidden_size), generator=torch.Generator().manual_seed(2))
+    src = save(model, tmp_path / "model", with_tokenizer=False)
+    table_memory, table_disk = _plan(ModelTensors(model), r), _plan(open_checkpoint(src), r)
+    monkeypatch.setenv(NO_TABLE_ENV, "1")
+    monkeypatch.setitem(DERIVED, model_type, spec)
+    text_type = model.config.get_text_config().model_type
+    if text_type != model_type:
+        monkeypatch.setitem(DERIVED, text_type, spec.derive(text_type, text_model_type=None))
+    _same_plans(_plan(ModelTensors(model), r), table_memory)
+    _same_plans(_plan(open_checkpoint(src), r), table_disk)
+
+
+@pytest.mark.parametrize("model_type", NAMED)
+def test_named_families_are_derived_and_edited_exactly_through_the_cli(model_type, monkeypatch):
+    import archs
+
+    monkeypatch.setenv(NO_TABLE_ENV, "1")
+    monkeypatch.setitem(DERIVED, model_type, None)  # restored afterwards: the bench registers its spec
+    DERIVED.pop(model_type)
+    row = archs.one(model_type)
+    assert row["status"] == "exact", row
+    assert row["diff"] <= 1e-4 and row["verify"] <= 1e-4
+
+
+def test_verification_rejects_a_missing_or_an_extra_writer():
+    model = build("llama")
+    derived = derive(model.config)
+    spec = derived.spec
+    missing = dataclasses.replace(
+        spec, sites=(WriterSite("attn", ("self_attn",)), WriterSite("mlp", ("mlp",), optional=True))
+    )
+    missing = dataclasses.replace(missing, sites=(missing.sites[0], WriterSite("mlp", ())), tensors=spec.tensors)
+    with pytest.raises(RefusalEditError, match="layer 0 has none of the mlp writers"):
+        verify(missing, derived.model, derived.ids)
+    no_mlp = dataclasses.replace(
+        spec,
+        sites=(spec.sites[0], WriterSite("mlp", (), optional=True)),
+        tensors=tuple(t for t in spec.tensors if t.site != "mlp"),
+    )
+    with pytest.raises(RefusalEditError, match="r_left|differs"):
+        verify(no_mlp, derived.model, derived.ids)
+    extra = dataclasses.replace(spec, sites=(WriterSite("attn", ("self_attn", "input_layernorm")), spec.sites[1]))
+    with pytest.raises(RefusalEditError, match="input_layernorm"):
+        verify(extra, derived.model, derived.ids)
+
+
+def test_a_type_outside_the_table_is_derived_once_and_cached(tmp_path, monkeypatch, cli):
+    monkeypatch.setenv("REFUSAL_EDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(NO_TABLE_ENV, "1")
+    monkeypatch.delitem(DERIVED, "mistral", raising=False)
+    src = save(build("mistral"), tmp_path / "model", with_tokenizer=False)
+    from conftest import make_direction
+
+    make_direction(tmp_path / "d.safetensors")
+    res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--out", tmp_path / "out")
+    assert res.code == 0, res.text
+    assert res.err.count("derived and verified") == 1
+    cached = list((tmp_path / "cache" / "archs").glob("mistral-*.json"))
+    assert len(cached) == 1
+    spec = from_json(json.loads(cached[0].read_text()))
+    assert to_json(spec) == json.loads(cached[0].read_text()) and spec.derived
+    DERIVED.pop("mistral")
+    res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--out", tmp_path / "out2")
+    assert res.code == 0 and "derived and verified" not in res.err  # read from the cache
+    DERIVED.pop("mistral", None)
+
+
+def test_an_encoder_is_refused_with_a_reason(tmp_path, cli):
+    odd = save(build("llama"), tmp_path / "odd", with_tokenizer=False)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
+    res = cli("archs", odd)
+    assert res.code == 1 and "unsupported architecture 't5'" in res.err and "decoder language models" in res.err
+
+
+def test_archs_says_other_decoder_lms_are_derived(cli):
+    res = cli("archs")
+    assert res.code == 0
+    assert "derived and verified on first use" in res.out
+
+
+assert set(TABLE) == set(CONFIGS)
