@@ -56,11 +56,12 @@ def _tiny_wrapper(config: Any, model_type: str):
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from refusal_edit.derive.shrink import _shrink_dict, shrunk
+    from refusal_edit.derive.shrink import _cut, _shrink_dict, model_class, shrunk
 
     data = config.to_dict()
     data.pop("model_type", None)
-    data["text_config"] = shrunk(config).to_dict()
+    text = shrunk(config)
+    data["text_config"] = _cut(text, model_class(text), 6).to_dict()  # the layers the derivation keeps
     for key in ("vision_config", "audio_config"):
         sub = data.get(key)
         if isinstance(sub, dict):
@@ -125,7 +126,12 @@ def one(model_type: str) -> dict[str, Any]:
         return {**row, "status": "refused", "reason": str(exc), "seconds": time.perf_counter() - start}
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        return {**row, "status": "refused", "reason": f"tiny instance: {reason}", "seconds": time.perf_counter() - start}
+        return {
+            **row,
+            "status": "refused",
+            "reason": f"tiny instance: {reason}",
+            "seconds": time.perf_counter() - start,
+        }
     row["seconds"] = time.perf_counter() - start
     row["verify"] = max(figures.values())
     DERIVED[model_type] = spec
@@ -158,10 +164,8 @@ def one(model_type: str) -> dict[str, Any]:
                 changed = []
                 for f in sorted(src.glob("*.safetensors")):
                     with safe_open(str(f), "pt") as a, safe_open(str(out / f.name), "pt") as b:
-                        for k in a.keys():
-                            if "vision" in k or "audio" in k or "projector" in k:
-                                if not torch.equal(a.get_tensor(k), b.get_tensor(k)):
-                                    changed.append(k)
+                        towers = [k for k in a.keys() if any(w in k for w in ("vision", "audio", "projector"))]
+                        changed += [k for k in towers if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
                 if changed:
                     return {**row, "status": "failed", "reason": f"tower tensor changed: {changed[0]}"}
     except Exception as exc:
@@ -177,17 +181,14 @@ def _child(model_type: str, queue: Any) -> None:
 
 
 def run(types: list[tuple[str, str]], timeout: float, log: Path | None = None) -> list[dict[str, Any]]:
-    from refusal_edit.arch import ARCHITECTURES
-
     import torch  # noqa: F401 - imported once here, shared by every forked child
     import transformers  # noqa: F401
-
-    import refusal_edit.cli  # noqa: F401
-    import refusal_edit.derive.build  # noqa: F401
-    import refusal_edit.derive.verify  # noqa: F401
-
     from transformers import AutoConfig
 
+    import refusal_edit.cli
+    import refusal_edit.derive.build
+    import refusal_edit.derive.verify  # noqa: F401
+    from refusal_edit.arch import ARCHITECTURES
     from refusal_edit.derive import derive_and_verify
 
     derive_and_verify(AutoConfig.for_model("llama"))  # warm: the lazy imports every type shares
@@ -232,13 +233,17 @@ def report(rows: list[dict[str, Any]]) -> str:
     ]
     if times:
         median = times[len(times) // 2]
-        lines.append(f"derive + verify (exact types): median {median:.1f} s, max {times[-1]:.1f} s, ≤ 10 s: "
-                     f"{sum(t <= 10 for t in times)}/{len(times)}")
+        lines.append(
+            f"derive + verify (exact types): median {median:.1f} s, max {times[-1]:.1f} s, ≤ 10 s: "
+            f"{sum(t <= 10 for t in times)}/{len(times)}"
+        )
     lines += ["", "| type | kind | table | status | derive+verify s | reason |", "|---|---|---|---|---|---|"]
     for r in rows:
         secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else ""
         reason = r["reason"].replace("|", "/").replace("\n", " ")[:160]
-        lines.append(f"| `{r['type']}` | {r['kind']} | {'yes' if r['table'] else ''} | {r['status']} | {secs} | {reason} |")
+        lines.append(
+            f"| `{r['type']}` | {r['kind']} | {'yes' if r['table'] else ''} | {r['status']} | {secs} | {reason} |"
+        )
     return "\n".join(lines)
 
 

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from refusal_edit.errors import RefusalEditError
-
 TensorKind = Literal["embedding", "linear", "conv1d", "bias", "experts", "experts_t", "experts_bias"]
 RESIDUAL_LAST: frozenset[str] = frozenset({"embedding", "conv1d", "experts_t", "experts_bias"})
 Site = Literal["embedding", "attn", "mlp"]
@@ -474,6 +472,8 @@ _SPECS = (
 ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _SPECS}
 # Specs derived from a model and verified this process (refusal_edit.derive), by model_type.
 DERIVED: dict[str, ArchSpec] = {}
+# The spec under verification answers before the table (refusal_edit.derive.verify), only while it is checked.
+VERIFYING: dict[str, ArchSpec] = {}
 # Test-only: every model type goes through the derivation, as if the table were empty.
 NO_TABLE_ENV = "REFUSAL_EDIT_NO_TABLE"
 
@@ -496,7 +496,8 @@ def _model_type(config: Any) -> str | None:
 def get_spec(model_type: str | None, config: Any = None) -> ArchSpec:
     """The spec for `model_type`: the table's entry, else one derived from the model and verified (from
     `config`, or the type's default config); a clear error when neither exists (never a partial edit)."""
-    spec = table().get(model_type or "") or DERIVED.get(model_type or "")
+    key = model_type or ""
+    spec = VERIFYING.get(key) or table().get(key) or DERIVED.get(key)
     if spec is not None:
         return spec
     from refusal_edit.derive import derived_spec

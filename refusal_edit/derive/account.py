@@ -54,14 +54,17 @@ def _depth(name: str) -> int:
     return name.count(".")
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
 def _distinct(calls: dict[str, Call], exclude: list[torch.Tensor]) -> list[Call]:
     """Candidates with an output in the hidden size; of several with the same output, the shallowest."""
     out: list[Call] = []
     for call in sorted(calls.values(), key=lambda c: (_depth(c.name), c.order)):
         if call.out is None or not torch.isfinite(call.out).all() or float(call.out.norm()) == 0:
             continue
-        same = lambda t: t.shape == call.out.shape and torch.allclose(t, call.out, rtol=1e-6, atol=1e-9)  # noqa: E731
-        if any(same(t) for t in exclude) or any(same(c.out) for c in out):
+        if any(_same(t, call.out) for t in [*exclude, *(c.out for c in out)]):
             continue
         out.append(call)
     return out

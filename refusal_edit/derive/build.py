@@ -25,8 +25,8 @@ from torch import nn
 
 from refusal_edit.arch import ArchSpec, Site, TensorKind, TensorRule, WriterSite
 from refusal_edit.derive.account import Term, account_layer, constant_coefficients, smallest_set
-from refusal_edit.derive.probe import Recording, record, run, token_ids
 from refusal_edit.derive.params import WriterParam, writer_params
+from refusal_edit.derive.probe import Recording, record, run, token_ids
 from refusal_edit.derive.scales import match_scale
 from refusal_edit.derive.shrink import EXPERTS, _signature, layer_list, tiny_model
 from refusal_edit.errors import RefusalEditError

@@ -105,7 +105,7 @@ def _keep_equal(original: dict[str, Any], d: dict[str, Any]) -> None:
         if key in _COUNTS or d.get(key) == value or not isinstance(value, int) or isinstance(value, bool):
             continue
         groups.setdefault(value, []).append(key)
-    for value, keys in groups.items():
+    for value in groups:
         same = [k for k, v in original.items() if v == value and k not in _COUNTS and k in _WIDTHS]
         if len(same) > 1:
             small = min(d[k] for k in same)
@@ -120,9 +120,9 @@ def _keep_products(original: dict[str, Any], d: dict[str, Any]) -> None:
     for a in changed:
         for b in ints:
             for c in ints:
-                if b <= c and a not in (b, c) and ints[a] == ints[b] * ints[c] and (b in changed or c in changed):
-                    if d[b] * d[c] <= ints[a]:
-                        d[a] = d[b] * d[c]
+                related = b <= c and a not in (b, c) and ints[a] == ints[b] * ints[c]
+                if related and (b in changed or c in changed) and d[b] * d[c] <= ints[a]:
+                    d[a] = d[b] * d[c]
 
 
 def _shrink_dict(d: dict[str, Any], heads: int) -> dict[str, Any]:
@@ -137,6 +137,8 @@ def _shrink_dict(d: dict[str, Any], heads: int) -> dict[str, Any]:
         if key.endswith("intermediate_size") or key in ("ffn_hidden_size", "n_inner", "ffn_dim", "d_ff"):
             small = MOE_FF if ("moe" in key or "expert" in key) else FF
             _lower(d, key, small)
+        if key.endswith(("_num_heads", "_head_dim")) and key not in _SIZES:  # linear attention, SSM mixers
+            _lower(d, key, HEADS if key.endswith("heads") else HEAD_DIM)
         if key.endswith(_TOKEN_KEYS):
             value = d[key]
             if isinstance(value, int) and value >= VOCAB:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from refusal_edit.anatomy import Writer, anatomy
-from refusal_edit.arch import DERIVED, ArchSpec
+from refusal_edit.arch import VERIFYING, ArchSpec
 from refusal_edit.edits.spec import ResolvedEdit, full_ablation
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.interventions import _projection_hook, edit_hooks
@@ -31,15 +31,15 @@ TOL = 1e-4
 @contextmanager
 def registered(spec: ArchSpec, model_type: str) -> Iterator[None]:
     """`spec` answers for `model_type` while the block runs (the tiny model's own type, e.g. a text twin)."""
-    old = DERIVED.get(model_type)
-    DERIVED[model_type] = spec if spec.model_type == model_type else spec.derive(model_type, text_model_type=None)
+    old = VERIFYING.get(model_type)
+    VERIFYING[model_type] = spec if spec.model_type == model_type else spec.derive(model_type, text_model_type=None)
     try:
         yield
     finally:
         if old is None:
-            DERIVED.pop(model_type, None)
+            VERIFYING.pop(model_type, None)
         else:
-            DERIVED[model_type] = old
+            VERIFYING[model_type] = old
 
 
 def _stream(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
