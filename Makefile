@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean archs archs-real
 
 # torch first, pinned to the CPU build that resolves locally; everything else from pyproject.toml.
 $(VENV)/.installed: pyproject.toml
@@ -55,6 +55,15 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Every causal-LM and image-text-to-text model type of the installed transformers: derived, verified, edited through
+# the CLI (bench/archs.py; ~300 types, one forked child each with a time limit). `make test` runs a sample.
+archs: setup
+	$(BIN)/python bench/archs.py --out runs/archs.json
+
+# The demo model, SmolLM2 and gemma-3-270m edited through the derived path give byte-identical checkpoints.
+archs-real: setup
+	REFUSAL_EDIT_DERIVE_REAL=1 $(BIN)/python -m pytest -q tests/test_derive_real.py
 
 # GGUF edits and control vectors checked in llama.cpp itself (pytest marker `llamacpp`). Not part of `make test`:
 # llama-cpp-python ships only an sdist whose C++ build takes minutes; the wheel is built once into WHEELS.

@@ -127,7 +127,8 @@ def account_layer(
         if found is None:
             raise RefusalEditError(
                 f"layer {layer}: no set of at most {MAX_TERMS} modules accounts for what the layer adds to "
-                "the residual stream"
+                "the residual stream (a norm after the residual add, as in post-LN encoders, or a writer whose "
+                "output is not a sum of module outputs)"
             )
         tops = sorted(found, key=lambda c: c.order)
     terms: list[Term] = []

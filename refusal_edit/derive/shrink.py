@@ -33,6 +33,7 @@ _SIZES = {
     "head_dim": HEAD_DIM,
     "attention_head_dim": HEAD_DIM,
     "kv_channels": HEAD_DIM,
+    "rotary_dim": HEAD_DIM,
     "global_head_dim": HEAD_DIM,
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
