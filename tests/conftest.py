@@ -80,3 +80,12 @@ def tiny_dir(tmp_path):
         return save(build(model_type, **overrides), tmp_path / name)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a shared machine (no OpenMP spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,15 +33,8 @@ from refusal_edit.errors import RefusalEditError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 TABLE = sorted(ARCHITECTURES)
+pytestmark = pytest.mark.usefixtures("one_thread")
 NAMED = ["gemma4", "qwen3_5", "qwen3_5_moe", "llama4", "glm4_moe_lite", "minimax_m2", "nemotron_h", "kimi_linear"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _plan(source, r):
@@ -143,3 +136,22 @@ def test_archs_says_other_decoder_lms_are_derived(cli):
 
 
 assert set(TABLE) == set(CONFIGS)
+
+
+def test_gemma4_moe_branches_and_per_layer_embeddings_get_their_own_norm_chains():
+    """Gemma 4 with MoE and per-layer inputs: `post_ff(n1(mlp) + n2(experts))` and the per-layer projection
+    through its own norm, each gain `w` (not 1 + w), measured on the norms themselves."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "gemma4_text", enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=64
+    )
+    spec, figures = derive_and_verify(config)
+    assert max(figures.values()) <= 1e-4 and spec.norm_offset == 0.0
+    mlp = spec.site("mlp")
+    assert mlp.norms("mlp") == ("post_feedforward_layernorm_1", "post_feedforward_layernorm")
+    assert mlp.norms("experts") == ("post_feedforward_layernorm_2", "post_feedforward_layernorm")
+    assert mlp.norms("per_layer_projection") == ("post_per_layer_input_norm",)
+    assert spec.site("attn").norms("self_attn") == ("post_attention_layernorm",)
+    kinds = {r.pattern.split(r"\d+)\.")[-1]: r.kind for r in spec.tensors}
+    assert kinds[r"experts\.down_proj"] == "experts" and spec.embed_scale.__name__ == "sqrt_hidden"

@@ -227,6 +227,9 @@ def _cut(config: Any, cls: type, max_layers: int) -> Any:
     d = config.to_dict()
     for key in _per_layer_keys(d, n):
         d[key] = d[key][:keep]
+    for key, value in d.items():  # per-layer overrides keyed by layer index (transformers' heterogeneity)
+        if isinstance(value, dict) and value and all(str(k).isdigit() and int(k) < n for k in value):
+            d[key] = {k: v for k, v in value.items() if int(k) < keep}
     d["num_hidden_layers"] = keep
     model_type = d.pop("model_type")
     from transformers import AutoConfig
