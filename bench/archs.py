@@ -11,7 +11,7 @@ for byte.
 Status: `exact` (all of it held), `refused` (the derivation said why, before touching weights: the
 product's answer for that type), `failed` (anything else: a wrong edit would show here; none may be silent).
 
-    python bench/archs.py [--types a,b,c | --sample] [--timeout 60] [--out docs/results/archs.json]
+    python bench/archs.py [--types a,b,c | --sample] [--timeout 90] [--out runs/archs.json] [--report FILE]
 """
 
 from __future__ import annotations
@@ -152,10 +152,10 @@ def one(model_type: str) -> dict[str, Any]:
                 return {**row, "status": "failed", "reason": "cli: " + text.strip().splitlines()[-1][:300]}
             r = r / r.norm()
             with torch.no_grad(), ablation(model, r):
-                reference = model(input_ids=ids).logits
+                reference = model(input_ids=ids, use_cache=False).logits
             edited = type(model).from_pretrained(out, dtype=torch.float32).eval()
             with torch.no_grad():
-                logits = edited(input_ids=ids).logits
+                logits = edited(input_ids=ids, use_cache=False).logits
             diff = float((logits - reference).abs().max()) / max(1.0, float(reference.abs().max()))
             row["diff"] = diff
             if diff > TOL:
@@ -222,14 +222,19 @@ def run(types: list[tuple[str, str]], timeout: float, log: Path | None = None) -
     return rows
 
 
+NOT_BUILT = ("tiny instance:", "cannot build", "no default config", "transformers has no model class")
+
+
 def report(rows: list[dict[str, Any]]) -> str:
     import transformers
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("exact", "refused", "failed")}
+    not_built = sum(r["status"] == "refused" and r["reason"].startswith(NOT_BUILT) for r in rows)
     times = sorted(r["seconds"] for r in rows if r["status"] == "exact" and r.get("seconds") is not None)
     lines = [
         f"transformers {transformers.__version__}: {len(rows)} model types: "
-        f"{counts['exact']} exact, {counts['refused']} refused, {counts['failed']} failed",
+        f"{counts['exact']} exact, {counts['refused']} refused ({not_built} of them because no tiny instance "
+        f"could be built from the default config), {counts['failed']} failed",
     ]
     if times:
         median = times[len(times) // 2]
@@ -252,8 +257,14 @@ def main() -> None:
     parser.add_argument("--types", help="comma-separated model types (default: all)")
     parser.add_argument("--sample", action="store_true", help="the CI sample: the named families and the table")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds per type")
-    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here (and as JSON lines while it runs)")
+    parser.add_argument("--report", type=Path, help="print the table of a saved run (its .json or .jsonl) and stop")
     args = parser.parse_args()
+    if args.report:
+        text = args.report.read_text()
+        rows = json.loads(text) if args.report.suffix == ".json" else [json.loads(x) for x in text.splitlines()]
+        print(report(rows))
+        return
     kinds = dict(all_types())
     if args.types:
         names = args.types.split(",")
