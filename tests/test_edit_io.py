@@ -207,7 +207,7 @@ def test_bfloat16_checkpoint_stays_bfloat16_and_matches_float32_edit(tmp_path, c
         ("truncated_shard", "truncated safetensors file"),
         ("garbage_shard", "corrupt safetensors file"),
         ("missing_shard", "missing shard"),
-        ("unsupported", "unsupported architecture 'bert'; supported model types: "),
+        ("unsupported", "unsupported architecture 'bert': layer 0"),
         ("exists", "output exists"),
         ("same_dir", "is the input"),
         ("quantized", "quantized checkpoints (gptq) cannot be edited"),
