@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -200,6 +201,27 @@ def _chunked_loader_class() -> type:
 
 
 READ_CHUNK = 8 << 20  # float32 bytes per chunk; the stored bytes go through one reused buffer of at most this
+MAPPED_MIN = 1 << 20  # tensors read for a run of at least this many bytes get pages of their own (`mapped_empty`)
+
+
+def mapped_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor in an anonymous memory map of its own, unmapped when the tensor is freed.
+
+    Why: an offloaded weight lives for one module call. Allocated by torch it comes from glibc's heap as soon
+    as glibc's dynamic mmap threshold has risen past its size (it rises to the largest block freed, up to 32
+    MiB: most weights of a layer in bfloat16), and a freed heap block goes back to the system only when
+    nothing live sits above it; each reloaded layer may then land on fresh pages and resident memory grows
+    with every layer read. Pages of its own are returned the moment the tensor is freed, whatever the heap
+    holds. Small tensors (norm gains, biases) stay on the heap.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < MAPPED_MIN:
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with warnings.catch_warnings():  # "non-writable buffer": the map is writable
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(region, dtype=dtype, count=math.prod(shape))
+    return flat.view(shape)  # the storage keeps `region` alive; freeing the last view unmaps it
 
 
 def read_tensor(path: str | os.PathLike[str], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -208,12 +230,13 @@ def read_tensor(path: str | os.PathLike[str], name: str, dtype: torch.dtype | No
     The chunks land in one buffer kept for the process: a fresh buffer per chunk (tens of MB, under glibc's
     dynamic mmap threshold) left the freed memory on the heap, and resident memory grew with every layer
     read (measured: 2.52 GiB vs 2.24 with accelerate's loader on a 28-layer model, before this buffer).
+    The tensor itself gets pages of its own (`mapped_empty`), returned to the system when it is freed.
     """
     from refusal_edit.checkpoint.safetensors_io import DTYPES, TensorReader, chunk_rows
 
     header = _header(str(path))
     info = header.tensors[name]
-    out = torch.empty(info.shape, dtype=dtype or DTYPES[info.dtype])
+    out = mapped_empty(tuple(info.shape), dtype or DTYPES[info.dtype])
     with _BUFFER_LOCK, TensorReader(header) as reader:
         if not info.shape:
             return reader.tensor(info).to(out.dtype)
@@ -241,12 +264,17 @@ def _header(path: str) -> Any:
 
 
 def _read_dat(path: str, info: dict[str, Any]) -> torch.Tensor:
-    """accelerate's `.dat` format (raw bytes; bfloat16 stored as int16, float8 as int8), read without a map."""
-    name = info["dtype"]
-    stored = "int16" if name == "bfloat16" else "int8" if name.startswith("float8_") else name
+    """accelerate's `.dat` format (raw bytes; bfloat16 stored as int16, float8 as int8), read without a map
+    of the file, into pages of its own (`mapped_empty`)."""
+    dtype = getattr(torch, info["dtype"])
     shape = tuple(info["shape"]) or (1,)
-    array = np.fromfile(path, dtype=stored, count=math.prod(shape)).reshape(shape)
-    tensor = torch.from_numpy(array)
-    if stored != name:
-        tensor = tensor.view(getattr(torch, name))
-    return tensor if info["shape"] else tensor[0]
+    out = mapped_empty(shape, dtype)
+    view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+    with open(path, "rb", buffering=0) as fh:
+        got = 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise OSError(f"unexpected end of file reading {path}")
+            got += n
+    return out if info["shape"] else out[0]

@@ -228,11 +228,12 @@ def load_model(
         raise RefusalEditError("`max_memory` and `offload_dir` apply to `device` auto")
     limits = placement.parse_max_memory(max_memory)
     kwargs: dict[str, Any] = {"use_safetensors": True}
+    unread: frozenset[str] = frozenset()  # offloaded parameters the loader need not read (`read_without_mmap`)
     if dev == "auto":
         if dtype not in LOAD_DTYPES:
             raise RefusalEditError(f"unknown `dtype` {dtype!r} ({', '.join(LOAD_DTYPES)})")
         plan = placement.plan_auto(src.hf_dir, config, dtype, limits, Path(offload_dir) if offload_dir else None)
-        torch_dtype, why = plan.dtype, "; ".join(plan.notes)
+        torch_dtype, why, unread = plan.dtype, "\n".join(plan.notes), plan.on_disk
         if plan.device_map is not None:
             kwargs["device_map"] = plan.device_map
         if plan.offload_dir is not None:
@@ -242,14 +243,14 @@ def load_model(
         torch_dtype, why = _torch_dtype(dtype, dev, config, src.hf_dir)
         if dev == "cuda":
             kwargs["device_map"] = "cuda"
-    if why:
-        err.print(f"[yellow]note:[/yellow] {why}", soft_wrap=True)
+    for line in why.splitlines():
+        err.print(f"[yellow]note:[/yellow] {line}", soft_wrap=True)
     chatter = logging.getLogger("accelerate.big_modeling")  # "offloaded to the disk": the placement line says it
     level = chatter.level
     chatter.setLevel(logging.ERROR)
     to_disk = "disk" in (kwargs.get("device_map") or {}).values() if dev == "auto" else False
     try:
-        with placement.read_without_mmap(to_disk):
+        with placement.read_without_mmap(to_disk, unread, torch_dtype):
             model = stock_model_class(config).from_pretrained(str(src.hf_dir), dtype=torch_dtype, **kwargs)
     except Exception as exc:
         if "offload_folder" in kwargs:

@@ -107,6 +107,7 @@ class Plan:
     offload_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)  # bytes per device, at `dtype`
+    on_disk: frozenset[str] = frozenset()  # parameters read from the checkpoint's own files when they run
 
 
 def _empty_model(hf_dir: Path, dtype: Any):
@@ -182,6 +183,36 @@ def _free_disk(folder: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+def over_budget(model: Any, device_map: dict[str, Any], budget: int, dtype: Any) -> str:
+    """A note when the CPU budget for weights cannot be kept: the weights placed on the CPU plus the largest
+    module read from disk while it runs (accelerate loads an offloaded module's own weights whole for its
+    call, then drops them) exceed `budget` bytes; "" when it can (or nothing runs from disk)."""
+    from transformers.integrations.accelerate import expand_device_map
+
+    sizes: dict[str, int] = {}
+    resident = 0
+    named = dict(model.named_parameters())
+    placed = expand_device_map(device_map, list(named))
+    for name, param in named.items():
+        nbytes = param.numel() * param.element_size()  # the empty model is built in the load dtype
+        if placed[name] == "disk":
+            owner = name.rpartition(".")[0]
+            sizes[owner] = sizes.get(owner, 0) + nbytes
+        elif placed[name] == "cpu":
+            resident += nbytes
+    if not sizes:
+        return ""
+    owner, largest = max(sizes.items(), key=lambda kv: kv[1])
+    if resident + largest <= budget:
+        return ""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return (
+        f"memory budget: {owner} ({gib(largest)} in {dtype_name}) is read from disk whole while it runs"
+        + (f", beside {gib(resident)} of weights kept on the CPU" if resident else "")
+        + f": weights will take up to {gib(resident + largest)}, more than the {gib(budget)} allowed"
+    )
+
+
 def plan_auto(
     hf_dir: Path,
     config: dict[str, Any],
@@ -212,8 +243,16 @@ def plan_auto(
         key = f"cuda:{device}" if isinstance(device, int) else str(device)
         per_device[key] = per_device.get(key, 0) + int(sizes.get(name, 0))
     plan = Plan(torch_dtype, device_map, notes=[why] if why else [], sizes=per_device)
+    over = over_budget(empty, device_map, budget.get("cpu", 0), torch_dtype)
+    if over:
+        plan.notes.append(over)
     on_disk = per_device.get("disk", 0)
-    if on_disk and _needs_copy(empty):  # else the offloaded weights are read from the checkpoint's files
+    if on_disk and not _needs_copy(empty):
+        from transformers.integrations.accelerate import expand_device_map
+
+        names = [n for n, _ in empty.named_parameters()]
+        plan.on_disk = frozenset(n for n, d in expand_device_map(device_map, names).items() if d == "disk")
+    elif on_disk:  # transformers rewrites offloaded weights to the offload folder: check its room
         root = Path(offload_dir).expanduser() if offload_dir is not None else default_offload_root()
         free = _free_disk(root)
         if free < on_disk:
@@ -228,16 +267,26 @@ def plan_auto(
 
 
 @contextmanager
-def read_without_mmap(active: bool = True) -> Iterator[None]:
+def read_without_mmap(active: bool = True, unread: frozenset[str] = frozenset(), dtype: Any = None) -> Iterator[None]:
     """While transformers loads a model with disk-offloaded weights, read its safetensors files with `pread`
-    instead of a memory map.
+    instead of a memory map, each tensor straight into one tensor of its own.
 
     Why: transformers' loader reads every tensor, the offloaded ones included (it drops those right after),
     through memory maps of the checkpoint files that stay open until loading ends, so every page of the
     checkpoint counts in the process's resident memory at once: a 3 GB model offloaded to disk peaked at
-    3.4 GiB RSS while loading, then ran within about 1-2 GiB. With `pread` each tensor is read into memory
-    of its own and freed when dropped. transformers has no option for it (it picks `pread` on MPS and Windows
-    only), so its module's `safe_open` is wrapped for the duration of the load. A no-op when not `active`.
+    3.4 GiB RSS while loading, then ran within about 1-2 GiB. safetensors' own `pread` backend reads a tensor
+    into a buffer and then copies it, two copies of the largest tensor at once (2.1 GiB peak loading a 2.7 GB
+    checkpoint whose embeddings and head are 0.6 GB each). Here a whole-tensor read goes through
+    `offload.read_tensor` (one tensor, in pages freed as soon as it is dropped, plus one reused chunk); any
+    other access goes to safetensors' `pread` backend. transformers has no option for it (it picks `pread` on
+    MPS and Windows only), so its module's `safe_open` is wrapped for the duration of the load. A no-op when
+    not `active`.
+
+    Parameters in `unread` (`Plan.on_disk`: offloaded and read in place from the checkpoint when they run,
+    which transformers' offload index records from the files, not from the values) are not read at all: the
+    loader gets a placeholder of their shape in `dtype` that costs no memory, and drops it. transformers
+    holds the tensor it loaded last while it reads the next, so reading them cost two of the largest at once
+    (the 0.6 GB head, then the 0.6 GB embeddings) and a second pass over the whole checkpoint.
     """
     import transformers.modeling_utils as loader
 
@@ -249,6 +298,8 @@ def read_without_mmap(active: bool = True) -> Iterator[None]:
     def pread_open(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("backend", "mmap") == "mmap" and kwargs.get("device", "cpu") == "cpu":
             kwargs["backend"] = "pread"
+            path = kwargs.get("filename", args[0] if args else None)
+            return _PreadFile(original(*args, **kwargs), str(path), unread, dtype)
         return original(*args, **kwargs)
 
     loader.safe_open = pread_open
@@ -256,6 +307,55 @@ def read_without_mmap(active: bool = True) -> Iterator[None]:
         yield
     finally:
         loader.safe_open = original
+
+
+WHOLE = (Ellipsis, slice(None), (Ellipsis,), (slice(None),))  # indices that read a tensor whole
+
+
+class _PreadFile:
+    """A safetensors file opened with `pread` whose whole-tensor reads go through `offload.read_tensor`."""
+
+    def __init__(self, handle: Any, path: str, unread: frozenset[str], dtype: Any) -> None:
+        self._handle, self._path, self._unread, self._dtype = handle, path, unread, dtype
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    def __enter__(self) -> _PreadFile:
+        self._handle.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._handle.__exit__(*exc)
+
+    def get_tensor(self, name: str) -> Any:
+        from refusal_edit.offload import read_tensor
+
+        return read_tensor(self._path, name)
+
+    def get_slice(self, name: str) -> _PreadSlice:
+        dtype = self._dtype if name in self._unread else None
+        return _PreadSlice(self._handle.get_slice(name), self._path, name, dtype)
+
+
+class _PreadSlice:
+    def __init__(self, handle: Any, path: str, name: str, placeholder: Any = None) -> None:
+        self._handle, self._path, self._name, self._placeholder = handle, path, name, placeholder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    def __getitem__(self, index: Any) -> Any:
+        if any(index is w or (type(index) is type(w) and index == w) for w in WHOLE):
+            from refusal_edit.offload import read_tensor
+
+            if self._placeholder is not None:  # one element, broadcast: the shape without the bytes
+                import torch
+
+                return torch.zeros((), dtype=self._placeholder).expand(*self._handle.get_shape())
+
+            return read_tensor(self._path, self._name)
+        return self._handle[index]
 
 
 def default_offload_root() -> Path:
