@@ -221,6 +221,102 @@ def test_a_rewritten_offload_goes_to_its_own_folder_removed_with_the_model(env, 
     assert not folder.exists() and root.exists()
 
 
+def test_a_module_larger_than_the_budget_is_said_before_any_weight_is_read(env):
+    plan = placement_module.plan_auto(env["base"], {}, "float32", parse_max_memory(ALL_DISK), None)
+    assert plan.dtype == torch.float32 and set(plan.device_map.values()) == {"disk"}
+    (note,) = plan.notes
+    assert note.startswith("memory budget: ") and "is read from disk whole while it runs" in note
+    assert note.endswith("more than the 1000 B allowed")
+    assert not placement_module.plan_auto(env["base"], {}, "float32", parse_max_memory(SPLIT), None).notes
+
+
+def test_loading_reads_no_weight_that_runs_from_disk(env, monkeypatch):
+    """transformers reads every tensor while loading and drops the offloaded ones; those read in place from
+    the checkpoint when they run are not read at all (it held two of the largest at once: 2.1 GiB peak loading
+    a 2.7 GB checkpoint), the others once, straight into their tensor."""
+    import refusal_edit.offload as offload
+
+    read: list[str] = []
+    real = offload.read_tensor
+    monkeypatch.setattr(
+        offload, "read_tensor", lambda path, name, dtype=None: read.append(name) or real(path, name, dtype)
+    )
+    load_model(str(env["base"]), dtype="float32", device="auto", max_memory=ALL_DISK)
+    assert read == []
+    split = load_model(str(env["base"]), dtype="float32", device="auto", max_memory=SPLIT)
+    on_cpu = {n for n, p in split.model.named_parameters() if p.device.type == "cpu"}
+    assert on_cpu and set(read) == on_cpu
+
+
+RSS_PROBE = """
+import json, sys, threading, time
+from refusal_edit.activations import mean_activations
+from refusal_edit.forward import PromptBatch
+from refusal_edit.loading import load_model
+from refusal_edit.prompts import builtin, chat_format
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key + ":"))
+
+lm = load_model(sys.argv[1], dtype=sys.argv[2], device="auto", max_memory="cpu=1KB")
+texts = chat_format(lm.tokenizer).format_all([t[:16] for t in builtin("harmful").instructions[:4]])
+batch = PromptBatch(lm.tokenizer, texts, batch_size=4)
+before, peak, done = status("VmRSS"), [0], threading.Event()
+try:  # the kernel's own peak, reset here
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    thread = None
+except OSError:  # no clear_refs: sample instead
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], status("VmRSS"))
+            time.sleep(0.01)
+    thread = threading.Thread(target=sample)
+    thread.start()
+mean_activations(lm.model, batch, 2, lambda logits: logits[:, 0], lambda s: s == s)
+done.set()
+if thread is None:
+    peak[0] = status("VmHWM")
+else:
+    thread.join()
+print(json.dumps({"before": before, "peak": peak[0], "after": status("VmRSS"), "placement": lm.placement}))
+"""
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """A llama of 24 layers of 13 MiB in float32 (6.6 in bfloat16): a pass that kept every layer it read would
+    hold 24 of them."""
+    model = tiny.build(
+        "llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8, head_dim=64
+    )
+    return tiny.save(model, tmp_path_factory.mktemp("wide") / "model")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_an_offloaded_pass_holds_one_layer_at_a_time(wide, dtype):
+    """Resident memory during an activations pass of a model all on disk grows by at most about one layer's
+    weights (accelerate loads one module's weights for its call), in every dtype. Measured in a fresh process:
+    the kernel's peak RSS over the pass (VmHWM, reset before it) against the RSS before it."""
+    import subprocess
+    import sys
+
+    config = json.loads((wide / "config.json").read_text())
+    hidden, inter, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"]
+    width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    layer = width * (2 * hidden * hidden + 2 * hidden * kv * config["head_dim"] + 3 * hidden * inter)
+    res = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(wide), dtype], capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["placement"] == "layers 0-23 disk (embeddings disk, head disk)"
+    growth = got["peak"] - got["before"]
+    assert growth <= 2 * layer + 24 * 2**20, f"{growth / 2**20:.0f} MiB over a layer of {layer / 2**20:.1f} MiB"
+    assert got["after"] - got["before"] <= layer + 16 * 2**20  # and nothing read stays after the pass
+
+
 # ---------------------------------------------------------------- the same numbers
 
 
