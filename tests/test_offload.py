@@ -298,7 +298,8 @@ def wide(tmp_path_factory) -> Path:
 def test_an_offloaded_pass_holds_one_layer_at_a_time(wide, dtype):
     """Resident memory during an activations pass of a model all on disk grows by at most about one layer's
     weights (accelerate loads one module's weights for its call), in every dtype. Measured in a fresh process:
-    the kernel's peak RSS over the pass (VmHWM, reset before it) against the RSS before it."""
+    the kernel's peak RSS over the pass (VmHWM, reset before it) and the RSS after it, against the RSS before
+    it. A pass that kept what it read would hold all 24 layers (145 MiB in bfloat16, 289 in float32)."""
     import subprocess
     import sys
 
@@ -312,9 +313,10 @@ def test_an_offloaded_pass_holds_one_layer_at_a_time(wide, dtype):
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["placement"] == "layers 0-23 disk (embeddings disk, head disk)"
-    growth = got["peak"] - got["before"]
-    assert growth <= 2 * layer + 24 * 2**20, f"{growth / 2**20:.0f} MiB over a layer of {layer / 2**20:.1f} MiB"
-    assert got["after"] - got["before"] <= layer + 16 * 2**20  # and nothing read stays after the pass
+    bound = 2 * layer + 32 * 2**20  # the module in flight, its output, and the runtime's own first-use growth
+    for when in ("peak", "after"):  # during the pass, and what stays after it
+        growth = got[when] - got["before"]
+        assert growth <= bound, f"{when}: +{growth / 2**20:.0f} MiB with layers of {layer / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------- the same numbers
