@@ -202,7 +202,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
     state: dict[str, tuple] = {".": ("dir", root.stat().st_mtime_ns)}
     for p in sorted(root.rglob("*")):
         st = p.lstat()
-        data = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else None
+        small = p.is_file() and not p.is_symlink() and st.st_size < 1 << 26  # big (sparse) files: size and mtime
+        data = hashlib.sha256(p.read_bytes()).hexdigest() if small else None
         state[p.relative_to(root).as_posix()] = (st.st_mode, st.st_size, st.st_mtime_ns, data)
     return state
 
@@ -262,8 +263,7 @@ def add_hostile(folder: Path) -> list[str]:
 def test_push_uploads_exactly_the_model_files_privately(folder, hub, cli, monkeypatch):
     expected = model_files(folder)
     (folder / "extra").mkdir()
-    (folder / "extra" / "notes.txt").write_text("kept: user content in a subfolder goes up\n")
-    expected["extra/notes.txt"] = (folder / "extra" / "notes.txt").read_bytes()
+    (folder / "extra" / "notes.txt").write_text("user content in a subfolder: not a model file\n")
     add_strays(folder)
     before = snapshot(folder)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -282,6 +282,9 @@ def test_push_uploads_exactly_the_model_files_privately(folder, hub, cli, monkey
     assert meta["base_model"] == "org/base" and {"refusal-edit", "abliterated"} <= set(meta["tags"])
     text = flat(result.text)
     assert "skipped pytorch_model.bin" in text and "private, new repo" in text
+    assert "skipped extra/notes.txt: not a model file (publish it on purpose with --include PATTERN)" in text
+    size = sum(len(b) for b in expected.values())
+    assert f"uploading {len(expected)} files ({size / 1e3:.2f} KB;" in text  # said before the upload
     assert snapshot(folder) == before
 
 
@@ -291,7 +294,7 @@ def test_hostile_files_are_never_listed(folder, hub, cli):
     with zipfile.ZipFile(folder / "ok.zip", "w") as zf:
         zf.writestr("readme.txt", "plain text")
     before = snapshot(folder)
-    plan = check_folder(folder)
+    plan = check_folder(folder, include=("*",))  # even asked for by name, none goes up
     skipped = dict(plan.skipped)
     assert set(hostile) <= set(skipped), set(hostile) - set(skipped)
     assert not set(hostile) & set(plan.names())
@@ -299,9 +302,9 @@ def test_hostile_files_are_never_listed(folder, hub, cli):
     assert "symbolic link" in skipped["passwd"] and "pickled data" in skipped["weights.bin.bak"]
     assert "zip archive holding pickled data" in skipped["optimizer.pth.tar"]
 
-    result = cli("push", folder, "--repo", "alice/tiny", "--token", TOKEN)
+    result = cli("push", folder, "--repo", "alice/tiny", "--token", TOKEN, "--include", "*")
     assert result.code == 0, result.text
-    assert not set(hostile) & set(hub.commits[0].files)
+    assert not set(hostile) & set(hub.commits[0].files) and "ok.zip" in hub.commits[0].files
     assert snapshot(folder) == before
 
 
@@ -699,3 +702,200 @@ def test_push_uses_only_the_public_client():
     hub_names = {n for n in imported if n.startswith("huggingface_hub")}
     assert hub_names and not [n for n in hub_names if any(p.startswith("_") for p in n.split("."))]
     assert not {n.split(".")[0] for n in imported} & {"requests", "httpx", "urllib3", "urllib", "http", "aiohttp"}
+
+
+# ----------------------------------------------------------------------------------------------- allow list + secrets
+
+# Secret-shaped values, assembled at run time so that no scanner takes this file for a leak.
+HF_SECRET = "hf_" + "Qx7Lm2Pw" * 4 + "Zk"
+SECRETS = {
+    "hf": (f"HF_TOKEN={HF_SECRET}\n", "a Hugging Face token"),
+    "ssh": ("-----BEGIN OPENSSH " + "PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n", "a private key"),
+    "rsa": ("-----BEGIN RSA " + "PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\n", "a private key"),
+    "aws": ("[default]\naws_access_key_id = " + "AKIA" + "IOSFODNN7EXAMPLE\n", "an AWS access key id"),
+    "aws-secret": ("aws_secret_access_key=" + "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY\n", "an AWS secret"),
+    "gcp": ('{"type": "service_account", "project_id": "p"}', "a Google Cloud service-account key"),
+    "github": ("token: " + "ghp_" + "a1B2c3D4e5" * 3 + "F6g7H8\n", "a GitHub token"),
+    "openai": ("key = 'sk-" + "proj-" + "Ab1Cd2Ef3Gh4" * 4 + "'\n", "an OpenAI or Anthropic API key"),
+}
+
+
+def test_only_what_a_model_repository_holds_goes_up(folder, hub, cli, monkeypatch):
+    """The issue's folder: a private key, a token file, cloud credentials and a 6.4 GB data file beside the
+    model. None goes up, each is listed with its reason, and no skipped file is even opened."""
+    from refusal_edit.hub import plan as plan_module
+    from refusal_edit.hub import secrets
+
+    opened = []
+
+    def watched(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return open(path, *args, **kwargs)
+
+    for module in (plan_module, secrets):
+        monkeypatch.setattr(module, "open", watched, raising=False)
+    (folder / "id_ed25519").write_text(SECRETS["ssh"][0])
+    (folder / "token.txt").write_text(SECRETS["hf"][0])
+    (folder / "credentials").write_text(SECRETS["aws"][0])
+    with open(folder / "activations.jsonl", "wb") as fh:
+        fh.truncate(6_400_000_000)
+    (folder / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))  # not this checkpoint's weights
+    (folder / "runs").mkdir()
+    (folder / "runs" / "extract.log").write_text("log\n")
+    for name, text in (
+        ("generation_config.json", '{"max_new_tokens": 8}'),
+        ("chat_template.jinja", "{{ messages }}"),
+        ("LICENSE", "Apache-2.0\n"),
+        ("special_tokens_map.json", "{}"),
+    ):
+        (folder / name).write_text(text)
+    (folder / "assets").mkdir()
+    (folder / "assets" / "plot.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    (folder / "assets" / "other.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card + "\n![the sweep](./assets/plot.png)\n![remote](https://x.test/a.png)\n")
+    before = snapshot(folder)
+
+    result = cli("push", folder, "--repo", "alice/tiny", "--dry-run")
+
+    assert result.code == 0, result.text
+    plan = check_folder(folder)
+    assert set(plan.names()) == {
+        "README.md", "config.json", "model.safetensors", RECORD, "tokenizer.json", "tokenizer_config.json",
+        "generation_config.json", "chat_template.jinja", "LICENSE", "special_tokens_map.json", "assets/plot.png",
+    }  # fmt: skip
+    skipped = dict(plan.skipped)
+    for name in ("id_ed25519", "token.txt", "credentials", "activations.jsonl", "model.gguf", "runs/extract.log"):
+        assert skipped[name] == "not a model file (publish it on purpose with `include` PATTERN)", name
+    assert "assets/other.png" in skipped  # an image the card does not show
+    assert {"token.txt", "id_ed25519", "credentials", "activations.jsonl", "other.png"}.isdisjoint(opened)
+    assert {"tokenizer.json", "plot.png"} <= set(opened)  # what goes up is scanned
+    text = flat(result.text)
+    assert f"would push 11 files ({plan.total_bytes / 1e3:.2f} KB)" in text and "GB" not in text
+    assert "skipped token.txt: not a model file (publish it on purpose with --include PATTERN)" in text
+    assert HF_SECRET not in result.text and snapshot(folder) == before
+
+
+def test_include_adds_files_on_purpose_but_never_a_secret(folder, hub, cli):
+    (folder / "eval").mkdir()
+    (folder / "eval" / "report.json").write_text('{"refusal_rate": 0.1}')
+    (folder / "notes.txt").write_text("how it was made\n")
+    (folder / "token.txt").write_text("line one\n" + SECRETS["hf"][0])
+    before = snapshot(folder)
+
+    ok = cli("push", folder, "--repo", "alice/tiny", "--token", TOKEN, "--include", "eval", "--include", "*.txt")
+    assert ok.code == 1 and hub.calls == []  # *.txt names token.txt too: refused, nothing contacted
+    assert "token.txt holds what looks like a Hugging Face token (line 2): nothing was pushed" in flat(ok.text)
+    assert HF_SECRET not in ok.text
+
+    (folder / "token.txt").unlink()
+    ok = cli("push", folder, "--repo", "alice/tiny", "--token", TOKEN, "--include", "eval", "--include", "*.txt")
+    assert ok.code == 0, ok.text
+    assert {"eval/report.json", "notes.txt"} <= set(hub.commits[0].files)
+    before.pop("token.txt")
+    assert snapshot(folder) == before | {".": snapshot(folder)["."]}
+
+
+WHERE = ["README.md", "config.json", "chat_template.jinja", "LICENSE.txt", "assets/a.png"]
+
+
+@pytest.mark.parametrize(("secret", "where"), [(s, WHERE[i % len(WHERE)]) for i, s in enumerate(sorted(SECRETS))])
+def test_a_secret_in_any_file_that_would_go_up_refuses_the_push(folder, hub, cli, secret, where):
+    content, what = SECRETS[secret]
+    path = folder / where
+    path.parent.mkdir(exist_ok=True)
+    if where == "README.md":
+        path.write_text(path.read_text() + "\n![plot](assets/a.png)\n\nSetup:\n\n    " + content)
+    elif where == "config.json":
+        config = json.loads(path.read_text()) | {"_comment": content}
+        path.write_text(json.dumps(config, indent=2))
+    elif where == "assets/a.png":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40) + b"tEXtComment\0" + content.encode() + bytes(8))
+        (folder / "README.md").write_text((folder / "README.md").read_text() + "\n<img src='assets/a.png'>\n")
+    else:
+        path.write_text("text\n" + content)
+    before = snapshot(folder)
+
+    result = cli("push", folder, "--repo", "alice/tiny", "--token", TOKEN)
+
+    assert result.code == 1 and hub.calls == []
+    assert f"{where} holds what looks like {what}" in flat(result.text) and "Traceback" not in result.text
+    assert content.strip().splitlines()[-1] not in result.text  # the secret itself is never printed
+    assert snapshot(folder) == before
+
+
+def test_a_secret_in_the_weights_metadata_refuses_the_push(folder, hub, cli):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt", "pushed_with": HF_SECRET})
+    result = cli("push", folder, "--repo", "alice/tiny", "--dry-run")
+    assert result.code == 1 and "model.safetensors holds what looks like a Hugging Face token" in flat(result.text)
+    assert HF_SECRET not in result.text
+
+
+def test_secret_scan_streams_and_finds_a_secret_across_blocks(tmp_path):
+    from refusal_edit.hub import secrets
+
+    big = tmp_path / "data.txt"
+    lines = b"x" * 99 + b"\n"
+    block_lines = secrets.BLOCK // len(lines)
+    head = lines * block_lines + b" " * (secrets.BLOCK % len(lines) - 10)  # the token starts 10 bytes before
+    big.write_bytes(head + HF_SECRET.encode() + b"\n" + lines * 10)
+    assert secrets.scan_file(big) == ("a Hugging Face token", block_lines + 1)
+    clean = tmp_path / "clean.txt"
+    clean.write_bytes(lines * (3 * block_lines))
+    assert secrets.scan_file(clean) is None
+    # look-alikes that are not secrets: too short, part of a longer word, a placeholder
+    for text in ("hf_short", "xhf_" + "a" * 34, "AKIA-EXAMPLE", "sk-your-key-here", "BEGIN PUBLIC KEY"):
+        assert secrets.find_secret(text.encode()) is None, text
+
+
+def test_tokenizers_and_configs_do_not_look_like_secrets(folder):
+    """What every model folder holds scans clean: a real vocabulary's tokens are not token-shaped."""
+    from refusal_edit.hub.secrets import scan_file
+
+    for p in sorted(folder.iterdir()):
+        assert scan_file(p) is None, p.name
+
+
+def test_base_model_at_push_time(folder, hub, cli):
+    record = EditRecord.load(folder)
+    record.base_model = None
+    record.save(folder, card=False)
+    (folder / "README.md").unlink()
+    before = snapshot(folder)
+
+    refused = cli("push", folder, "--repo", "alice/tiny", "--dry-run")
+    assert refused.code == 1
+    assert "pass --base-model ORG/NAME (the Hub id the edit descends from)" in flat(refused.text)
+
+    bad = cli("push", folder, "--repo", "alice/tiny", "--dry-run", "--base-model", "/home/me/base")
+    assert bad.code == 1 and "--base-model '/home/me/base' is not a Hub model id" in flat(bad.text)
+
+    ok = cli("push", folder, "--repo", "alice/tiny", "--token", TOKEN, "--base-model", "org/base")
+    assert ok.code == 0, ok.text
+    files = hub.commits[0].files
+    assert front_matter(files["README.md"])["base_model"] == "org/base"
+    assert json.loads(files[RECORD])["base_model"] == "org/base"  # record and card agree, made in memory
+    assert snapshot(folder) == before
+
+
+def test_gguf_metadata_is_scanned_and_its_tensor_data_is_not(tmp_path):
+    from gguf import GGUFWriter
+
+    from refusal_edit.hub.secrets import scan_file
+
+    def write(path: Path, comment: str, data: bytes) -> Path:
+        w = GGUFWriter(str(path), "llama")
+        w.add_string("general.comment", comment)
+        w.add_array("tokenizer.ggml.tokens", ["a", "b", "hf_short"])
+        w.add_tensor("t", np.frombuffer(data.ljust(64, b" "), dtype=np.int8).copy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    assert scan_file(write(tmp_path / "a.gguf", f"token {HF_SECRET}", b"")) == ("a Hugging Face token", 1)
+    assert scan_file(write(tmp_path / "b.gguf", "clean", f" {HF_SECRET} ".encode())) is None  # weights' bytes

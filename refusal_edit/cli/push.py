@@ -9,8 +9,8 @@ from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 
-from refusal_edit.cli.app import app, examples, quiet_libraries
-from refusal_edit.cli.options import OUTPUT, optional, switch
+from refusal_edit.cli.app import app, examples, flag_names, in_flags, quiet_libraries
+from refusal_edit.cli.options import INPUT, OUTPUT, optional, switch
 from refusal_edit.console import err, out, show
 
 
@@ -46,13 +46,29 @@ def push(
         panel=OUTPUT,
     ),
     dry_run: bool = switch("--dry-run", "Show the files and model card; contact nothing.", panel=OUTPUT),
+    include: list[str] | None = typer.Option(
+        None,
+        "--include",
+        help="Also publish the files this glob names (repeatable; `*` crosses folders), e.g. --include 'eval/*'. "
+        "Only what a model repository holds goes up otherwise; files holding a secret never do.",
+        metavar="PATTERN",
+        rich_help_panel=INPUT,
+    ),
+    base_model: str | None = typer.Option(
+        None,
+        "--base-model",
+        help="Hub id (ORG/NAME) of the base model, for a card and record that do not name it.",
+        show_default="the edit record's",
+        metavar="ORG/NAME",
+        rich_help_panel=OUTPUT,
+    ),
 ) -> None:
     """Upload a complete edited checkpoint with a validated model card, as one commit (private by default)."""
     quiet_libraries()
     from refusal_edit.hub import check_folder, check_revision, push_folder
 
     check_revision(revision)
-    plan = check_folder(folder)
+    plan = check_folder(folder, tuple(include or ()), base_model)
     out.print(f"{'would push' if dry_run else 'pushing'} {escape(str(folder))}:", soft_wrap=True)
     table = Table()
     table.add_column("file")
@@ -61,14 +77,21 @@ def push(
         table.add_row(escape(f.path_in_repo) + (" [dim](generated)[/dim]" if f.generated else ""), _size(f.size))
     table.add_row(f"[bold]{len(plan.files)} files[/bold]", f"[bold]{_size(plan.total_bytes)}[/bold]")
     show(table)
+    names = flag_names(["push"])
     for name, why in plan.skipped:
         style = "dim" if why in ("hidden", "OS metadata", "cache or version-control directory") else "yellow"
-        err.print(f"[{style}]skipped {escape(name)}: {escape(why)}[/{style}]", soft_wrap=True)
+        err.print(f"[{style}]skipped {escape(name)}: {escape(in_flags(why, names))}[/{style}]", soft_wrap=True)
     if dry_run:
         out.print(Rule(f"README.md{' (generated from refusal_edit.json)' if plan.card_generated else ''}"))
         out.print(plan.card, markup=False, highlight=False, soft_wrap=True)
         out.print(Rule())
 
+    if not dry_run:
+        err.print(
+            f"uploading {len(plan.files)} files ({_size(plan.total_bytes)}; {len(plan.skipped)} skipped, "
+            "files the repo already has are not sent again)",
+            soft_wrap=True,
+        )
     result = push_folder(
         folder,
         repo,

@@ -2,17 +2,19 @@
 
 The folder must be a complete model (config, weights with their index, tokenizer, a valid edit record)
 and its card must carry the metadata the Hub indexes; a missing card is rendered from the record and
-kept in memory (the user's folder is never written to). Only regular files inside the folder go up.
-Symbolic links are skipped whatever they point to (a link to /etc/shadow must never be uploaded), and
-so are caches, unfinished output, OS junk, hidden files, unedited weights in other formats, and anything
-holding pickled data. Pickles are found by content, not by name: they run code when loaded and can
-carry any suffix (`.pkl`, `.pth.tar`, `.bin.bak`), inside a zip (torch.save), a numpy object array or a
-compressed stream.
+kept in memory (the user's folder is never written to). Only what a model repository holds goes up (the
+allow list, `hub.allow`), and only if no file holds a secret (`hub.secrets`). Whatever an include pattern
+says, only regular files inside the folder go up: symbolic links are skipped whatever they point to (a
+link to /etc/shadow must never be uploaded), and so are caches, unfinished output, OS junk, hidden files,
+unedited weights in other formats, and anything holding pickled data. Pickles are found by content, not
+by name: they run code when loaded and can carry any suffix (`.pkl`, `.pth.tar`, `.bin.bak`), inside a
+zip (torch.save), a numpy object array or a compressed stream.
 """
 
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -21,6 +23,7 @@ import os
 import pickletools
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,8 +31,10 @@ from typing import Any, BinaryIO
 from refusal_edit.checkpoint.atomic import TMP_MARK
 from refusal_edit.checkpoint.card import CARD, render_card, validate_card
 from refusal_edit.checkpoint.layout import FOREIGN_WEIGHTS, INDEX, open_checkpoint
-from refusal_edit.checkpoint.record import RECORD, EditRecord
+from refusal_edit.checkpoint.record import RECORD, EditRecord, hub_model_id
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.hub.allow import NOT_A_MODEL_FILE, card_images, included, kind_of
+from refusal_edit.hub.secrets import find_secret, scan_file
 
 CACHE_DIRS = frozenset({"__pycache__", ".cache", ".ipynb_checkpoints", ".huggingface", ".git"})
 OS_JUNK = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX", ".Spotlight-V100", ".Trashes"})
@@ -38,6 +43,7 @@ WINDOW = 1 << 20  # bytes of a file (or decompressed stream) inspected for pickl
 MEMBER_WINDOW = 1 << 16  # bytes of each archive member: at most MAX_MEMBERS of them are decompressed
 MAX_MEMBERS = 1024  # a bigger archive is not inspected, and not published
 
+PICKLED_WEIGHTS = tuple(s for s in FOREIGN_WEIGHTS if s != ".gguf")  # GGUF is data: the allow list decides
 PICKLE = "pickled data (runs code when loaded): never published"
 # Any one of these is a usable tokenizer next to tokenizer_config.json (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
@@ -97,14 +103,21 @@ class UploadPlan:
         return [f.path_in_repo for f in self.files]
 
 
-def check_folder(path: Path) -> UploadPlan:
-    """Decide what a push of `path` sends; raise a one-line error if the folder is not a whole model."""
+def check_folder(path: Path, include: tuple[str, ...] = (), base_model: str | None = None) -> UploadPlan:
+    """Decide what a push of `path` sends; raise a one-line error if the folder is not a whole model, or if a
+    file that would go up holds a secret.
+
+    What goes up is what a model repository holds (`hub.allow.MODEL_FILES`), the images the card shows, and
+    what an `include` pattern names on purpose; everything else is listed as skipped with the reason.
+    `base_model` (a Hub id) names the base model where the record does not: the card and the record are
+    then generated with it, in memory.
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise RefusalEditError(f"model folder not found: {root}")
     ckpt = open_checkpoint(root)  # config.json, weights, index and every shard header (truncation included)
     shards = {s.path.name for s in ckpt.shards}
-    unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.name not in shards)
+    unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.name not in shards and not kind_is_adapter(p))
     if unlisted:
         raise RefusalEditError(f"{unlisted[0]} in {root} is not part of the checkpoint ({INDEX} does not list it)")
     for name, what in (("tokenizer_config.json", "tokenizer_config.json"), (RECORD, f"{RECORD} (the edit record)")):
@@ -114,30 +127,70 @@ def check_folder(path: Path) -> UploadPlan:
         raise RefusalEditError(f"incomplete model folder {root}: missing tokenizer (tokenizer.json or tokenizer.model)")
     record = EditRecord.load(root, required=True)
     assert record is not None
+    generated = {}  # path in repo -> content made in memory (the user's folder is never written to)
+    if base_model is not None:
+        if hub_model_id(base_model) is None:
+            raise RefusalEditError(f"`base_model` {base_model!r} is not a Hub model id (ORG/NAME)")
+        record = dataclasses.replace(record, base_model=base_model)
+        generated[RECORD] = record.to_json().encode("utf-8")
 
-    generated = not (root / CARD).is_file()
-    if generated and record.base_model is None:
+    has_card = (root / CARD).is_file()
+    if not has_card and record.base_model is None:
         raise RefusalEditError(
-            f"{RECORD} does not name the base model: re-run orthogonalize with the base model's Hub id, "
-            f"or write a {CARD} whose metadata names it (base_model: ORG/NAME)"
+            f"{RECORD} does not name the base model, which the model card must: pass `base_model` ORG/NAME "
+            f"(the Hub id the edit descends from), or write a {CARD} whose metadata names it (base_model: ORG/NAME)"
         )
     try:
-        card = render_card(record) if generated else (root / CARD).read_text(encoding="utf-8")
+        card = (root / CARD).read_text(encoding="utf-8") if has_card else render_card(record)
     except UnicodeDecodeError:
         raise RefusalEditError(f"{CARD} is not UTF-8 text") from None
+    if not has_card:
+        generated[CARD] = card.encode("utf-8")
     metadata = validate_card(card, record)
 
-    keep, skipped = walk(root, trusted=frozenset(shards))
+    images = card_images(card)
+
+    def select(rel: str) -> str | None:
+        if rel in generated:
+            return "replaced by the generated file"
+        if kind_of(rel) is None and rel not in images and not included(rel, include):
+            return NOT_A_MODEL_FILE
+        return None
+
+    keep, skipped = walk(root, select, trusted=frozenset(shards))
     files = [UploadFile(p.relative_to(root.resolve()).as_posix(), p.stat().st_size, source=p) for p in keep]
     why = dict(skipped)
     needed = ["config.json", RECORD, "tokenizer_config.json", *sorted(shards), *([INDEX] if ckpt.index else [])]
-    for name in [*needed, *([] if generated else [CARD]), *TOKENIZER_FILES]:
-        if name in why:
+    for name in [*needed, *([CARD] if has_card else []), *TOKENIZER_FILES]:
+        if name in why and name not in generated:
             raise RefusalEditError(f"{name} in {root} cannot be published: {why[name]}")
-    if generated:
-        data = card.encode("utf-8")
-        files = sorted([*files, UploadFile(CARD, len(data), content=data)], key=lambda f: f.path_in_repo)
-    return UploadPlan(root, files, skipped, record, card, generated, metadata)
+    files += [UploadFile(name, len(data), content=data) for name, data in generated.items()]
+    files.sort(key=lambda f: f.path_in_repo)
+    check_secrets(files)
+    return UploadPlan(root, files, skipped, record, card, CARD in generated, metadata)
+
+
+def kind_is_adapter(p: Path) -> bool:
+    return kind_of(p.name) == "PEFT adapter"
+
+
+def check_secrets(files: list[UploadFile]) -> None:
+    """Refuse the push if any file that would go up holds a secret (by content, whatever its name)."""
+    for f in files:
+        if f.generated:
+            found = find_secret(f.content or b"")
+            where = ""
+        else:
+            try:
+                hit = scan_file(f.source)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise RefusalEditError(f"{f.path_in_repo} cannot be read: {exc.strerror or exc}") from None
+            found, where = (hit[0], f" (line {hit[1]})") if hit else (None, "")
+        if found:
+            raise RefusalEditError(
+                f"{f.path_in_repo} holds what looks like {found}{where}: nothing was pushed; remove the secret "
+                "from the file (and revoke it if it was ever shared)"
+            )
 
 
 def stray_reason(name: str, is_dir: bool) -> str | None:
@@ -152,7 +205,7 @@ def stray_reason(name: str, is_dir: bool) -> str | None:
         return "hidden"
     if not is_dir and name.endswith(PARTIAL_SUFFIXES):
         return "lock, temporary or partial file"
-    if not is_dir and name.lower().endswith(FOREIGN_WEIGHTS):
+    if not is_dir and name.lower().endswith(PICKLED_WEIGHTS):
         return "non-safetensors weights (unedited or pickled): never published"
     return None
 
@@ -211,11 +264,14 @@ def pickle_reason(path: Path) -> str | None:
         return f"cannot be read ({exc.strerror or exc})"
 
 
-def walk(root: Path, trusted: frozenset[str] = frozenset()) -> tuple[list[Path], list[tuple[str, str]]]:
+def walk(
+    root: Path, select: Callable[[str], str | None], trusted: frozenset[str] = frozenset()
+) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files to publish and skipped entries `(relative path, why)`, both in a stable order.
 
-    Stray and symlinked directories are pruned whole. `trusted` names (relative paths) were already
-    validated as safetensors and are not inspected for pickles.
+    Stray and symlinked directories are pruned whole. `select(relative path)` says why a regular file is
+    not wanted (None: wanted). `trusted` names (relative paths) were already validated as safetensors and
+    are not inspected for pickles.
     """
     root = Path(root).resolve()
     keep: list[Path] = []
@@ -238,8 +294,8 @@ def walk(root: Path, trusted: frozenset[str] = frozenset()) -> tuple[list[Path],
                 why = "symbolic link (links are never followed)"
             elif why is None and (not p.is_file() or not p.resolve().is_relative_to(root)):
                 why = "not a regular file inside the folder"
-            elif why is None and rel not in trusted:
-                why = pickle_reason(p)
+            elif why is None:
+                why = select(rel) or (None if rel in trusted else pickle_reason(p))
             if why is None:
                 keep.append(p)
             else:

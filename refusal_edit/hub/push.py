@@ -182,17 +182,19 @@ def push_folder(
     endpoint: str | None = None,
     dry_run: bool = False,
     plan: UploadPlan | None = None,
+    include: tuple[str, ...] = (),
+    base_model: str | None = None,
 ) -> PushResult:
     """Publish the edited checkpoint in `path` as one commit to the model repo `repo`.
 
     New repos are private unless `public`; an existing public repo needs `public` too, so an edited model
     never becomes public by accident. A dry run performs every local check and contacts nothing. `plan`
-    (from `check_folder(path)`) avoids checking the folder twice.
+    (from `check_folder(path, include, base_model)`) avoids checking the folder twice.
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    plan = plan if plan is not None else check_folder(Path(path))
+    plan = plan if plan is not None else check_folder(Path(path), include, base_model)
     repo, revision, url = check_repo_id(repo), check_revision(revision), resolve_endpoint(endpoint)
     result = PushResult(repo, revision, url, f"{url}/{repo}", not public, False, dry_run, plan)
     if dry_run:
