@@ -3,6 +3,9 @@
 Python's default SIGTERM action ends the process at once: no `finally` runs, and an atomic write leaves
 its temporary directory behind. The library installs nothing global; the command line wraps its work in
 `sigterm_raises()` and reports `Terminated` like KeyboardInterrupt (exit code 128 + 15).
+
+Writers note each output they complete (`output_complete`), so that an interrupt arriving after the work
+is done (while results are being printed) says the output is whole instead of "stopped before the end".
 """
 
 from __future__ import annotations
@@ -11,6 +14,22 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+_completed: list[Path] = []
+
+
+def output_complete(path: Path) -> None:
+    """Note that `path` was written whole (its final rename done)."""
+    _completed.append(Path(path))
+
+
+def completed_outputs(reset: bool = False) -> list[Path]:
+    """The outputs completed since the last reset (`reset`: forget them, at the start of a command)."""
+    done = list(_completed)
+    if reset:
+        _completed.clear()
+    return done
 
 
 class Terminated(BaseException):

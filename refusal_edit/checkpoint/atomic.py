@@ -23,6 +23,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.interrupt import output_complete
 from refusal_edit.paths import is_within
 
 TMP_MARK = ".tmp-refusal-edit-"
@@ -146,7 +147,7 @@ def _stale_siblings(out: Path) -> list[Path]:
     return [p for p in parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
 
 
-def _make_parents(folder: Path) -> list[Path]:
+def make_parents(folder: Path) -> list[Path]:
     """Create `folder` and missing ancestors; return those created (deepest first), to remove on failure."""
     created = []
     p = folder
@@ -182,15 +183,41 @@ def _check_replaceable(out: Path, shown: Path, force: bool, replace_any: bool) -
         )
 
 
+def check_writable(folder: Path, shown: Path) -> None:
+    """Whether a new entry can be made in `folder` (or in its nearest existing ancestor, where the missing
+    folders would be created): found by making and removing an empty probe folder there, the only test that
+    sees read-only mounts, permissions, quotas and ACLs alike. Run before any work, not after it."""
+    anchor = Path(os.path.abspath(folder))
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise RefusalEditError(f"cannot write {shown}: {anchor} is a file, not a folder")
+    probe = anchor / f"{TMP_MARK}probe-{uuid.uuid4().hex[:8]}"
+    try:
+        os.mkdir(probe)
+    except OSError as exc:
+        raise RefusalEditError(f"cannot write {shown}: {exc.strerror or exc} (in {anchor}); nothing was done") from None
+    with suppress(OSError):
+        os.rmdir(probe)
+
+
 def check_output(out: Path, force: bool = False, inputs: Iterable[Path] = (), replace_any: bool = False) -> Path:
     """Every check `atomic_dir` makes before writing, for a command to run before hours of work: the
-    absolute output path, or the error the write would end with."""
+    absolute output path, or the error the write would end with (a folder it cannot write in included)."""
     target = resolve_output(Path(out), inputs)
     _check_replaceable(target, Path(out), force, replace_any)
+    check_writable(target.parent, Path(out))
     return target
 
 
-def _failure(exc: OSError, out: Path) -> RefusalEditError:
+def write_failure(exc: Exception, out: Path) -> RefusalEditError:
+    """A write failure as one line: OSError by errno, a library's own error (safetensors' SafetensorError
+    wraps the OS error in its text) by what it says."""
+    if not isinstance(exc, OSError):
+        text = str(exc)
+        if "No space left" in text or "Disk quota" in text:
+            return RefusalEditError(f"disk full while writing {out}; nothing was written")
+        return RefusalEditError(f"failed to write {out}: {text.splitlines()[0] if text else type(exc).__name__}")
     if exc.errno == errno.ENOSPC:
         return RefusalEditError(f"disk full while writing {out}; nothing was written")
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -212,7 +239,7 @@ def atomic_dir(
     """
     target = resolve_output(Path(out), inputs)
     _check_replaceable(target, Path(out), force, replace_any)  # early: before creating anything
-    created = _make_parents(target.parent)
+    created = make_parents(target.parent)
     try:
         with _lock(target):
             _check_replaceable(target, Path(out), force, replace_any)  # again, now that we hold the lock
@@ -222,19 +249,27 @@ def atomic_dir(
             try:
                 tmp.mkdir()
             except OSError as exc:
-                raise _failure(exc, Path(out)) from None
+                raise write_failure(exc, Path(out)) from None
             try:
                 yield tmp
                 _commit(tmp, target)
-            except OSError as exc:
-                raise _failure(exc, Path(out)) from exc
+            except (OSError, *_library_write_errors()) as exc:
+                raise write_failure(exc, Path(out)) from exc
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            output_complete(Path(out))
     except BaseException:
         for folder in created:  # deepest first; only folders that are still empty
             with suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def _library_write_errors() -> tuple[type[Exception], ...]:
+    """Write errors of libraries that do not raise OSError (safetensors: SafetensorError, "No space left")."""
+    from safetensors import SafetensorError
+
+    return (SafetensorError,)
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -23,6 +23,8 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from refusal_edit.interrupt import Terminated
+
 # Library parameter names that differ from a command's own parameter names.
 PARAMETER_ALIASES = {
     "kind": "mode",
@@ -194,12 +196,23 @@ def _no_tqdm_bars() -> None:
         std.tqdm._off_a_terminal = True
 
 
-def quiet_libraries() -> None:
-    """Keep third-party chatter (load reports, deprecations, progress bars) off the terminal.
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    """Drop a library's log of an interrupt (Optuna logs "Trial N failed ... KeyboardInterrupt" with the whole
+    traceback before re-raising it): the command line says "interrupted" in one line."""
+    kind = record.exc_info[0] if record.exc_info else None
+    return not (kind is not None and issubclass(kind, KeyboardInterrupt | Terminated))
 
-    Environment variables rather than imports: commands that never need transformers (orthogonalize,
-    push) should not pay for importing it.
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter (load reports, deprecations, progress bars, tracebacks of interrupts that
+    libraries log) off the terminal.
+
+    Environment variables and logger settings rather than imports: commands that never need transformers
+    (orthogonalize, push) should not pay for importing it.
     """
+    optuna_trials = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    if _not_an_interrupt not in optuna_trials.filters:
+        optuna_trials.addFilter(_not_an_interrupt)
     warnings.filterwarnings("ignore")
     if not sys.stderr.isatty():
         _no_tqdm_bars()

@@ -139,6 +139,9 @@ def evaluate(
     device: str = opt.DEVICE,
     max_memory: str | None = opt.MAX_MEMORY,
     offload_dir: Path | None = opt.OFFLOAD_DIR,
+    allow_foreign_direction: bool = opt.switch(
+        "--allow-foreign-direction", "Apply a --direction extracted from another model (an error otherwise)."
+    ),
     intervention: str | None = typer.Option(None, "--intervention", hidden=True, help="Old name of --mode."),
     n_old: int | None = typer.Option(None, "--n", hidden=True, help="Old name of --n-test."),
 ) -> None:
@@ -185,6 +188,7 @@ def evaluate(
         out=out,
         force=force,
         record=record,
+        allow_foreign_direction=allow_foreign_direction,
         **opt.placement(dtype, device, max_memory, offload_dir),
         batch_size=rows if rows == "auto" else None,
         harmful=harmful,

@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from refusal_edit.cli.app import app, examples, quiet_libraries
-from refusal_edit.cli.options import EDIT, FORCE, INPUT, OUTPUT
+from refusal_edit.cli.app import app, examples, flag_names, in_flags, quiet_libraries
+from refusal_edit.cli.options import EDIT, FORCE, INPUT, OUTPUT, REPLACE_ANY
 from refusal_edit.console import err, show
 
 
@@ -49,6 +49,7 @@ def export_cvec(
         rich_help_panel=INPUT,
     ),
     force: bool = FORCE,
+    replace_any: bool = REPLACE_ANY,
 ) -> None:
     """Write a llama.cpp control vector (activation addition at run time; it cannot ablate)."""
     quiet_libraries()
@@ -56,13 +57,17 @@ def export_cvec(
     from refusal_edit.gguf.cvec import write_control_vector
 
     d = load_direction(direction_path(direction))
-    cv = write_control_vector(d, out, coeff=coeff, layers=layers, unit=unit, model=model, force=force)
+    cv = write_control_vector(
+        d, out, coeff=coeff, layers=layers, unit=unit, model=model, force=force, replace_any=replace_any
+    )
     table = Table(title=escape(f"control vector: {out}"))
     for col in ("HF layer (input)", "tensor", "norm"):
         table.add_column(col, justify="right")
     for layer, name in zip(cv.layers, cv.tensors, strict=True):
         table.add_row(str(layer), name, f"{cv.norm:.3f}")
     show(table)
+    for note in cv.notes:
+        err.print(f"[yellow]warning:[/yellow] {escape(in_flags(note, flag_names(['export-cvec'])))}", soft_wrap=True)
     err.print(
         escape(f"- use: llama-cli -m MODEL.gguf --control-vector {out}  (or --control-vector-scaled {out} S)"),
         soft_wrap=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from refusal_edit.cli import options as opt
@@ -34,8 +35,8 @@ def extract(
     system_prompt: str | None = opt.SYSTEM_PROMPT,
     template: Path | None = opt.TEMPLATE,
     template_kwargs: list[str] | None = opt.TEMPLATE_KWARGS,
-    harmful: str | None = opt.prompts("Harmful", "the recipe's, else builtin:harmful"),
-    harmless: str | None = opt.prompts("Harmless", "the recipe's, else builtin:harmless"),
+    harmful: str | None = opt.prompts("Harmful", "the recipe's, else builtin:harmful", opt.SPLIT_NOTE),
+    harmless: str | None = opt.prompts("Harmless", "the recipe's, else builtin:harmless", opt.SPLIT_NOTE),
     n_train: int | None = typer.Option(
         None, help="Training prompts per side.", show_default="all", rich_help_panel=opt.INPUT
     ),
@@ -112,6 +113,8 @@ def extract(
         replace_any=replace_any,
     )
     err.print(job.describe(), soft_wrap=True)
+    for line in job.split_notes():
+        err.print(escape(line), soft_wrap=True)
     done = job.run()
     sel = done.selection
     table = Table(title=f"selected refusal direction ({sel.method}, {sel.evaluated} candidates scored)")

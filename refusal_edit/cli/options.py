@@ -138,7 +138,14 @@ TEMPLATE_KWARGS = typer.Option(
     rich_help_panel=INPUT,
 )
 
-PROMPT_FORMS = r"builtin:NAME, a file (txt/json/jsonl/csv/parquet) or hf:NAME\[@SPLIT]\[#COL]"  # \[: not markup
+# \[: not markup
+PROMPT_FORMS = (
+    r"builtin:NAME, a file (txt/json/jsonl/csv/parquet; FILE@test: its held-out part) or hf:NAME\[@SPLIT]\[#COL]"
+)
+SPLIT_NOTE = (
+    " A set without a split column is split 70/15/15 (train/val/test) by a hash of each prompt: extract uses train "
+    "and val; evaluate FILE@test measures on the held-out part."
+)
 
 
 def prompts(kind: str, default: str, more: str = "") -> Any:

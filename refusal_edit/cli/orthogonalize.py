@@ -97,6 +97,10 @@ def orthogonalize(
         "Write NaN/inf values that the edit or the dtype cast produced (with a warning) instead of failing.",
         panel=OUTPUT,
     ),
+    allow_foreign_direction: bool = switch(
+        "--allow-foreign-direction",
+        "Apply a direction extracted from another model (an error otherwise); the record and card say so.",
+    ),
 ) -> None:
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
@@ -111,7 +115,7 @@ def orthogonalize(
         from refusal_edit.workflows.editing import plan_job
 
         edit = DirectionEdit(mode, coeff, layer, site, unit)
-        job = plan_job(model, direction, edit, keep_tied, options)
+        job = plan_job(model, direction, edit, keep_tied, options, allow_foreign_direction)
         rows = planned_tensors(job.plan, job.ckpt)
         show(plan_table(job.plan, rows, f"{job.mode}: {job.source.name} (plan only, nothing written)"))
         show(plan_summary(rows))
@@ -138,6 +142,7 @@ def orthogonalize(
         base_model=base_model,
         replace_any=replace_any,
         allow_nonfinite=allow_nonfinite,
+        allow_foreign_direction=allow_foreign_direction,
         spec=options,
     )
     w = result.write

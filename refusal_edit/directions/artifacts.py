@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from refusal_edit.directions import identity
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.linalg import unit
 from refusal_edit.loading.cache import sha256_file
@@ -35,6 +36,17 @@ class DirectionFile:
     def layer(self) -> int | None:
         value = self.metadata.get("layer")
         return int(value) if value not in (None, "") else None
+
+    @property
+    def source_model(self) -> dict[str, Any] | None:
+        """The identity of the model the direction was found in (`directions.identity`); None: not recorded."""
+        return identity.read(self.metadata)
+
+    @property
+    def n_layers(self) -> int | None:
+        """The source model's layer count, where the file records it."""
+        value = (self.source_model or {}).get("num_layers")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def position(self) -> int | None:
@@ -127,6 +139,10 @@ def load_direction(path: str | Path) -> DirectionFile:
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
         raise RefusalEditError(f"{p.name} is not a valid safetensors file: {str(exc)[:160]}") from None
     _check_metadata(metadata, p.name)
+    try:
+        identity.read(metadata)
+    except RefusalEditError as exc:
+        raise RefusalEditError(f"{p.name}: {exc}") from None
     direction = unit(_vector(raw, "direction"), "direction")  # float64 norm: large values are not "zero"
     mean_diff = _vector(raw_mean, "mean_diff").float() if raw_mean is not None else None
     if mean_diff is not None and not torch.isfinite(mean_diff).all():

@@ -22,7 +22,7 @@ from refusal_edit.directions.select import (
 )
 from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.loading.model import LoadedModel
-from refusal_edit.prompts.sets import PromptSet
+from refusal_edit.prompts.sets import HASH_SPLIT, PromptSet
 from refusal_edit.prompts.template import ChatFormat
 
 
@@ -70,7 +70,10 @@ class ExtractResult:
 def _split(ps: PromptSet, name: str, n: int | None) -> PromptSet:
     part = ps.split(name).sample(n)
     if len(part) == 0:
-        raise RefusalEditError(f"{ps.source}: the {name} split is empty")
+        how = f"split {HASH_SPLIT}" if ps.hash_split else "split by its split column"
+        raise RefusalEditError(
+            f"{ps.source}: the {name} split is empty ({len(ps)} rows, {how}): give more prompts, or a split column"
+        )
     return part
 
 

@@ -297,6 +297,17 @@ def plan_edit(ckpt: Checkpoint | TensorSource, edit: ResolvedEdit, keep_tied: bo
         _untie(plan, source, cfg, found, keep_tied)
     if spec.sandwich:
         plan.notes.append(spec.notes)
+    return require_change(plan)
+
+
+def require_change(plan: EditPlan) -> EditPlan:
+    """The plan, if it changes at least one tensor: an edit that changes nothing would write a copy of the
+    model labelled as edited."""
+    if not plan.transforms and not plan.new:
+        raise RefusalEditError(
+            "this edit changes no tensor (every selected writer has weight 0, or none is selected): "
+            "nothing would be edited"
+        )
     return plan
 
 
@@ -363,8 +374,10 @@ def plan_addition(
         raise RefusalEditError(f"vector has size {v.numel()}, the model's hidden size is {hidden}")
     if not torch.isfinite(v).all():
         raise RefusalEditError("the vector to add contains NaN or infinite values")
+    if not v.any():
+        raise RefusalEditError("the vector to add is zero (`coeff` 0?): this edit changes no tensor")
     if not 0 <= layer < n_layers:
-        raise RefusalEditError(f"layer {layer} is out of range: the model has {n_layers} layers")
+        raise RefusalEditError(f"`layer` {layer} is outside the model: it has {n_layers} layers (0 to {n_layers - 1})")
     if site not in ("input", "attn"):
         raise RefusalEditError(f"unknown site {site!r} (input, attn)")
     found = _matches(source, spec)

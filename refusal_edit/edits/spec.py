@@ -75,10 +75,14 @@ class Strength:
             raise RefusalEditError("strength values must be finite numbers")
         if self.start is not None and self.stop is not None and self.start >= self.stop:
             raise RefusalEditError(f"an empty layer window {self.start}:{self.stop}")
-        if n_layers is not None:
-            for bound in (self.start, self.stop):
-                if bound is not None and not 0 <= bound <= n_layers:
-                    raise RefusalEditError(f"layer {bound} is out of range: the model has {n_layers} layers")
+        if n_layers is not None and (
+            (self.start is not None and not 0 <= self.start < n_layers)
+            or (self.stop is not None and not 0 < self.stop <= n_layers)
+        ):
+            window = f"{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
+            raise RefusalEditError(
+                f"`layers` {window} is outside the model: it has {n_layers} layers (0:{n_layers} selects them all)"
+            )
 
     def to_json(self) -> dict[str, Any]:
         if self.per_layer is not None:
@@ -279,6 +283,8 @@ def _usable(v: torch.Tensor, reference: torch.Tensor) -> bool:
 def resolve(spec: EditSpec, bank: DirectionBank, n_layers: int) -> ResolvedEdit:
     """The basis and weight of every writer site for `spec` (see the module docstring)."""
     spec.check()
+    spec.attn.check(n_layers)
+    spec.mlp.check(n_layers)
     position = spec.position if spec.position is not None else bank.position
     needs_bank = spec.direction != "chosen" or spec.projected or spec.rank > 1 or spec.position is not None
     if needs_bank and position is None:

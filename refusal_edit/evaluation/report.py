@@ -6,6 +6,9 @@ Rates read the same everywhere (percent, in tables and plot); KL and cross-entro
 from __future__ import annotations
 
 import json
+import os
+import uuid
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from refusal_edit.checkpoint.atomic import write_text
+from refusal_edit.checkpoint.atomic import TMP_MARK, make_parents, write_failure
 from refusal_edit.checkpoint.record import finite
 from refusal_edit.console import show
-from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.run import EvalReport
+from refusal_edit.interrupt import output_complete
 
 REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
@@ -343,13 +346,28 @@ def plot_report(report: EvalReport, path: Path) -> Path:
 
 
 def write_report(report: EvalReport, out: Path) -> tuple[Path, Path]:
-    """Write `report.json` and `report.png` into `out` (created if needed); returns both paths."""
+    """Write `report.json` and `report.png` into `out` (created if needed); returns both paths.
+
+    Both are written under temporary names and renamed at the end, so a failure (a full disk) or an
+    interrupt leaves neither a half report nor a folder this call created."""
     out = Path(out)
+    created = make_parents(out)
+    mark = f"{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    json_tmp, png_tmp = out / f".{REPORT_JSON}{mark}", out / f".{REPORT_PNG}{mark}.png"
+    json_path, png_path = out / REPORT_JSON, out / REPORT_PNG
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RefusalEditError(f"cannot create {out}: {exc.strerror}") from exc
-    json_path = out / REPORT_JSON
-    write_text(json_path, report_json(report))
-    png_path = plot_report(report, out / REPORT_PNG)
+        json_tmp.write_text(report_json(report), encoding="utf-8")
+        plot_report(report, png_tmp)
+        os.replace(json_tmp, json_path)
+        os.replace(png_tmp, png_path)
+    except BaseException as exc:
+        for tmp in (json_tmp, png_tmp):
+            tmp.unlink(missing_ok=True)
+        for folder in created:  # deepest first; only folders that are still empty
+            with suppress(OSError):
+                folder.rmdir()
+        if isinstance(exc, OSError):
+            raise write_failure(exc, out) from None
+        raise
+    output_complete(out)
     return json_path, png_path

@@ -34,8 +34,9 @@ def tensor_name(layer: int) -> str:
     """The control-vector tensor that adds at the input of HF layer `layer`."""
     if layer < FIRST_LAYER:
         raise RefusalEditError(
-            f"llama.cpp control vectors cannot add at the input of layer {layer} (the first is layer {FIRST_LAYER}: "
-            "direction.0 is rejected); bake it in with `orthogonalize` `mode` add instead"
+            f"a llama.cpp control vector cannot add at the input of layer {layer} (the first it can steer is layer "
+            f"{FIRST_LAYER}: direction.0 is rejected); choose `layers` from {FIRST_LAYER}, or bake the addition into "
+            "the weights: refusal-edit orthogonalize MODEL --direction DIRECTION --mode add"
         )
     return f"direction.{layer - 1}"
 
@@ -45,6 +46,12 @@ def parse_layers(text: str | None, default: int | None, n_layers: int | None) ->
     if text is None or not text.strip():
         if default is None:
             raise RefusalEditError("the direction file records no layer; give `layers` (e.g. 10:16)")
+        if default < FIRST_LAYER:
+            raise RefusalEditError(
+                f"extract chose layer {default}, and a llama.cpp control vector cannot add at the input of layer 0 "
+                f"or 1 (direction.0 is rejected): pass `layers` {FIRST_LAYER} (or later), or bake the addition "
+                "into the weights: refusal-edit orthogonalize MODEL --direction DIRECTION --mode add"
+            )
         layers = [default]
     else:
         start, sep, stop = text.strip().partition(":")
@@ -64,7 +71,10 @@ def parse_layers(text: str | None, default: int | None, n_layers: int | None) ->
         if not layers:
             raise RefusalEditError(f"`layers` {text!r} selects no layer")
     if n_layers is not None and layers[-1] > n_layers:
-        raise RefusalEditError(f"layer {layers[-1]} is out of range: the model has {n_layers} layers")
+        raise RefusalEditError(
+            f"`layers` {text or layers[-1]} is outside the model: it has {n_layers} layers (a control vector "
+            f"steers the inputs of layers {FIRST_LAYER} to {n_layers})"
+        )
     for layer in layers:
         tensor_name(layer)
     return layers
@@ -77,6 +87,7 @@ class ControlVector:
     tensors: list[str]  # direction.N, one per layer
     norm: float  # norm of each added vector (coeff included)
     metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def write_control_vector(
@@ -87,17 +98,19 @@ def write_control_vector(
     unit: bool = False,
     model: Path | None = None,
     force: bool = False,
+    replace_any: bool = False,
 ) -> ControlVector:
     """Write `coeff` x the direction file's addition vector (the raw mean difference; the unit direction with
     `unit`) as a llama.cpp control vector adding at the input of `layers` (default: the direction's layer).
-    `model` (a GGUF) checks the hidden size and layer range and names the model in the file's hint."""
+    `model` (a GGUF) checks the hidden size and layer range and names the model in the file's hint; without
+    it the layer range is the one the direction file records (`source_model`), where it does."""
     from gguf import GGUFWriter
 
     if not np.isfinite(coeff):
         raise RefusalEditError(f"`coeff` must be a finite number, got {coeff}")
     vector, _ = direction.edit_vector("add", 1.0, direction.layer if direction.layer is not None else 0, unit)
     values = (coeff * vector.detach().float().numpy()).astype(np.float32)
-    hint, n_layers = str(direction.metadata.get("model", "")), None
+    hint, n_layers = str(direction.metadata.get("model", "")), direction.n_layers
     if model is not None:
         from refusal_edit.gguf.file import GGUFFile
 
@@ -105,6 +118,8 @@ def write_control_vector(
         hint = gguf.arch
         n_layers = gguf.value(f"{gguf.arch}.block_count")
         hidden = gguf.value(f"{gguf.arch}.embedding_length")
+        if n_layers is None:
+            n_layers = direction.n_layers
         if hidden is not None and int(hidden) != values.size:
             raise RefusalEditError(f"the direction has size {values.size}, {gguf.path.name} has hidden size {hidden}")
     chosen = parse_layers(layers, direction.layer, int(n_layers) if n_layers is not None else None)
@@ -120,7 +135,8 @@ def write_control_vector(
         "direction_layer": direction.layer,
         "direction_model": direction.metadata.get("model"),
     }
-    with atomic_file(Path(out), force=force, inputs=tuple(p for p in (direction.path, model) if p)) as tmp:
+    inputs = tuple(p for p in (direction.path, model) if p)
+    with atomic_file(Path(out), force=force, inputs=inputs, replace_any=replace_any) as tmp:
         w = GGUFWriter(str(tmp), ARCH)
         w.add_string(f"{ARCH}.model_hint", hint or "unknown")
         w.add_int32(f"{ARCH}.layer_count", len(names))
@@ -131,7 +147,13 @@ def write_control_vector(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    return ControlVector(Path(out), chosen, names, float(np.linalg.norm(values)), meta)
+    notes = []
+    if n_layers is None:
+        notes.append(
+            "the direction file records no layer count (an older file): the layers were not checked against the "
+            "model; give `model` (its GGUF) to check them"
+        )
+    return ControlVector(Path(out), chosen, names, float(np.linalg.norm(values)), meta, notes)
 
 
 def read_control_vector(path: Path) -> dict[int, np.ndarray]:

@@ -27,6 +27,7 @@ from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 from refusal_edit.checkpoint.atomic import TMP_MARK, resolve_output
 from refusal_edit.checkpoint.safetensors_io import PositionedWriter
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.interrupt import output_complete
 
 GGUF_VERSION = 3
 
@@ -154,3 +155,4 @@ def atomic_file(
     finally:
         with suppress(OSError):
             tmp.unlink()
+    output_complete(shown)

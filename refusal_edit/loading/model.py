@@ -107,14 +107,29 @@ def resolve_source(spec: str, dtype: str = "auto") -> ModelSource:
         return ModelSource(spec, "recipe", hf_dir, sha, recipe, origin=gguf_file)
     if path.exists():
         raise RefusalEditError(f"not a model directory, .gguf file or recipe: {spec}")
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    local_parent = path.parent if path.parent != Path(".") else None
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not (local_parent and local_parent.is_dir()):
         return ModelSource(spec, "hub", _download(spec))
+    if local_parent is not None and local_parent.is_dir():  # a path: never asked of the Hub
+        raise RefusalEditError(f"model not found: no folder or file {spec}{_close_names(path)}")
     if "/" not in spec and "\\" not in spec and path.suffix not in (".gguf", ".toml"):
         # A bare name can only have meant a recipe: name the close ones.
         raise RefusalEditError(
             f"model not found: {spec} (not a directory, .gguf file or Hub id); {recipe_not_found(spec)}"
         )
     raise RefusalEditError(f"model not found: {spec} (a directory, a .gguf file, a recipe or a Hub id)")
+
+
+def _close_names(path: Path) -> str:
+    """`; did you mean ...?` with the entries of `path`'s folder whose names are close to its name, or ''."""
+    import difflib
+
+    try:
+        names = [p.name for p in path.parent.iterdir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(str(path.parent / c) for c in close)}?" if close else ""
 
 
 def _download(repo_id: str) -> Path:
@@ -189,17 +204,37 @@ def _device(device: str) -> str:
     return device
 
 
+# Any one of these is a tokenizer transformers can load (fast, sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
 def load_tokenizer(hf_dir: Path):
+    """The model's tokenizer (left padding); a folder without one is one line naming the files it lacks."""
     from transformers import AutoTokenizer
 
+    hf_dir = Path(hf_dir)
+    if not any((hf_dir / n).is_file() for n in TOKENIZER_FILES) and not any(hf_dir.glob("*.tiktoken")):
+        raise RefusalEditError(
+            f"no tokenizer in {hf_dir}: a model folder needs tokenizer.json (or tokenizer.model, or vocab.json "
+            "with merges.txt) and tokenizer_config.json beside config.json; copy them from the base model"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
     except Exception as exc:
-        raise RefusalEditError(f"cannot load the tokenizer from {hf_dir}: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RefusalEditError(f"cannot load the tokenizer from {hf_dir}: {first}") from exc
+    if len(tok) == 0:
+        raise RefusalEditError(f"the tokenizer in {hf_dir} has an empty vocabulary")
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def context_length(lm: LoadedModel) -> int | None:
+    """The longest sequence the model's positions cover (its config's max_position_embeddings), if it says."""
+    value = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def load_model(
@@ -245,6 +280,7 @@ def load_model(
             kwargs["device_map"] = "cuda"
     for line in why.splitlines():
         err.print(f"[yellow]note:[/yellow] {line}", soft_wrap=True)
+    tok = load_tokenizer(src.hf_dir) if tokenizer else None  # a missing tokenizer fails before the weights load
     chatter = logging.getLogger("accelerate.big_modeling")  # "offloaded to the disk": the placement line says it
     level = chatter.level
     chatter.setLevel(logging.ERROR)
@@ -274,5 +310,4 @@ def load_model(
         err.print(f"placed by accelerate ({str(torch_dtype).removeprefix('torch.')}): {where}", soft_wrap=True)
         if not dispatched(model):
             dev = input_device(model).type  # it all fit on one device: a plain model there
-    tok = load_tokenizer(src.hf_dir) if tokenizer else None
     return LoadedModel(model, tok, src, str(torch_dtype).removeprefix("torch."), dev, where)

@@ -3,10 +3,12 @@
 Sources accepted by `load_prompts`:
 - `builtin:harmful`, `builtin:harmless`, `builtin:borderline` (optionally `@train|val|test`);
 - a file: `.txt` (one instruction per line), `.json` (a list of strings or of objects), `.jsonl`,
-  `.csv`, `.parquet` (the column is `#name` if given, else the first of `COLUMNS` present);
+  `.csv`, `.parquet` (the column is `#name` if given, else the first of `COLUMNS` present); `FILE@test`
+  (or `@train`, `@val`) is that split of it, the one extract uses;
 - `hf:NAME[@SPLIT][#COLUMN]` for a Hugging Face `datasets` dataset (a Hub id or a local path).
 
-A `category` column, if present, is kept (per-category refusal rates); a `split` column is respected.
+A `category` column, if present, is kept (per-category refusal rates); a `split` column is respected, and
+a set without one is split 70/15/15 (train / val / test) by a hash of each prompt (`HASH_SPLIT`).
 Files are read as UTF-8 with an optional byte-order mark (`utf-8-sig`): editors on Windows write one, and
 it must not end up inside the first prompt or hide the first CSV column's name.
 """
@@ -27,6 +29,7 @@ from refusal_edit.paths import regular_file
 COLUMNS = ("instruction", "prompt", "goal", "behavior", "question", "text", "query")
 SPLITS = ("train", "val", "test")
 BUILTIN_SETS = ("harmful", "harmless", "borderline")
+HASH_SPLIT = "70/15/15 (train/val/test) by a hash of each prompt"
 ENCODING = "utf-8-sig"  # UTF-8, dropping a leading byte-order mark
 
 
@@ -59,6 +62,16 @@ class PromptSet:
             [self.categories[i] for i in indices],
             [self.splits[i] for i in indices],
         )
+
+    @property
+    def hash_split(self) -> bool:
+        """Whether `split` divides this set by a hash of each prompt (it has no split labels of its own)."""
+        return not any(self.splits)
+
+    def split_counts(self) -> dict[str, int]:
+        """Rows per split (train, val, test), as `split` divides them."""
+        labels = self.splits if any(self.splits) else [_hash_split(i) for i in self.instructions]
+        return {name: labels.count(name) for name in SPLITS}
 
     def split(self, name: str) -> PromptSet:
         """The rows labelled `name`; unlabelled sets are split by a stable hash (70/15/15)."""
@@ -191,4 +204,7 @@ def load_prompts(spec: str) -> PromptSet:
     if spec.startswith("hf:"):
         return _read_hf(spec)
     path_part, _, column = spec.partition("#")
+    stem, at, split = path_part.rpartition("@")
+    if at and split in SPLITS and not Path(path_part).exists():  # FILE@test: the part extract held out
+        return _read_file(regular_file(stem, "prompt file"), column or None).split(split)
     return _read_file(regular_file(path_part, "prompt file"), column or None)

@@ -61,6 +61,22 @@ class ChatFormat:
     def format_all(self, instructions: list[str]) -> list[str]:
         return [self.format(i) for i in instructions]
 
+    def check_context(self, sets: Mapping[str, Any], context: int | None) -> None:
+        """Refuse prompt sets (name -> PromptSet) that do not fit the model: a prompt longer than `context`
+        tokens with the chat template has positions the model was never given (learned position embeddings
+        fail outright), and a prompt of no tokens means an incomplete tokenizer. Refused, never truncated: a
+        truncated prompt loses its end, where the refusal direction is read."""
+        for name, ps in sets.items():
+            for i, text in enumerate(ps.instructions):
+                n = len(self.tokenizer(self.format(text), add_special_tokens=False)["input_ids"])
+                if n == 0:
+                    raise RefusalEditError(f"the tokenizer turns {name} prompt {i + 1} into no tokens: is it complete?")
+                if context and n > context:
+                    raise RefusalEditError(
+                        f"{name} prompt {i + 1} of {ps.source} is {n} tokens with the chat template, more than the "
+                        f"model's context of {context} tokens: refused, not truncated; shorten or remove it"
+                    )
+
     @property
     def n_positions(self) -> int:
         return len(self.post_ids)

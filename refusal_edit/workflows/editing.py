@@ -15,6 +15,7 @@ from typing import Any
 from refusal_edit.checkpoint.atomic import check_output
 from refusal_edit.checkpoint.layout import Checkpoint, open_checkpoint
 from refusal_edit.checkpoint.record import EditRecord
+from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.edits import DirectionEdit, EditResult, parse_size, plan_direction_edit, write_checkpoint
 from refusal_edit.edits.plan import EditPlan, plan_edit, resolved_config
@@ -169,12 +170,36 @@ def edit_inputs(
 
 
 def plan_on(
-    source: Any, d: DirectionFile, spec: EditSpec | None, edit: DirectionEdit, keep_tied: bool
+    source: Any,
+    d: DirectionFile,
+    spec: EditSpec | None,
+    edit: DirectionEdit,
+    keep_tied: bool,
+    target: dict[str, Any] | None = None,
+    allow_foreign_direction: bool = False,
 ) -> tuple[EditPlan, int | None]:
-    """The plan on any tensor source (a checkpoint, a GGUF file), and the layer an addition is at."""
+    """The plan on any tensor source (a checkpoint, a GGUF file), and the layer an addition is at.
+
+    `target` is the edited model's identity (`directions.identity`, with `edited` when it carries an edit
+    record): a direction from another model is an error unless `allow_foreign_direction`; what was decided
+    about it goes into the plan's notes (and so into the record and the card)."""
+    note = None
+    if target is not None:
+        edited = bool(target.pop("edited", False))
+        what = f"the direction {d.path.name if d.path else ''}".rstrip()
+        note = identity.check(d.source_model, target, what, edited=edited, allow=allow_foreign_direction)
     if spec is not None:
-        return plan_variant(source, d, spec, keep_tied), None
-    return plan_direction_edit(source, d, edit, keep_tied)
+        plan, at = plan_variant(source, d, spec, keep_tied), None
+    else:
+        plan, at = plan_direction_edit(source, d, edit, keep_tied)
+    if note:
+        plan.notes.append(note)
+    return plan, at
+
+
+def target_identity(config: dict[str, Any], name: str, weights_sha256: str | None, edited: bool) -> dict[str, Any]:
+    """The identity of the model an edit is planned on, marked `edited` when it carries an edit record."""
+    return {**identity.identity(config, name, weights_sha256), "edited": edited}
 
 
 def plan_job(
@@ -183,6 +208,7 @@ def plan_job(
     edit: DirectionEdit | None = None,
     keep_tied: bool = False,
     spec: EditSpec | str | Path | None = None,
+    allow_foreign_direction: bool = False,
 ) -> EditJob:
     """Resolve MODEL, the direction and the variant, and plan the edit (nothing written: `plan_only` shows it)."""
     edit = edit or DirectionEdit()
@@ -190,7 +216,9 @@ def plan_job(
     source = sources.resolve_model(model)
     inputs = [p for p in (d.path, source.origin) if p is not None]
     ckpt = open_checkpoint(source.hf_dir)
-    plan, at = plan_on(ckpt, d, spec, edit, keep_tied)
+    weights = identity.known_weights_sha256(source.hf_dir, source.sha256)
+    target = target_identity(ckpt.config, source.name, weights, EditRecord.load(ckpt.root) is not None)
+    plan, at = plan_on(ckpt, d, spec, edit, keep_tied, target, allow_foreign_direction)
     return EditJob(source, ckpt, d, plan, at, spec, spec_info, [source.hf_dir, *inputs], edit.mode)
 
 
@@ -212,6 +240,7 @@ def orthogonalize(
     replace_any: bool = False,
     allow_nonfinite: bool = False,
     spec: EditSpec | str | Path | None = None,
+    allow_foreign_direction: bool = False,
 ) -> EditOutcome:
     """Edit MODEL by `direction` and write a standalone checkpoint to `out` (see `refusal-edit orthogonalize`).
 
@@ -220,6 +249,8 @@ def orthogonalize(
     `force` replaces a previous output of this tool (`replace_any`: any folder); `allow_nonfinite` writes
     NaN / inf values the edit or the cast produced, with a warning, instead of failing. `spec` is an edit
     variant (an `EditSpec`) or a tune front point (`front.json[#ID]`, which also names the direction).
+    A direction (or a front's direction) extracted from another model is an error unless
+    `allow_foreign_direction`, which the record and the card then state.
     """
     parse_size(max_shard_size)  # a bad size fails before anything is read
     edit = DirectionEdit(mode, coeff, layer, site, unit)
@@ -229,6 +260,7 @@ def orthogonalize(
                 "a GGUF `out` keeps each tensor's own type in one file: drop `dtype`, `max_shard_size`"
             )
         options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec}
+        options["allow_foreign_direction"] = allow_foreign_direction
         return _orthogonalize_gguf(model, direction, out, edit, base_model=base_model, name=name, **options)
     write = _writer(Path(out))
     d = direction
@@ -237,7 +269,7 @@ def orthogonalize(
     source = sources.resolve_model(model)
     protected = [p for p in (source.hf_dir, source.origin, getattr(d, "path", None)) if p is not None]
     check_output(Path(out), force, protected, replace_any)  # a bad `out` fails before planning
-    job = plan_job(source, d, edit, keep_tied, spec)
+    job = plan_job(source, d, edit, keep_tied, spec, allow_foreign_direction)
     check_output(Path(out), force, job.inputs, replace_any)
     ckpt, plan = job.ckpt, job.plan
     record = build_record(
@@ -269,7 +301,7 @@ def orthogonalize(
     if record.base_model is None:
         warnings.append(
             "the base model is unknown (a local folder): the model card names none; pass `base_model` ORG/NAME "
-            "to name it"
+            "here, or to push (refusal-edit push DIR --repo OWNER/NAME --base-model ORG/NAME)"
         )
     return EditOutcome(result.write, result.plan, record, warnings)
 

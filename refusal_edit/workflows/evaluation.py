@@ -16,7 +16,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from refusal_edit.checkpoint.atomic import check_writable
 from refusal_edit.checkpoint.record import RECORD, EditRecord
+from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.edits import check_edit
 from refusal_edit.errors import RefusalEditError
@@ -27,7 +29,7 @@ from refusal_edit.forward import resolve_batch_size
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging import Judge, MarkerJudge
 from refusal_edit.judging.markers import REFUSAL_MARKERS, load_markers
-from refusal_edit.loading.model import LoadedModel, ModelSource, load_model
+from refusal_edit.loading.model import LoadedModel, ModelSource, context_length, load_model
 from refusal_edit.paths import is_within
 from refusal_edit.prompts import PromptSet, chat_format
 from refusal_edit.workflows import sources
@@ -109,6 +111,7 @@ def check_report_out(out: Path, force: bool) -> Path:
         raise RefusalEditError(f"output path is a file, not a directory: {out}")
     if not force and any((target / name).exists() for name in (REPORT_JSON, REPORT_PNG)):
         raise RefusalEditError(f"a report exists in {out} (`force` replaces it)")
+    check_writable(target, Path(out))  # before any model is loaded
     return target
 
 
@@ -151,6 +154,34 @@ def check_recordable(base: ModelSource, edited: ModelSource) -> EditRecord:
                 "would write another model's numbers into its card"
             )
     return record
+
+
+COMPARABLE = ("hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def check_comparable(base: ModelSource, edited: ModelSource) -> None:
+    """EDITED must be a checkpoint of BASE's architecture: the same model type (or an edit of one, relabelled
+    by this tool) and the same hidden size, layer count and vocabulary; else the KL and the side-by-side
+    replies compare two unrelated models."""
+    base_cfg, edited_cfg = base.config(), edited.config()
+    types = base_cfg.get("model_type"), edited_cfg.get("model_type")
+    try:
+        record = EditRecord.load(edited.hf_dir)
+    except RefusalEditError:
+        record = None
+    was = record.source_model.get("model_type") if record is not None else None
+    if types[0] != types[1] and was != types[0]:
+        raise RefusalEditError(
+            f"`edited` is a {types[1]} model, `base` a {types[0]} model: evaluate compares two checkpoints of one "
+            "architecture (an edit with its base)"
+        )
+    for key in COMPARABLE:
+        a, b = _text_value(base_cfg, key), _text_value(edited_cfg, key)
+        if a is not None and b is not None and a != b:
+            raise RefusalEditError(
+                f"`edited` and `base` differ in {key} ({b} vs {a}): evaluate compares two checkpoints of one "
+                "architecture (an edit with its base)"
+            )
 
 
 def _text_value(config: dict[str, Any], key: str) -> Any:
@@ -227,6 +258,10 @@ def evaluate(
 
     t0 = time.perf_counter()
     base_source = base.source if isinstance(base, LoadedModel) else sources.resolve_model(base, dtype)
+    edited_source = None
+    if edited is not None:
+        edited_source = edited.source if isinstance(edited, LoadedModel) else sources.resolve_model(edited, dtype)
+        check_comparable(base_source, edited_source)  # before anything is loaded
     sets = {
         "harmful": sources.evaluation_prompts(base_source, "harmful", harmful, settings.n),
         "harmless": sources.evaluation_prompts(base_source, "harmless", harmless, settings.n),
@@ -241,9 +276,10 @@ def evaluate(
         template_file=template,
         template_kwargs=settings.template_kwargs,
     )
+    fmt.check_context(sets, context_length(base_lm))
     edited_lm = None
     if edited is not None:
-        edited_source = edited.source if isinstance(edited, LoadedModel) else sources.resolve_model(edited, dtype)
+        assert edited_source is not None
         edited_lm = edited if isinstance(edited, LoadedModel) else load_model(edited_source, **placed)
         edited_info = {"edit": _edit_of(edited_source), **(edited_info or {})}
     timings = {"load_s": time.perf_counter() - t0}
@@ -303,10 +339,12 @@ def run(
     out: Path | None = None,
     force: bool = False,
     record: bool = False,
+    allow_foreign_direction: bool = False,
     **options: Any,
 ) -> Evaluation:
     """`refusal-edit evaluate`: every check that can fail fast first, then `evaluate` (which takes
-    `options`: the direction and its edit, prompts, settings, markers, ...), the report, the record."""
+    `options`: the direction and its edit, prompts, settings, markers, ...), the report, the record.
+    A direction extracted from another model than BASE is an error unless `allow_foreign_direction`."""
     direction = options.pop("direction", None)
     check_one_edit(edited, direction)
     if record and edited is None:
@@ -320,8 +358,17 @@ def run(
     dtype = options.get("dtype", "auto")
     base_source = sources.resolve_model(base, dtype)
     edited_source = sources.resolve_model(edited, dtype) if edited is not None else None
+    if edited_source is not None:
+        check_comparable(base_source, edited_source)
+    if isinstance(direction, DirectionFile):
+        weights = identity.known_weights_sha256(base_source.hf_dir, base_source.sha256)
+        target = identity.identity(base_source.config(), base_source.name, weights)
+        edited_base = _edit_of(base_source) is not None
+        what = f"the direction {direction.path.name if direction.path else ''}".rstrip()
+        identity.check(direction.source_model, target, what, edited=edited_base, allow=allow_foreign_direction)
     if record and edited_source is not None:
         check_recordable(base_source, edited_source)
+        check_writable(edited_source.hf_dir, edited_source.hf_dir)
     if out is None:
         label = edited_source.name if edited_source is not None else hook_label(direction, **edit)
         out = default_out(base_source, label)

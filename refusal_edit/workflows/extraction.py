@@ -19,11 +19,13 @@ from safetensors.torch import save_file
 
 from refusal_edit import __version__
 from refusal_edit.checkpoint.atomic import atomic_dir, check_output
+from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import save_direction
 from refusal_edit.directions.extract import ExtractResult, ExtractSettings, find_direction, split_prompts
 from refusal_edit.forward import auto_batch_size, parse_batch_size
-from refusal_edit.loading.model import LoadedModel, ModelSource, load_model
+from refusal_edit.loading.model import LoadedModel, ModelSource, context_length, load_model
 from refusal_edit.prompts import ChatFormat, PromptSet, chat_format
+from refusal_edit.prompts.sets import HASH_SPLIT
 from refusal_edit.provenance import versions
 from refusal_edit.workflows import sources
 
@@ -109,6 +111,13 @@ def save_extraction(
         "position_token": labels[chosen.position],
         "model": lm.source.name,
         "model_sha256": lm.source.sha256 or "",
+        identity.IDENTITY_KEY: json.dumps(
+            identity.identity(
+                lm.source.config(),
+                lm.source.name,
+                identity.known_weights_sha256(lm.source.hf_dir, lm.source.sha256),
+            )
+        ),
         "bypass": f"{chosen.bypass:.6f}",
         "induce": f"{chosen.induce:.6f}",
         "kl": f"{chosen.kl:.6f}",
@@ -199,6 +208,17 @@ class ExtractJob:
             f"induce >= {sel.induce_threshold}, layers < {sel.max_layer(n_layers)}"
         )
 
+    def split_notes(self) -> list[str]:
+        """How each prompt set is divided, one line per set: a user's file is split by a hash, which the
+        user must know to evaluate on the held-out part (`FILE@test`) and not on training prompts."""
+        lines = []
+        for kind, ps in self.prompts.items():
+            counts = ", ".join(f"{n} {name}" for name, n in ps.split_counts().items())
+            how = HASH_SPLIT if ps.hash_split else "by its split column"
+            held_out = f"; evaluate on the held-out part with {ps.source}@test" if ps.hash_split else ""
+            lines.append(f"{kind} prompts {ps.source}: {len(ps)} rows split {how}: {counts}{held_out}")
+        return lines
+
     def run(self) -> Extraction:
         result = find_direction(self.lm, self.fmt, self.prompts["harmful"], self.prompts["harmless"], self.settings)
         return save_extraction(result, self.lm, self.fmt, self.settings, self.out, self.force, self.replace_any)
@@ -258,6 +278,7 @@ def prepare(
         template_file=template,
         template_kwargs=template_kwargs,
     )
+    fmt.check_context(prompts, context_length(lm))
     if size == "auto":
         texts = fmt.format_all([t for ps in prompts.values() for t in ps.instructions])
         settings = make_settings(auto_batch_size(lm.model, lm.tokenizer, texts, new_tokens=16))  # refusal probe

@@ -16,7 +16,7 @@ from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record,
 from refusal_edit.gguf.source import GGUFSource
 from refusal_edit.loading.gguf import gguf_model
 from refusal_edit.workflows import sources
-from refusal_edit.workflows.editing import build_record, edit_inputs, plan_on
+from refusal_edit.workflows.editing import build_record, edit_inputs, plan_on, target_identity
 
 
 @dataclass
@@ -39,6 +39,7 @@ def orthogonalize_gguf(
     base_model: str | None = None,
     name: str | None = None,
     spec: Any = None,
+    allow_foreign_direction: bool = False,
 ) -> GGUFEditResult:
     """Edit a GGUF file (a `.gguf` path or a recipe) by a direction file (or `DirectionFile`) as `edit` says
     (default: ablation), or by an edit variant (`spec`: an `EditSpec` or a tune front point), and write the
@@ -52,14 +53,16 @@ def orthogonalize_gguf(
     model_source = gguf_model(model)
     assert model_source.origin is not None
     source = GGUFSource(model_source.origin)
-    plan, at = plan_on(source, d, spec, edit, keep_tied)
+    previous = previous_record(source)
+    target = target_identity(source.config, model_source.name, model_source.sha256, previous is not None)
+    plan, at = plan_on(source, d, spec, edit, keep_tied, target, allow_foreign_direction)
     record = build_record(
         plan,
         d,
         Path(out),
         base_model=sources.base_model(model_source, base_model),
         source_model={"path": str(source.path), "name": source.path.name},
-        previous=previous_record(source),
+        previous=previous,
         edit=edit,
         at=at,
         name=name,
@@ -75,6 +78,7 @@ def orthogonalize_gguf(
     warnings = list(result.notes)  # type fallbacks, one per tensor
     if final.base_model is None:
         warnings.append(
-            "the base model is unknown (a local file): the record names none; pass `base_model` ORG/NAME to name it"
+            "the base model is unknown (a local file): the record names none; pass `base_model` ORG/NAME to name it "
+            "(here, or to push)"
         )
     return GGUFEditResult(result, plan, final, warnings)
