@@ -90,11 +90,11 @@ def llama(models) -> Path:
 def test_a_layer_selection_outside_the_model_is_an_error(llama, tmp_path, cli, layers):
     d = direction_of(tmp_path / "d.safetensors", config_of(llama), "llama")
     res = cli("orthogonalize", llama, "--direction", d, "--layers", layers, "--out", tmp_path / "out")
-    assert f"--layers {layers if ':' in layers else f'{layers}:{int(layers) + 1}'} is outside the model: it has " \
+    assert f"--layers {layers if ':' in layers else f'{layers}:{int(layers) + 1}'} is out of range: the model has " \
         "3 layers" in error_line(res)  # fmt: skip
     assert not (tmp_path / "out").exists()
     plan = cli("orthogonalize", llama, "--direction", d, "--layers", layers, "--plan-only")
-    assert "is outside the model" in error_line(plan)
+    assert "is out of range" in error_line(plan)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_extract_records_the_source_model(models, tmp_path, cli):
 def test_export_cvec_layers_are_bounded_by_the_direction_s_model(llama, tmp_path, cli):
     d = direction_of(tmp_path / "d.safetensors", config_of(llama), "llama", layer=2)
     res = cli("export-cvec", d, "--layers", "99", "--out", tmp_path / "c.gguf")
-    assert "--layers 99 is outside the model: it has 3 layers" in error_line(res)
+    assert "--layers 99 is out of range: the model has 3 layers" in error_line(res)
     assert not (tmp_path / "c.gguf").exists()
     to_end = cli("export-cvec", d, "--layers", "2:", "--out", tmp_path / "c.gguf")  # A: needs no --model now
     assert to_end.code == 0, to_end.text

@@ -181,8 +181,14 @@ def flag_names(argv: list[str]) -> dict[str, str]:
 
 
 def in_flags(message: str, names: dict[str, str]) -> str:
-    """Replace backticked parameter names in a library message by this command's flags."""
-    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: names.get(m[1], m[0]), message)
+    """Replace backticked parameter names in a library message by this command's flags; `command.name` is
+    another command's parameter (a message that sends the user to `orthogonalize.mode` add)."""
+
+    def flag(m: re.Match[str]) -> str:
+        command, name = m[1], m[2]
+        return (flag_names([command]) if command else names).get(name, m[0])
+
+    return re.sub(r"`(?:([a-z][a-z-]*)\.)?([A-Za-z_][A-Za-z0-9_]*)`", flag, message)
 
 
 def _no_tqdm_bars() -> None:

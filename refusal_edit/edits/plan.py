@@ -377,7 +377,9 @@ def plan_addition(
     if not v.any():
         raise RefusalEditError("the vector to add is zero (`coeff` 0?): this edit changes no tensor")
     if not 0 <= layer < n_layers:
-        raise RefusalEditError(f"`layer` {layer} is outside the model: it has {n_layers} layers (0 to {n_layers - 1})")
+        raise RefusalEditError(
+            f"`layer` {layer} is out of range: the model has {n_layers} layers (0 to {n_layers - 1})"
+        )
     if site not in ("input", "attn"):
         raise RefusalEditError(f"unknown site {site!r} (input, attn)")
     found = _matches(source, spec)

@@ -81,7 +81,7 @@ class Strength:
         ):
             window = f"{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}"
             raise RefusalEditError(
-                f"`layers` {window} is outside the model: it has {n_layers} layers (0:{n_layers} selects them all)"
+                f"`layers` {window} is out of range: the model has {n_layers} layers (0:{n_layers} selects them all)"
             )
 
     def to_json(self) -> dict[str, Any]:

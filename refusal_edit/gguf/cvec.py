@@ -28,6 +28,10 @@ from refusal_edit.gguf.writer import atomic_file
 
 ARCH = "controlvector"
 FIRST_LAYER = 2  # input of HF layer 1 would be direction.0, which llama.cpp rejects
+BAKE_IT_IN = (
+    "bake the addition into the weights: refusal-edit orthogonalize MODEL `orthogonalize.direction` DIRECTION "
+    "`orthogonalize.mode` add"
+)
 
 
 def tensor_name(layer: int) -> str:
@@ -35,8 +39,7 @@ def tensor_name(layer: int) -> str:
     if layer < FIRST_LAYER:
         raise RefusalEditError(
             f"a llama.cpp control vector cannot add at the input of layer {layer} (the first it can steer is layer "
-            f"{FIRST_LAYER}: direction.0 is rejected); choose `layers` from {FIRST_LAYER}, or bake the addition into "
-            "the weights: refusal-edit orthogonalize MODEL --direction DIRECTION --mode add"
+            f"{FIRST_LAYER}: direction.0 is rejected); choose `layers` from {FIRST_LAYER}, or {BAKE_IT_IN}"
         )
     return f"direction.{layer - 1}"
 
@@ -49,8 +52,7 @@ def parse_layers(text: str | None, default: int | None, n_layers: int | None) ->
         if default < FIRST_LAYER:
             raise RefusalEditError(
                 f"extract chose layer {default}, and a llama.cpp control vector cannot add at the input of layer 0 "
-                f"or 1 (direction.0 is rejected): pass `layers` {FIRST_LAYER} (or later), or bake the addition "
-                "into the weights: refusal-edit orthogonalize MODEL --direction DIRECTION --mode add"
+                f"or 1 (direction.0 is rejected): pass `layers` {FIRST_LAYER} (or later), or {BAKE_IT_IN}"
             )
         layers = [default]
     else:
@@ -72,7 +74,7 @@ def parse_layers(text: str | None, default: int | None, n_layers: int | None) ->
             raise RefusalEditError(f"`layers` {text!r} selects no layer")
     if n_layers is not None and layers[-1] > n_layers:
         raise RefusalEditError(
-            f"`layers` {text or layers[-1]} is outside the model: it has {n_layers} layers (a control vector "
+            f"`layers` {text or layers[-1]} is out of range: the model has {n_layers} layers (a control vector "
             f"steers the inputs of layers {FIRST_LAYER} to {n_layers})"
         )
     for layer in layers:

@@ -301,7 +301,7 @@ def orthogonalize(
     if record.base_model is None:
         warnings.append(
             "the base model is unknown (a local folder): the model card names none; pass `base_model` ORG/NAME "
-            "here, or to push (refusal-edit push DIR --repo OWNER/NAME --base-model ORG/NAME)"
+            "here, or to push (refusal-edit push DIR `push.repo` OWNER/NAME `push.base_model` ORG/NAME)"
         )
     return EditOutcome(result.write, result.plan, record, warnings)
 
