@@ -232,6 +232,7 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(loading, "load_model", loaded)
     monkeypatch.setattr("refusal_edit.workflows.evaluation.load_model", loaded)
     monkeypatch.setattr("refusal_edit.workflows.extraction.load_model", loaded)
+    monkeypatch.setattr("refusal_edit.workflows.tune.load_model", loaded)
 
 
 @pytest.mark.parametrize(("other", "why"), [("wide", "differ in hidden_size (48 vs 32)"), ("qwen2", "a qwen2 model")])
@@ -242,15 +243,23 @@ def test_evaluate_refuses_two_checkpoints_of_different_architectures(models, tmp
     assert not (tmp_path / "rep").exists()
 
 
-def test_evaluate_refuses_a_foreign_direction_before_loading(models, tmp_path, cli, no_loading):
+@pytest.mark.parametrize("command", ["evaluate", "tune"])
+def test_evaluate_and_tune_refuse_a_foreign_direction_before_loading(models, tmp_path, cli, no_loading, command):
     d = direction_of(tmp_path / "d.safetensors", config_of(models["deep"]), "deep")
-    res = cli("evaluate", models["llama"], "--direction", d, "--out", tmp_path / "rep", *FAST_EVAL)
+    res = cli(command, models["llama"], "--direction", d, "--out", tmp_path / "rep")
     assert "they differ in layer count; pass --allow-foreign-direction" in error_line(res)
+    assert not (tmp_path / "rep").exists()
 
 
-@pytest.mark.parametrize("command", ["extract", "evaluate"])
+@pytest.mark.parametrize("command", ["extract", "evaluate", "tune"])
 def test_an_unwritable_out_fails_before_anything_is_loaded(llama, tmp_path, cli, no_loading, monkeypatch, command):
-    args = FAST_EXTRACT if command == "extract" else ["--direction", make_direction(tmp_path / "d").path, *FAST_EVAL]
+    direction = direction_of(tmp_path / "d.safetensors", config_of(llama), "llama")
+    args = {
+        "extract": FAST_EXTRACT,
+        "evaluate": ["--direction", direction, *FAST_EVAL],
+        "tune": ["--direction", direction],
+    }
+    args = args[command]
     proc = cli(command, llama, "--out", "/proc/refusal-edit-test/out", *args)  # no one writes in /proc
     assert "cannot write /proc/refusal-edit-test/out" in error_line(proc)
 
@@ -317,7 +326,7 @@ def test_a_full_disk_inside_a_library_writer_is_one_line(tmp_path):
     assert files(tmp_path) == set()
 
 
-def _interrupted(args: list[str], delay: float, cwd: Path) -> subprocess.CompletedProcess:
+def _interrupted(args: list[str], delay: float, cwd: Path, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
     """Run the console script in its own process group with Ctrl-C's default action, press Ctrl-C after
     `delay` seconds (a background job of a non-interactive shell would otherwise ignore SIGINT)."""
     script = Path(sys.executable).with_name("refusal-edit")
@@ -326,16 +335,25 @@ def _interrupted(args: list[str], delay: float, cwd: Path) -> subprocess.Complet
         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("delay", [0.2, 1.0])
-def test_ctrl_c_during_start_up_is_one_line(llama, tmp_path, delay):
-    done = _interrupted(["extract", str(llama), "--out", "run", *FAST_EXTRACT], delay, tmp_path)
-    assert done.returncode == 130, done.stderr
-    assert done.stderr.strip() == "interrupted (Ctrl-C): stopped before the end", done.stderr
+@pytest.mark.parametrize(
+    ("sig", "delay", "code", "message"),
+    [
+        (signal.SIGINT, 0.3, 130, "interrupted (Ctrl-C): stopped before the end"),
+        (signal.SIGINT, 1.5, 130, "interrupted (Ctrl-C): stopped before the end"),
+        (signal.SIGTERM, 0.3, 143, "terminated (SIGTERM): stopped before the end"),
+    ],
+)
+def test_ctrl_c_or_sigterm_during_start_up_is_one_line(llama, tmp_path, sig, delay, code, message):
+    """While the command line is still being imported (seconds on a busy machine). Earlier than ~0.1 s the
+    signal lands in the interpreter's own start-up (site.py), before any of this package exists."""
+    done = _interrupted(["extract", str(llama), "--out", "run", *FAST_EXTRACT], delay, tmp_path, sig)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip() == message, done.stderr
     assert not (tmp_path / "run").exists()
 
 

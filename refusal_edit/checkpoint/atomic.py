@@ -191,7 +191,7 @@ def check_writable(folder: Path, shown: Path) -> None:
     while not anchor.exists() and anchor != anchor.parent:
         anchor = anchor.parent
     if not anchor.is_dir():
-        raise RefusalEditError(f"cannot write {shown}: {anchor} is a file, not a folder")
+        raise RefusalEditError(f"cannot create {shown}: {anchor} is a file, not a folder")
     probe = anchor / f"{TMP_MARK}probe-{uuid.uuid4().hex[:8]}"
     try:
         os.mkdir(probe)

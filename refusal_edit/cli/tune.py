@@ -102,6 +102,11 @@ def tune(
     force: bool = opt.switch(
         "--force", "Start over in --out (removes only a previous study's files).", panel=opt.OUTPUT
     ),
+    allow_foreign_direction: bool = opt.switch(
+        "--allow-foreign-direction",
+        "Tune a direction extracted from another model (an error otherwise).",
+        panel=opt.INPUT,
+    ),
 ) -> None:
     """Search edit variants (per-layer strength, per-layer / interpolated / projected directions, norm
     preservation) with Optuna on cheap proxies, confirm the best points by generation, and pick one.
@@ -140,6 +145,7 @@ def tune(
         resume=resume,
         force=force,
         batch_size=rows if rows == "auto" else None,
+        allow_foreign_direction=allow_foreign_direction,
     )
     result = outcome.result
     show(front_table(result))

@@ -18,7 +18,6 @@ from typing import Any
 
 from refusal_edit.checkpoint.atomic import check_writable
 from refusal_edit.checkpoint.record import RECORD, EditRecord
-from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.edits import check_edit
 from refusal_edit.errors import RefusalEditError
@@ -156,13 +155,13 @@ def check_recordable(base: ModelSource, edited: ModelSource) -> EditRecord:
     return record
 
 
-COMPARABLE = ("hidden_size", "num_hidden_layers", "vocab_size")
+COMPARABLE = ("hidden_size", "num_hidden_layers")
 
 
 def check_comparable(base: ModelSource, edited: ModelSource) -> None:
     """EDITED must be a checkpoint of BASE's architecture: the same model type (or an edit of one, relabelled
-    by this tool) and the same hidden size, layer count and vocabulary; else the KL and the side-by-side
-    replies compare two unrelated models."""
+    by this tool) and the same hidden size and layer count; else the KL and the side-by-side replies compare
+    two unrelated models. (The vocabulary is compared once the tokenizers are loaded, token by token.)"""
     base_cfg, edited_cfg = base.config(), edited.config()
     types = base_cfg.get("model_type"), edited_cfg.get("model_type")
     try:
@@ -358,17 +357,13 @@ def run(
     dtype = options.get("dtype", "auto")
     base_source = sources.resolve_model(base, dtype)
     edited_source = sources.resolve_model(edited, dtype) if edited is not None else None
+    if record and edited_source is not None:
+        check_recordable(base_source, edited_source)  # its message says what `record` would do wrong
+        check_writable(edited_source.hf_dir, edited_source.hf_dir)
     if edited_source is not None:
         check_comparable(base_source, edited_source)
     if isinstance(direction, DirectionFile):
-        weights = identity.known_weights_sha256(base_source.hf_dir, base_source.sha256)
-        target = identity.identity(base_source.config(), base_source.name, weights)
-        edited_base = _edit_of(base_source) is not None
-        what = f"the direction {direction.path.name if direction.path else ''}".rstrip()
-        identity.check(direction.source_model, target, what, edited=edited_base, allow=allow_foreign_direction)
-    if record and edited_source is not None:
-        check_recordable(base_source, edited_source)
-        check_writable(edited_source.hf_dir, edited_source.hf_dir)
+        sources.check_direction(direction, base_source, allow_foreign_direction)
     if out is None:
         label = edited_source.name if edited_source is not None else hook_label(direction, **edit)
         out = default_out(base_source, label)

@@ -130,6 +130,23 @@ def base_model(source: ModelSource, given: str | None = None) -> str | None:
     return hub_model_id(f"{match[1]}/{match[2]}") if match else None
 
 
+def check_direction(direction: Any, source: ModelSource, allow_foreign: bool = False) -> str | None:
+    """A direction file (`DirectionFile`) applied to MODEL `source` must come from it (`directions.identity`):
+    an error naming both otherwise, unless `allow_foreign`; returns the note to keep (an unknown source, or a
+    foreign direction allowed on purpose), None when they match."""
+    from refusal_edit.checkpoint.record import EditRecord
+    from refusal_edit.directions import identity
+
+    try:
+        edited = EditRecord.load(source.hf_dir) is not None
+    except RefusalEditError:
+        edited = False
+    weights = identity.known_weights_sha256(source.hf_dir, source.sha256)
+    target = identity.identity(source.config(), source.name, weights)
+    what = f"the direction {direction.path.name if direction.path else ''}".rstrip()
+    return identity.check(direction.source_model, target, what, edited=edited, allow=allow_foreign)
+
+
 def folder_name(name: str) -> str:
     """A model or edit name as one folder name (`org/name` -> `org--name`)."""
     return name.replace("/", "--").replace("\\", "--")

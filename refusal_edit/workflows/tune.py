@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from refusal_edit.checkpoint.atomic import check_writable
 from refusal_edit.console import console
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.directions.bank import load_bank
@@ -49,6 +50,7 @@ def _prepare_out(out: Path, resume: bool, force: bool) -> None:
     """`out` is a folder of this tool's tune files: new, resumed, or (with `force`) cleared of them."""
     if out.exists() and not out.is_dir():
         raise RefusalEditError(f"output path is a file, not a directory: {out}")
+    check_writable(out, out)
     if out.is_dir():
         foreign = [p.name for p in out.iterdir() if p.name not in OURS and not p.name.startswith(".")]
         if foreign:
@@ -102,17 +104,19 @@ def tune(
     max_memory: str | dict[Any, Any] | None = None,
     offload_dir: Path | None = None,
     batch_size: int | str | None = None,
+    allow_foreign_direction: bool = False,
 ) -> TuneOutcome:
     """Search and confirm the refusal-vs-damage front of MODEL's edits by `direction` (module docstring).
 
     `device` auto places the layers with accelerate within `max_memory`; `batch_size` (a number or auto)
-    replaces `settings.batch_size`."""
+    replaces `settings.batch_size`. A direction from another model is an error unless `allow_foreign_direction`."""
     settings = (settings or TuneSettings()).check()
     if n_val < 2:
         raise RefusalEditError(f"`n_val` must be at least 2, got {n_val}")
     d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
     bank, d = load_bank(d)
     source = sources.resolve_model(model, dtype)
+    sources.check_direction(d, source, allow_foreign_direction)
     target = Path(out).expanduser() if out is not None else sources.default_out(source, "tune")
     _prepare_out(target, resume, force)
     lm = load_model(source, dtype=dtype, device=device, max_memory=max_memory, offload_dir=offload_dir)
