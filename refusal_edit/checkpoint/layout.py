@@ -23,8 +23,8 @@ INDEX = "model.safetensors.index.json"
 # Weight files in other formats would ship the *unedited* weights next to the edited ones: never copied.
 FOREIGN_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 MAX_JSON = 64 << 20  # config and index files are kilobytes; anything this large is not one
-# Config keys that must be non-negative integers when present (the plan computes with them).
-INT_KEYS = (
+# The config values that fix a model's shapes (a direction's source model is identified by them too).
+SHAPE_KEYS = (
     "hidden_size",
     "num_hidden_layers",
     "intermediate_size",
@@ -32,6 +32,10 @@ INT_KEYS = (
     "num_key_value_heads",
     "head_dim",
     "vocab_size",
+)
+# Config keys that must be non-negative integers when present (the plan computes with them).
+INT_KEYS = (
+    *SHAPE_KEYS,
     "n_embd",
     "n_layer",
     "n_head",

@@ -20,19 +20,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from refusal_edit.checkpoint.layout import SHAPE_KEYS
 from refusal_edit.errors import RefusalEditError
 
 IDENTITY_KEY = "source_model"
-# The config values that fix a model's architecture and shapes (text config of a multimodal wrapper).
-ARCH_KEYS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-)
+ARCH_KEYS = SHAPE_KEYS  # compared in the text config of a multimodal wrapper
 _BLOB = re.compile(r"/blobs/([0-9a-f]{64})$")
 
 
