@@ -20,6 +20,8 @@ from refusal_edit.errors import RefusalEditError
 from refusal_edit.paths import is_within, plain_name
 
 INDEX = "model.safetensors.index.json"
+# Any one of these is a tokenizer transformers can load (fast, sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
 # Weight files in other formats would ship the *unedited* weights next to the edited ones: never copied.
 FOREIGN_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 MAX_JSON = 64 << 20  # config and index files are kilobytes; anything this large is not one

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from refusal_edit.checkpoint.atomic import TMP_MARK
 from refusal_edit.checkpoint.card import CARD, render_card, validate_card
-from refusal_edit.checkpoint.layout import FOREIGN_WEIGHTS, INDEX, open_checkpoint
+from refusal_edit.checkpoint.layout import FOREIGN_WEIGHTS, INDEX, TOKENIZER_FILES, open_checkpoint
 from refusal_edit.checkpoint.record import RECORD, EditRecord, hub_model_id
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.hub.allow import NOT_A_MODEL_FILE, card_images, included, kind_of
@@ -45,8 +45,6 @@ MAX_MEMBERS = 1024  # a bigger archive is not inspected, and not published
 
 PICKLED_WEIGHTS = tuple(s for s in FOREIGN_WEIGHTS if s != ".gguf")  # GGUF is data: the allow list decides
 PICKLE = "pickled data (runs code when loaded): never published"
-# Any one of these is a usable tokenizer next to tokenizer_config.json (fast, sentencepiece, BPE, WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
 
 
 def _inflate(stream: BinaryIO) -> BinaryIO:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refusal_edit.checkpoint.layout import TOKENIZER_FILES
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading import placement
 from refusal_edit.loading.gguf import convert_gguf
@@ -202,10 +203,6 @@ def _device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise RefusalEditError("`device` cuda was requested but no CUDA device is available")
     return device
-
-
-# Any one of these is a tokenizer transformers can load (fast, sentencepiece, BPE, WordPiece, tiktoken).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
 
 
 def load_tokenizer(hf_dir: Path):
