@@ -1,26 +1,44 @@
-"""The console script's entry point: nothing heavy is imported before Ctrl-C and SIGTERM are handled.
+"""The console script's entry point: Ctrl-C and SIGTERM are one line from the first to the last moment.
 
 Importing the command line (Typer, rich, torch through the edit modules) takes seconds on a busy machine;
 a Ctrl-C in it would otherwise print Python's traceback of the import chain, and a SIGTERM would end the
 process without a word. Here each is one line and exit code 130 / 143, as everywhere else
-(`refusal_edit.cli.main`, which installs its own handling once it runs).
+(`refusal_edit.cli.main`, which installs its own handling once it runs). After the command has finished,
+while the interpreter shuts down (seconds with torch loaded), a signal says that the command had finished
+and exits at once with the signal's code, instead of killing the process silently.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from contextlib import suppress
 
 from refusal_edit.interrupt import Terminated, sigterm_raises
 
 INTERRUPTED = 130
 
 
+def _after_the_end(signum: int, frame: object) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):
+            stream.flush()
+    name = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "terminated (SIGTERM)"
+    os.write(2, f"{name} after the command had finished: its output is complete\n".encode())
+    os._exit(128 + signum)
+
+
 def main() -> None:
     try:
-        with sigterm_raises():
-            from refusal_edit.cli import main as run
+        try:
+            with sigterm_raises():
+                from refusal_edit.cli import main as run
 
-            run()
+                run()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, _after_the_end)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted (Ctrl-C): stopped before the end\n")
         sys.exit(INTERRUPTED)

@@ -357,6 +357,20 @@ def test_ctrl_c_or_sigterm_during_start_up_is_one_line(llama, tmp_path, sig, del
     assert not (tmp_path / "run").exists()
 
 
+def test_a_signal_after_the_command_finished_says_the_output_is_complete(tmp_path):
+    """Ctrl-C while the interpreter shuts down (atexit handlers run; seconds with torch loaded)."""
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+        "sys.argv = ['refusal-edit', 'archs']\n"
+        "from refusal_edit.entry import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 130 and "Traceback" not in done.stderr
+    assert done.stderr.strip().endswith("interrupted (Ctrl-C) after the command had finished: its output is complete")
+
+
 def test_ctrl_c_after_the_output_is_complete_says_so(llama, tmp_path, cli, monkeypatch):
     from refusal_edit.cli import orthogonalize as command
 
