@@ -10,6 +10,7 @@ and exits at once with the signal's code, instead of killing the process silentl
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ def _after_the_end(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-def main() -> None:
+def _run() -> None:
     try:
         try:
             with sigterm_raises():
@@ -45,3 +46,21 @@ def main() -> None:
     except Terminated as exc:
         sys.stderr.write("terminated (SIGTERM): stopped before the end\n")
         sys.exit(128 + exc.signum)
+
+
+def main() -> None:
+    """Run the command, then exit without the interpreter's own teardown: the exit handlers run (logging,
+    temporary folders, locks) with the signal handlers above still in place, and the process ends at once,
+    not seconds later with torch loaded, during which a signal would end it silently."""
+    try:
+        _run()
+    except SystemExit as exc:
+        code = exc.code
+        if code is not None and not isinstance(code, int):
+            sys.stderr.write(f"{code}\n")
+        status = code if isinstance(code, int) else (0 if code is None else 1)
+        atexit._run_exitfuncs()  # what the interpreter itself would run at exit, first
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
