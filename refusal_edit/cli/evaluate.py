@@ -140,7 +140,9 @@ def evaluate(
     max_memory: str | None = opt.MAX_MEMORY,
     offload_dir: Path | None = opt.OFFLOAD_DIR,
     allow_foreign_direction: bool = opt.switch(
-        "--allow-foreign-direction", "Apply a --direction extracted from another model (an error otherwise)."
+        "--allow-foreign-direction",
+        "Apply a --direction extracted from another model (an error otherwise).",
+        panel=opt.INPUT,
     ),
     intervention: str | None = typer.Option(None, "--intervention", hidden=True, help="Old name of --mode."),
     n_old: int | None = typer.Option(None, "--n", hidden=True, help="Old name of --n-test."),

@@ -100,6 +100,7 @@ def orthogonalize(
     allow_foreign_direction: bool = switch(
         "--allow-foreign-direction",
         "Apply a direction extracted from another model (an error otherwise); the record and card say so.",
+        panel=INPUT,
     ),
 ) -> None:
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
