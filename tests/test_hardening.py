@@ -223,16 +223,15 @@ def test_export_cvec_default_at_layer_0_or_1_names_real_flags(llama, tmp_path, c
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    """Fail the test if any model is loaded: the checks under test must come first."""
-    from refusal_edit.loading import model as loading
+    """Fail the test if any model is loaded: the checks under test must come first. (The workflows are
+    imported before anything is patched, so none binds the stand-in for good.)"""
+    from refusal_edit.workflows import evaluation, extraction, tune
 
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the check")
 
-    monkeypatch.setattr(loading, "load_model", loaded)
-    monkeypatch.setattr("refusal_edit.workflows.evaluation.load_model", loaded)
-    monkeypatch.setattr("refusal_edit.workflows.extraction.load_model", loaded)
-    monkeypatch.setattr("refusal_edit.workflows.tune.load_model", loaded)
+    for module in (evaluation, extraction, tune):
+        monkeypatch.setattr(module, "load_model", loaded)
 
 
 @pytest.mark.parametrize(("other", "why"), [("wide", "differ in hidden_size (48 vs 32)"), ("qwen2", "a qwen2 model")])
