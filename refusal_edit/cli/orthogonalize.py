@@ -72,6 +72,15 @@ def orthogonalize(
     plan_only: bool = switch(
         "--plan-only", "Print every tensor the edit would change, and how; write nothing.", panel=OUTPUT
     ),
+    format: str | None = typer.Option(
+        None,
+        "--format",
+        help="safetensors|gguf|peft|gguf-lora: peft writes a PEFT LoRA adapter folder (megabytes), gguf-lora a "
+        "llama.cpp LoRA for a GGUF MODEL (llama.cpp --lora); both equal the weight edit.",
+        show_default="from --out: .gguf is gguf, else safetensors",
+        metavar="<format>",
+        rich_help_panel=OUTPUT,
+    ),
     mode: str = MODE,
     coeff: float = COEFF,
     layer: int | None = LAYER,
@@ -139,6 +148,7 @@ def orthogonalize(
         replace_any=replace_any,
         allow_nonfinite=allow_nonfinite,
         spec=options,
+        format=format,
     )
     w = result.write
     table = Table(title=escape(f"{result.record.mode if result.record else mode}: {out}"))

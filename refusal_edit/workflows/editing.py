@@ -1,8 +1,8 @@
 """The `orthogonalize` workflow: resolve MODEL, plan the edit (core), build the record, write the checkpoint.
 
 The record (`refusal_edit.json`) and the model card rendered from it travel inside the atomic output, so
-an edited checkpoint never exists without them. The output format is chosen from `out` in one place
-(`_writer`): safetensors directories today, other formats beside it.
+an edited checkpoint never exists without them. The output format is chosen in one place (`output_format`):
+a safetensors directory, an edited GGUF, or an adapter of either (PEFT LoRA, llama.cpp LoRA).
 """
 
 from __future__ import annotations
@@ -74,10 +74,26 @@ def build_record(
     ).after(previous)
 
 
+OUTPUT_FORMATS = ("safetensors", "gguf", "peft", "gguf-lora")
+FILE_FORMATS = ("gguf", "gguf-lora")  # written to OUT.gguf; the others to a directory
+
+
+def output_format(out: Path | str, format: str | None = None) -> str:
+    """The output format: the one given, else from `out` (OUT.gguf: an edited GGUF; a directory: safetensors).
+    The one place that chooses it; a format that does not fit `out` is an error."""
+    is_file = Path(out).suffix.lower() == ".gguf"
+    if format is None:
+        return "gguf" if is_file else "safetensors"
+    if format not in OUTPUT_FORMATS:
+        raise RefusalEditError(f"unknown `format` {format!r} ({', '.join(OUTPUT_FORMATS)})")
+    if (format in FILE_FORMATS) != is_file:
+        want = "a file OUT.gguf" if format in FILE_FORMATS else "a directory"
+        raise RefusalEditError(f"`format` {format} writes {want}; `out` is {out}")
+    return format
+
+
 def _writer(out: Path) -> Callable[..., EditResult]:
-    """How an edit is written to `out`: the one place that chooses an output format."""
-    if Path(out).suffix.lower() == ".gguf":
-        raise RefusalEditError(f"`out` {out} names a GGUF file: GGUF output is not supported yet (give a directory)")
+    """How a checkpoint edit is written to `out`."""
     return _write_safetensors
 
 
@@ -212,6 +228,7 @@ def orthogonalize(
     replace_any: bool = False,
     allow_nonfinite: bool = False,
     spec: EditSpec | str | Path | None = None,
+    format: str | None = None,
 ) -> EditOutcome:
     """Edit MODEL by `direction` and write a standalone checkpoint to `out` (see `refusal-edit orthogonalize`).
 
@@ -220,15 +237,18 @@ def orthogonalize(
     `force` replaces a previous output of this tool (`replace_any`: any folder); `allow_nonfinite` writes
     NaN / inf values the edit or the cast produced, with a warning, instead of failing. `spec` is an edit
     variant (an `EditSpec`) or a tune front point (`front.json[#ID]`, which also names the direction).
+    `format` (see `output_format`): `peft` writes a PEFT LoRA adapter folder, `gguf-lora` a llama.cpp LoRA
+    adapter for a GGUF MODEL, instead of the edited model.
     """
     parse_size(max_shard_size)  # a bad size fails before anything is read
     edit = DirectionEdit(mode, coeff, layer, site, unit)
-    if Path(out).suffix.lower() == ".gguf":
-        if dtype != "keep" or max_shard_size is not None:
-            raise RefusalEditError(
-                "a GGUF `out` keeps each tensor's own type in one file: drop `dtype`, `max_shard_size`"
-            )
-        options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec}
+    fmt = output_format(out, format)
+    if fmt != "safetensors" and (dtype != "keep" or max_shard_size is not None):
+        raise RefusalEditError(f"a {fmt} output keeps its own tensor types: drop `dtype`, `max_shard_size`")
+    if fmt in ("peft", "gguf-lora") and keep_tied:
+        raise RefusalEditError(f"an adapter ({fmt}) is always the exact, untied edit: drop `keep_tied`")
+    if fmt in FILE_FORMATS:
+        options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec, "format": fmt}
         return _orthogonalize_gguf(model, direction, out, edit, base_model=base_model, name=name, **options)
     write = _writer(Path(out))
     d = direction
@@ -251,8 +271,11 @@ def orthogonalize(
         at=job.layer,
         dtype=dtype,
         name=name,
+        format=fmt,
         spec=job.record_spec(),
     )
+    if fmt == "peft":
+        return _write_peft(job, record, Path(out), force=force, replace_any=replace_any)
     result = write(
         ckpt,
         plan,
@@ -265,13 +288,33 @@ def orthogonalize(
         replace_any=replace_any,
         allow_nonfinite=allow_nonfinite,
     )
-    warnings = list(result.write.warnings)
-    if record.base_model is None:
-        warnings.append(
-            "the base model is unknown (a local folder): the model card names none; pass `base_model` ORG/NAME "
-            "to name it"
-        )
+    warnings = list(result.write.warnings) + _unknown_base(record)
     return EditOutcome(result.write, result.plan, record, warnings)
+
+
+def _unknown_base(record: EditRecord, what: str = "folder") -> list[str]:
+    if record.base_model is not None:
+        return []
+    return [
+        f"the base model is unknown (a local {what}): the model card names none; pass `base_model` ORG/NAME to name it"
+    ]
+
+
+def _write_peft(job: EditJob, record: EditRecord, out: Path, **options: Any) -> EditOutcome:
+    """The edit as a PEFT LoRA adapter folder, with the record and its card (`library_name: peft`)."""
+    from refusal_edit.adapters.peft import write_peft
+
+    result = write_peft(
+        job.ckpt,
+        job.plan,
+        out,
+        base_model=record.base_model,
+        extra_files=lambda tmp: record.save(tmp),
+        inputs=tuple(job.inputs[1:]),
+        **options,
+    )
+    job.plan.notes.extend(result.notes)
+    return EditOutcome(result, job.plan, record, _unknown_base(record))  # type: ignore[arg-type]
 
 
 def _orthogonalize_gguf(

@@ -18,6 +18,8 @@ from refusal_edit.loading.gguf import gguf_model
 from refusal_edit.workflows import sources
 from refusal_edit.workflows.editing import build_record, edit_inputs, plan_on
 
+UNKNOWN_BASE = "the base model is unknown (a local file): the record names none; pass `base_model` ORG/NAME to name it"
+
 
 @dataclass
 class GGUFEditResult:
@@ -39,6 +41,7 @@ def orthogonalize_gguf(
     base_model: str | None = None,
     name: str | None = None,
     spec: Any = None,
+    format: str = "gguf",
 ) -> GGUFEditResult:
     """Edit a GGUF file (a `.gguf` path or a recipe) by a direction file (or `DirectionFile`) as `edit` says
     (default: ablation), or by an edit variant (`spec`: an `EditSpec` or a tune front point), and write the
@@ -46,6 +49,7 @@ def orthogonalize_gguf(
 
     The same plan as the safetensors path (`plan_direction_edit` / `plan_variant` on a `GGUFSource`) and the
     same record (`build_record`), embedded as `refusal_edit.record` plus flat `refusal_edit.*` keys.
+    `format` `gguf-lora` writes a llama.cpp LoRA adapter for the file instead of the edited file.
     """
     edit = edit or DirectionEdit()
     d, spec, spec_info = edit_inputs(direction, spec, edit)
@@ -63,10 +67,19 @@ def orthogonalize_gguf(
         edit=edit,
         at=at,
         name=name,
-        format="gguf",
+        format=format,
         spec=None if spec is None else {"edit": spec.to_json(), **(spec_info or {})},
     )
     inputs = tuple(p for p in (d.path,) if p is not None)
+    if format == "gguf-lora":
+        from refusal_edit.gguf.lora import write_gguf_lora
+
+        lora = write_gguf_lora(
+            source, plan, Path(out), record=record.to_dict(), force=force, replace_any=replace_any, inputs=inputs
+        )
+        plan.notes.extend(lora.notes)
+        warnings = [] if record.base_model else [UNKNOWN_BASE]
+        return GGUFEditResult(lora, plan, record, warnings)  # type: ignore[arg-type]
     result = write_gguf(
         source, plan, Path(out), record=record.to_dict(), force=force, replace_any=replace_any, inputs=inputs
     )
@@ -74,7 +87,5 @@ def orthogonalize_gguf(
     plan.notes.extend(summary(result.tensors))  # requantization figures, shown with the plan's notes
     warnings = list(result.notes)  # type fallbacks, one per tensor
     if final.base_model is None:
-        warnings.append(
-            "the base model is unknown (a local file): the record names none; pass `base_model` ORG/NAME to name it"
-        )
+        warnings.append(UNKNOWN_BASE)
     return GGUFEditResult(result, plan, final, warnings)
