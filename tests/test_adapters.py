@@ -69,3 +69,81 @@ def test_peft_adapter_equals_checkpoint_and_hooks(model_type, tmp_path, cli):
 
 def test_every_table_entry_is_covered():
     assert set(ARCHS) == set(ARCHITECTURES)
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp LoRA GGUF
+
+
+def _ggml_delta(name: str, a, b, alpha: float):
+    """The change llama.cpp applies for one lora_a / lora_b pair, in HF orientation (llama-graph.cpp's formulas,
+    restated): a matrix gets b @ a; token_embd's row t gets b @ a[t]; fused experts b[e] @ a[e]; scale alpha / r."""
+    import numpy as np
+
+    rank = b.shape[-1]
+    scale = alpha / rank
+    if name == "token_embd.weight":
+        return scale * (a @ b.T)
+    if a.ndim == 3:
+        return scale * np.einsum("ehr,eri->ehi", b, a)
+    return scale * (b @ a)
+
+
+@pytest.mark.parametrize(
+    ("arch", "moe"), [("qwen2", False), ("gemma2", False), ("qwen2moe", True)], ids=["qwen2", "gemma2", "moe"]
+)
+def test_gguf_lora_is_the_edit_of_the_dequantized_base(arch, moe, tmp_path):
+    """Every pair, applied by llama.cpp's formula to the dequantized base tensor, gives exactly what the plan's
+    transform makes of it (the edited GGUF before requantization); metadata as llama.cpp requires."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf_tiny import HIDDEN, write_tiny
+
+    from refusal_edit.directions.artifacts import save_direction
+    from refusal_edit.edits.ops import apply_whole
+    from refusal_edit.gguf import quants
+    from refusal_edit.gguf.file import GGUFFile
+    from refusal_edit.gguf.source import GGUFSource
+    from refusal_edit.workflows.gguf import orthogonalize_gguf
+
+    torch.manual_seed(0)
+    save_direction(tmp_path / "d.safetensors", torch.randn(HIDDEN), {"layer": 1, "position": -1, "model": "tiny"})
+    base = write_tiny(tmp_path / "m.gguf", arch, ffn_type=[Q.Q4_K, Q.Q6_K], moe=moe)
+    result = orthogonalize_gguf(base, tmp_path / "d.safetensors", tmp_path / "lora.gguf", format="gguf-lora")
+    lora = GGUFFile(tmp_path / "lora.gguf")
+    assert lora.arch == GGUFFile(base).arch
+    assert lora.value("general.type") == "adapter" and lora.value("adapter.type") == "lora"
+    source = GGUFSource(base)
+    plan = result.plan
+    alpha = lora.value("adapter.lora.alpha")
+    assert len(lora.tensors) == 2 * len(plan.transforms)
+    for hf, transform in plan.transforms.items():
+        name = source.gguf_of[hf]
+        ta, tb = lora.tensors[f"{name}.lora_a"], lora.tensors[f"{name}.lora_b"]
+        base_t = source.gguf.tensors[name]
+        if name == "token_embd.weight":  # flipped: a ne [r, V], b ne [r, H]
+            assert ta.ne[1] == base_t.ne[1] and tb.ne[1] == base_t.ne[0]
+        else:  # a ne [in, r, (E)], b ne [r, out, (E)]
+            assert ta.ne[0] == base_t.ne[0] and tb.ne[1] == base_t.ne[1] and ta.ne[1] == tb.ne[0]
+        a = lora.rows(ta, 0, ta.n_rows).view(np.float32).reshape(ta.hf_shape)
+        b = lora.rows(tb, 0, tb.n_rows).view(np.float32).reshape(tb.hf_shape)
+        w = quants.dequantize(source.gguf.rows(base_t, 0, base_t.n_rows), base_t.qtype, base_t.row_size)
+        w = torch.from_numpy(np.array(w, dtype=np.float32).reshape(base_t.hf_shape))
+        expected = apply_whole(transform, w.clone())
+        got = w + torch.from_numpy(_ggml_delta(name, a, b, alpha))
+        assert (got - expected).abs().max().item() <= 1e-5, name
+    assert result.record.format == "gguf-lora"
+
+
+def test_gguf_lora_refuses_a_tied_head(tmp_path):
+    """llama.cpp looks adapters up by tensor name: a tied head (token_embd reused) would get the embedding's pair."""
+    from gguf_tiny import HIDDEN, write_tiny
+
+    from refusal_edit.directions.artifacts import save_direction
+    from refusal_edit.errors import RefusalEditError
+    from refusal_edit.workflows.gguf import orthogonalize_gguf
+
+    save_direction(tmp_path / "d.safetensors", torch.randn(HIDDEN), {"layer": 1, "position": -1, "model": "tiny"})
+    base = write_tiny(tmp_path / "m.gguf", "qwen2", tied=True)
+    with pytest.raises(RefusalEditError, match="ties its output head"):
+        orthogonalize_gguf(base, tmp_path / "d.safetensors", tmp_path / "lora.gguf", format="gguf-lora")
+    assert not (tmp_path / "lora.gguf").exists()
