@@ -147,3 +147,49 @@ def test_gguf_lora_refuses_a_tied_head(tmp_path):
     with pytest.raises(RefusalEditError, match="ties its output head"):
         orthogonalize_gguf(base, tmp_path / "d.safetensors", tmp_path / "lora.gguf", format="gguf-lora")
     assert not (tmp_path / "lora.gguf").exists()
+
+
+def test_edited_gguf_names_itself_a_derivative(tmp_path):
+    """general.name / finetune / tags / base_model.* say what the file is and what it came from (ggml's keys);
+    the default file name follows ggml's naming convention."""
+    from gguf_tiny import HIDDEN, write_tiny
+
+    from refusal_edit.directions.artifacts import save_direction
+    from refusal_edit.gguf.file import GGUFFile
+    from refusal_edit.gguf.metadata import default_name
+    from refusal_edit.workflows.gguf import orthogonalize_gguf
+
+    save_direction(tmp_path / "d.safetensors", torch.randn(HIDDEN), {"layer": 1, "position": -1, "model": "tiny"})
+    base = write_tiny(tmp_path / "m.gguf", "qwen2")
+    orthogonalize_gguf(base, tmp_path / "d.safetensors", tmp_path / "e.gguf", base_model="org/tiny-qwen2")
+    orthogonalize_gguf(base, tmp_path / "d.safetensors", tmp_path / "l.gguf", format="gguf-lora")
+    edited, lora = GGUFFile(tmp_path / "e.gguf"), GGUFFile(tmp_path / "l.gguf")
+    assert edited.value("general.name") == "tiny-qwen2 abliterated"
+    assert edited.value("general.finetune") == "abliterated"
+    assert edited.value("general.tags") == ["abliterated", "uncensored", "refusal-edit"]
+    assert edited.value("general.base_model.count") == 1
+    assert edited.value("general.base_model.0.name") == "tiny-qwen2"
+    assert edited.value("general.base_model.0.repo_url") == "https://huggingface.co/org/tiny-qwen2"
+    assert lora.value("general.name") == "tiny-qwen2 abliterated LoRA" and lora.value("general.type") == "adapter"
+    assert default_name(GGUFFile(base)) == "tiny-qwen2-abliterated.gguf"
+    assert default_name(GGUFFile(base), lora=True) == "tiny-qwen2-abliterated-LoRA.gguf"
+
+
+def test_gguf_outputs_default_to_ggml_names(tmp_path, cli, monkeypatch):
+    """Without --out a GGUF edit or adapter goes to runs/<model>/ under ggml's file name (said on the way); a
+    directory output still needs --out."""
+    from gguf_tiny import HIDDEN, write_tiny
+
+    from refusal_edit.directions.artifacts import save_direction
+
+    monkeypatch.chdir(tmp_path)
+    save_direction(tmp_path / "d.safetensors", torch.randn(HIDDEN), {"layer": 1, "position": -1, "model": "tiny"})
+    base = write_tiny(tmp_path / "m.gguf", "qwen2")
+    res = cli("orthogonalize", base, "--direction", tmp_path / "d.safetensors", "--format", "gguf-lora")
+    assert res.code == 0, res.text
+    assert (tmp_path / "runs" / "m" / "tiny-qwen2-abliterated-LoRA.gguf").is_file()
+    assert "tiny-qwen2-abliterated-LoRA.gguf" in res.text
+    res = cli("orthogonalize", base, "--direction", tmp_path / "d.safetensors", "--format", "peft")
+    assert res.code == 1 and "give --out" in res.err
+    res = cli("orthogonalize", base, "--direction", tmp_path / "d.safetensors", "--format", "peft", "--out", "x.gguf")
+    assert res.code == 1 and "writes a directory" in res.err

@@ -129,8 +129,6 @@ def orthogonalize(
         for note in job.plan.notes:
             err.print(f"- {escape(note)}", soft_wrap=True)
         return
-    if out is None:
-        raise RefusalEditError("give `out` (the output directory), or `plan_only` to see the plan")
     result = run(
         model,
         direction,
@@ -151,10 +149,11 @@ def orthogonalize(
         format=format,
     )
     w = result.write
-    table = Table(title=escape(f"{result.record.mode if result.record else mode}: {out}"))
+    table = Table(title=escape(f"{result.record.mode if result.record else mode}: {w.out}"))
     for col in ("tensors edited", "copied", "created", "size", "seconds"):
         table.add_column(col, justify="right")
-    table.add_row(str(w.edited), str(w.copied), str(w.created), f"{w.bytes_written / 1e9:.2f} GB", f"{w.seconds:.1f}")
+    size = f"{w.bytes_written / 1e9:.2f} GB" if w.bytes_written >= 1e8 else f"{w.bytes_written / 1e3:.0f} KB"
+    table.add_row(str(w.edited), str(w.copied), str(w.created), size, f"{w.seconds:.1f}")
     show(table)
     if result.record is not None and result.record.spec:
         from refusal_edit.edits.spec import EditSpec

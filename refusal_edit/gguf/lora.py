@@ -34,7 +34,7 @@ from refusal_edit.arch import classify
 from refusal_edit.edits.lowrank import Factors, plan_factors
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.gguf import quants
+from refusal_edit.gguf import metadata, quants
 from refusal_edit.gguf.source import GGUFSource
 from refusal_edit.gguf.writer import atomic_file
 
@@ -112,7 +112,6 @@ def write_gguf_lora(
     force: bool = False,
     replace_any: bool = False,
     inputs: tuple[Path, ...] = (),
-    metadata: dict[str, str] | None = None,
 ) -> LoraResult:
     """Write the plan as a llama.cpp LoRA adapter GGUF for the base GGUF `source` (atomically)."""
     import json
@@ -140,8 +139,15 @@ def write_gguf_lora(
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(rank))
-        for key, value in (metadata or {}).items():
-            w.add_string(key, value)
+        general = metadata.derived(source.gguf, (record or {}).get("base_model"))
+        general["general.name"] += " LoRA"
+        for key, value in general.items():
+            if isinstance(value, tuple):
+                w.add_uint32(key, value[0])
+            elif isinstance(value, list):
+                w.add_array(key, value)
+            else:
+                w.add_string(key, value)
         w.add_string("refusal_edit.tool_version", __version__)
         if record is not None:
             w.add_string("refusal_edit.record", json.dumps(record, allow_nan=False, ensure_ascii=False))

@@ -78,9 +78,14 @@ OUTPUT_FORMATS = ("safetensors", "gguf", "peft", "gguf-lora")
 FILE_FORMATS = ("gguf", "gguf-lora")  # written to OUT.gguf; the others to a directory
 
 
-def output_format(out: Path | str, format: str | None = None) -> str:
+def output_format(out: Path | str | None, format: str | None = None) -> str:
     """The output format: the one given, else from `out` (OUT.gguf: an edited GGUF; a directory: safetensors).
-    The one place that chooses it; a format that does not fit `out` is an error."""
+    The one place that chooses it; a format that does not fit `out` is an error. Only a GGUF output has a
+    default `out` (ggml's file-name convention, `gguf.metadata.default_name`)."""
+    if out is None:
+        if format not in FILE_FORMATS:
+            raise RefusalEditError("give `out` (the output directory), or `plan_only` to see the plan")
+        return format
     is_file = Path(out).suffix.lower() == ".gguf"
     if format is None:
         return "gguf" if is_file else "safetensors"
@@ -213,7 +218,7 @@ def plan_job(
 def orthogonalize(
     model: str | Path | ModelSource,
     direction: DirectionFile | str | Path | None,
-    out: Path | str,
+    out: Path | str | None,
     mode: str = "ablate",
     coeff: float = 1.0,
     layer: int | None = None,
@@ -250,6 +255,7 @@ def orthogonalize(
     if fmt in FILE_FORMATS:
         options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec, "format": fmt}
         return _orthogonalize_gguf(model, direction, out, edit, base_model=base_model, name=name, **options)
+    assert out is not None
     write = _writer(Path(out))
     d = direction
     if isinstance(direction, str | Path):
@@ -318,7 +324,7 @@ def _write_peft(job: EditJob, record: EditRecord, out: Path, **options: Any) -> 
 
 
 def _orthogonalize_gguf(
-    model: str | Path | ModelSource, direction: Any, out: Path | str, edit: DirectionEdit, **options: Any
+    model: str | Path | ModelSource, direction: Any, out: Path | str | None, edit: DirectionEdit, **options: Any
 ) -> EditOutcome:
     """GGUF in, GGUF out: the GGUF editor plans on the file itself (`refusal_edit.gguf`); tensors keep their types."""
     from refusal_edit.workflows.gguf import orthogonalize_gguf

@@ -13,6 +13,7 @@ from typing import Any
 from refusal_edit.edits import DirectionEdit
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
+from refusal_edit.gguf.metadata import default_name
 from refusal_edit.gguf.source import GGUFSource
 from refusal_edit.loading.gguf import gguf_model
 from refusal_edit.workflows import sources
@@ -32,7 +33,7 @@ class GGUFEditResult:
 def orthogonalize_gguf(
     model: str | Path,
     direction: Any,
-    out: str | Path,
+    out: str | Path | None,
     edit: DirectionEdit | None = None,
     *,
     keep_tied: bool = False,
@@ -49,7 +50,8 @@ def orthogonalize_gguf(
 
     The same plan as the safetensors path (`plan_direction_edit` / `plan_variant` on a `GGUFSource`) and the
     same record (`build_record`), embedded as `refusal_edit.record` plus flat `refusal_edit.*` keys.
-    `format` `gguf-lora` writes a llama.cpp LoRA adapter for the file instead of the edited file.
+    `format` `gguf-lora` writes a llama.cpp LoRA adapter for the file instead of the edited file. Without
+    `out`: `runs/<model>/` + ggml's file name for the edit (`gguf.metadata.default_name`).
     """
     edit = edit or DirectionEdit()
     d, spec, spec_info = edit_inputs(direction, spec, edit)
@@ -57,6 +59,9 @@ def orthogonalize_gguf(
     assert model_source.origin is not None
     source = GGUFSource(model_source.origin)
     plan, at = plan_on(source, d, spec, edit, keep_tied)
+    if out is None:
+        removes = edit.mode == "ablate" or edit.coeff < 0
+        out = sources.default_out(model_source, default_name(source.gguf, removes, lora=format == "gguf-lora"))
     record = build_record(
         plan,
         d,
