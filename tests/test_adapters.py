@@ -193,3 +193,24 @@ def test_gguf_outputs_default_to_ggml_names(tmp_path, cli, monkeypatch):
     assert res.code == 1 and "give --out" in res.err
     res = cli("orthogonalize", base, "--direction", tmp_path / "d.safetensors", "--format", "peft", "--out", "x.gguf")
     assert res.code == 1 and "writes a directory" in res.err
+
+
+def test_adapter_card_follows_hub_conventions(tmp_path, cli):
+    """The adapter's card: library_name peft, base_model with relation adapter, the parent's licence, the Hub's
+    tags for an abliterated model, pipeline_tag from the model class (a multimodal wrapper: image-text-to-text)."""
+    import yaml
+
+    src = save(build("gemma3"), tmp_path / "model")
+    (src / "README.md").write_text("---\nlicense: gemma\n---\n# parent\n")
+    make_direction(tmp_path / "d.safetensors")
+    out = tmp_path / "adapter"
+    args = ["--direction", tmp_path / "d.safetensors", "--format", "peft", "--base-model", "org/tiny"]
+    assert cli("orthogonalize", src, *args, "--out", out).code == 0
+    meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert meta["library_name"] == "peft" and meta["base_model"] == "org/tiny"
+    assert meta["base_model_relation"] == "adapter" and meta["license"] == "gemma"
+    assert meta["pipeline_tag"] == "image-text-to-text"
+    assert {"refusal-edit", "abliterated", "uncensored", "lora"} <= set(meta["tags"])
+    assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
+    assert json.loads((out / "refusal_edit.json").read_text())["format"] == "peft"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"

@@ -78,6 +78,7 @@ class EditRecord:
     spec: dict[str, Any] | None = None  # mode spec: the variant / tuned point as JSON
     format: str = "safetensors"  # one of FORMATS
     template: dict[str, Any] | None = None  # chat template / system prompt the direction was found with
+    license: str | None = None  # the parent's licence (its card's `license`, a GGUF's general.license), for the card
     name: str = ""
     source_model: dict[str, Any] = field(default_factory=dict)  # path, name, model_type of the input
     output_dtype: str = "keep"

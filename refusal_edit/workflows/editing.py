@@ -46,6 +46,7 @@ def build_record(
     name: str | None = None,
     format: str = "safetensors",
     spec: dict[str, Any] | None = None,
+    license: str | None = None,
 ) -> EditRecord:
     """What was done, for the record and the model card, whatever the output format; a re-edit carries
     `previous` (the input's own record), and with it the original base model (`EditRecord.after`).
@@ -71,6 +72,7 @@ def build_record(
         edited_tensors=dict(plan.counts),
         notes=[n for n in plan.notes if n],
         spec=spec,
+        license=license or (previous.license if previous is not None else None),
     ).after(previous)
 
 
@@ -279,6 +281,7 @@ def orthogonalize(
         name=name,
         format=fmt,
         spec=job.record_spec(),
+        license=parent_license(ckpt.root),
     )
     if fmt == "peft":
         return _write_peft(job, record, Path(out), force=force, replace_any=replace_any)
@@ -296,6 +299,20 @@ def orthogonalize(
     )
     warnings = list(result.write.warnings) + _unknown_base(record)
     return EditOutcome(result.write, result.plan, record, warnings)
+
+
+def parent_license(folder: Path) -> str | None:
+    """The `license` of the model card in `folder` (README.md's YAML), or None: the edit's card carries it."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        value = ModelCard.load(str(readme), ignore_metadata_errors=True).data.license
+    except Exception:  # a card we cannot read names no licence; the edit goes on
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def _unknown_base(record: EditRecord, what: str = "folder") -> list[str]:

@@ -74,6 +74,7 @@ def orthogonalize_gguf(
         name=name,
         format=format,
         spec=None if spec is None else {"edit": spec.to_json(), **(spec_info or {})},
+        license=source.gguf.value("general.license"),
     )
     inputs = tuple(p for p in (d.path,) if p is not None)
     if format == "gguf-lora":
