@@ -214,3 +214,38 @@ def test_adapter_card_follows_hub_conventions(tmp_path, cli):
     assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
     assert json.loads((out / "refusal_edit.json").read_text())["format"] == "peft"
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+
+
+def test_push_dry_run_of_a_gguf_folder_and_an_adapter(tmp_path, cli):
+    """push takes a folder of GGUF files this tool wrote (and a PEFT adapter folder): the files, a generated card
+    (library_name gguf / peft, base_model) and, without --repo, the default name, said; nothing contacted."""
+    from gguf_tiny import HIDDEN, write_tiny
+
+    from refusal_edit.directions.artifacts import save_direction
+    from refusal_edit.workflows.gguf import orthogonalize_gguf
+
+    save_direction(tmp_path / "d.safetensors", torch.randn(HIDDEN), {"layer": 1, "position": -1, "model": "tiny"})
+    base = write_tiny(tmp_path / "m.gguf", "qwen2")
+    pub = tmp_path / "pub"
+    for fmt, name in (("gguf", "edited.gguf"), ("gguf-lora", "lora.gguf")):
+        orthogonalize_gguf(base, tmp_path / "d.safetensors", pub / name, format=fmt, base_model="org/tiny-qwen2")
+    res = cli("push", pub, "--dry-run")
+    assert res.code == 0, res.text
+    assert "edited.gguf" in res.out and "lora.gguf" in res.out and "README.md (generated" in res.out
+    assert "library_name: gguf" in res.out and "base_model: org/tiny-qwen2" in res.out
+    assert "no --repo given: tiny-qwen2-abliterated" in res.err
+    (tmp_path / "stray.gguf").write_bytes(base.read_bytes())
+    (pub / "base.gguf").symlink_to(tmp_path / "stray.gguf")
+    assert cli("push", pub, "--dry-run").code == 0  # a link is skipped, never followed
+    (pub / "base.gguf").unlink()
+    (pub / "base.gguf").write_bytes(base.read_bytes())
+    res = cli("push", pub, "--dry-run")
+    assert res.code == 1 and "base.gguf" in res.err and "not written by refusal-edit" in res.err
+
+    src = save(build("mistral"), tmp_path / "model")
+    make_direction(tmp_path / "dir.safetensors")
+    args = ["--direction", tmp_path / "dir.safetensors", "--base-model", "org/tiny"]
+    assert cli("orthogonalize", src, *args, "--format", "peft", "--out", tmp_path / "adapter").code == 0
+    res = cli("push", tmp_path / "adapter", "--repo", "alice/tiny-lora", "--dry-run")
+    assert res.code == 0, res.text
+    assert "adapter_model.safetensors" in res.out and "library_name: peft" in res.out

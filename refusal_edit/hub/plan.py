@@ -97,11 +97,74 @@ class UploadPlan:
         return [f.path_in_repo for f in self.files]
 
 
+def _card(root: Path, record: EditRecord) -> tuple[str, bool, dict[str, Any]]:
+    """The folder's card (README.md, or one rendered from the record in memory), whether generated, its metadata."""
+    generated = not (root / CARD).is_file()
+    if generated and record.base_model is None:
+        raise RefusalEditError(
+            f"{RECORD} does not name the base model: re-run orthogonalize with the base model's Hub id, "
+            f"or write a {CARD} whose metadata names it (base_model: ORG/NAME)"
+        )
+    try:
+        card = render_card(record) if generated else (root / CARD).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RefusalEditError(f"{CARD} is not UTF-8 text") from None
+    return card, generated, validate_card(card, record)
+
+
+def _output_plan(root: Path, record: EditRecord, needed: list[str], trusted: frozenset[str]) -> UploadPlan:
+    """The plan of a folder that is not a checkpoint (an adapter, GGUF files): `needed` must all go up."""
+    card, generated, metadata = _card(root, record)
+    keep, skipped = walk(root, trusted=trusted)
+    files = [UploadFile(p.relative_to(root.resolve()).as_posix(), p.stat().st_size, source=p) for p in keep]
+    why = dict(skipped)
+    for name in [*needed, *([] if generated else [CARD])]:
+        if name in why:
+            raise RefusalEditError(f"{name} in {root} cannot be published: {why[name]}")
+    if generated:
+        data = card.encode("utf-8")
+        files = sorted([*files, UploadFile(CARD, len(data), content=data)], key=lambda f: f.path_in_repo)
+    return UploadPlan(root, files, skipped, record, card, generated, metadata)
+
+
+def check_gguf_folder(root: Path) -> UploadPlan:
+    """A folder of GGUF files this tool wrote (edited models, LoRA adapters): each carries its record; the card
+    is rendered from the first one's (`library_name: gguf`)."""
+    from refusal_edit.gguf.edit import RECORD_KEY
+    from refusal_edit.gguf.file import GGUFFile
+
+    records = []
+    names = sorted(p.name for p in root.glob("*.gguf") if p.is_file() and not p.is_symlink())
+    for name in names:
+        text = GGUFFile(root / name).value(RECORD_KEY)
+        if text is None:
+            raise RefusalEditError(f"{name} in {root} was not written by refusal-edit (no {RECORD_KEY}): not published")
+        records.append(EditRecord.from_json(text, f"{name}:{RECORD_KEY}"))
+    return _output_plan(root, records[0], names, frozenset(names))
+
+
+def check_adapter_folder(root: Path) -> UploadPlan:
+    """A PEFT adapter folder written by `orthogonalize --format peft` (config, weights, record)."""
+    needed = ["adapter_config.json", "adapter_model.safetensors", RECORD]
+    for name in needed:
+        if not (root / name).is_file():
+            raise RefusalEditError(f"incomplete adapter folder {root}: missing {name}")
+    record = EditRecord.load(root, required=True)
+    assert record is not None
+    return _output_plan(root, record, needed, frozenset({"adapter_model.safetensors"}))
+
+
 def check_folder(path: Path) -> UploadPlan:
-    """Decide what a push of `path` sends; raise a one-line error if the folder is not a whole model."""
+    """Decide what a push of `path` sends; raise a one-line error if the folder is not a whole model (or a
+    whole adapter, or GGUF files this tool wrote)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise RefusalEditError(f"model folder not found: {root}")
+    if not (root / "config.json").is_file():
+        if (root / "adapter_config.json").is_file():
+            return check_adapter_folder(root)
+        if any(root.glob("*.gguf")):
+            return check_gguf_folder(root)
     ckpt = open_checkpoint(root)  # config.json, weights, index and every shard header (truncation included)
     shards = {s.path.name for s in ckpt.shards}
     unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.name not in shards)
@@ -114,18 +177,7 @@ def check_folder(path: Path) -> UploadPlan:
         raise RefusalEditError(f"incomplete model folder {root}: missing tokenizer (tokenizer.json or tokenizer.model)")
     record = EditRecord.load(root, required=True)
     assert record is not None
-
-    generated = not (root / CARD).is_file()
-    if generated and record.base_model is None:
-        raise RefusalEditError(
-            f"{RECORD} does not name the base model: re-run orthogonalize with the base model's Hub id, "
-            f"or write a {CARD} whose metadata names it (base_model: ORG/NAME)"
-        )
-    try:
-        card = render_card(record) if generated else (root / CARD).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RefusalEditError(f"{CARD} is not UTF-8 text") from None
-    metadata = validate_card(card, record)
+    card, generated, metadata = _card(root, record)
 
     keep, skipped = walk(root, trusted=frozenset(shards))
     files = [UploadFile(p.relative_to(root.resolve()).as_posix(), p.stat().st_size, source=p) for p in keep]
@@ -140,8 +192,18 @@ def check_folder(path: Path) -> UploadPlan:
     return UploadPlan(root, files, skipped, record, card, generated, metadata)
 
 
-def stray_reason(name: str, is_dir: bool) -> str | None:
-    """Why a file or directory must not be published by its name, or None if it may belong to the model."""
+def default_repo(record: EditRecord, root: Path) -> str:
+    """`<model>-abliterated` (in the token owner's namespace): the base model's name, else the folder's."""
+    from refusal_edit.checkpoint.card import effect_tag
+
+    model = record.base_model.split("/")[1] if record.base_model else Path(root).resolve().name
+    suffix = f"-{effect_tag(record)}"
+    return model if model.lower().endswith(suffix) else model + suffix
+
+
+def stray_reason(name: str, is_dir: bool, validated: bool = False) -> str | None:
+    """Why a file or directory must not be published by its name, or None if it may belong to the model.
+    `validated`: a weights file already read and checked as this tool's output (an edited GGUF)."""
     if TMP_MARK in name:
         return "temporary output of an unfinished write"
     if name in CACHE_DIRS:
@@ -152,7 +214,7 @@ def stray_reason(name: str, is_dir: bool) -> str | None:
         return "hidden"
     if not is_dir and name.endswith(PARTIAL_SUFFIXES):
         return "lock, temporary or partial file"
-    if not is_dir and name.lower().endswith(FOREIGN_WEIGHTS):
+    if not is_dir and not validated and name.lower().endswith(FOREIGN_WEIGHTS):
         return "non-safetensors weights (unedited or pickled): never published"
     return None
 
@@ -233,7 +295,7 @@ def walk(root: Path, trusted: frozenset[str] = frozenset()) -> tuple[list[Path],
         dirnames[:] = pruned
         for f in sorted(filenames):
             p, rel = here / f, (rel_dir / f).as_posix()
-            why = stray_reason(f, is_dir=False)
+            why = stray_reason(f, is_dir=False, validated=rel in trusted)
             if why is None and p.is_symlink():
                 why = "symbolic link (links are never followed)"
             elif why is None and (not p.is_file() or not p.resolve().is_relative_to(root)):
