@@ -252,3 +252,39 @@ def test_push_dry_run_of_a_gguf_folder_and_an_adapter(tmp_path, cli):
     res = cli("push", tmp_path / "adapter", "--repo", "alice/tiny-lora", "--dry-run")
     assert res.code == 0, res.text
     assert "adapter_model.safetensors" in res.out and "library_name: peft" in res.out
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_llamacpp_applies_the_lora_as_the_edit(moe, tmp_path):
+    """llama.cpp itself: base GGUF + our LoRA gives the edited GGUF's logits. An F32 base, so the edit is exact in
+    both (no requantization): the dense model agrees to float rounding; fused experts (3-D pairs) closely."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf_tiny import HIDDEN, write_tiny
+
+    from refusal_edit.directions.artifacts import save_direction
+    from refusal_edit.workflows.gguf import orthogonalize_gguf
+
+    torch.manual_seed(0)
+    save_direction(tmp_path / "d.safetensors", torch.randn(HIDDEN), {"layer": 1, "position": -1, "model": "tiny"})
+    arch = "qwen2moe" if moe else "qwen2"
+    types = {"attn_type": Q.F32, "ffn_type": Q.F32, "embed_type": Q.F32}
+    base = write_tiny(tmp_path / "m.gguf", arch, moe=moe, vocab=True, **types)
+    orthogonalize_gguf(base, tmp_path / "d.safetensors", tmp_path / "e.gguf")
+    orthogonalize_gguf(base, tmp_path / "d.safetensors", tmp_path / "l.gguf", format="gguf-lora")
+    tokens = [1, 5, 9, 12, 33, 40, 7, 21]
+
+    def logits(path, **kw):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, logits_all=True, n_threads=1, **kw)
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)])
+
+    original, edited = logits(base), logits(tmp_path / "e.gguf")
+    adapted = logits(base, lora_path=str(tmp_path / "l.gguf"))
+    change = np.abs(edited - original).max()
+    assert change > 1e-2  # the edit changes the model
+    if moe:  # llama.cpp's expert LoRA path (mul_mat_id) agrees to ~1e-3 relative here (0.02 of logits ~25), not 1e-6
+        assert np.abs(adapted - edited).max() <= 0.05 * change
+    else:
+        assert np.abs(adapted - edited).max() <= 1e-4 * max(1.0, np.abs(edited).max())
