@@ -30,12 +30,13 @@ import copy
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from refusal_edit.adapters import AdapterResult
 from refusal_edit.arch import classify, spec_for_config, stock_model_class
 from refusal_edit.checkpoint.atomic import atomic_dir
 from refusal_edit.checkpoint.layout import Checkpoint
@@ -47,21 +48,6 @@ from refusal_edit.errors import RefusalEditError
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 WHAT = "PEFT LoRA adapter"
-
-
-@dataclass
-class AdapterResult:
-    out: Path
-    rank: int
-    modules: list[str]
-    bytes_written: int
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-    # WriteResult-like counts, so the CLI shows every output alike
-    edited: int = 0
-    copied: int = 0
-    created: int = 0
-    warnings: list[str] = field(default_factory=list)
 
 
 def checkpoint_chunks(ckpt: Checkpoint, name: str) -> Iterator[tuple[int, int, torch.Tensor]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from refusal_edit import __version__
+from refusal_edit.adapters import AdapterResult
 from refusal_edit.arch import classify
 from refusal_edit.edits.lowrank import Factors, plan_factors
 from refusal_edit.edits.plan import EditPlan
@@ -41,20 +41,6 @@ from refusal_edit.gguf.writer import atomic_file
 WHAT = "llama.cpp LoRA adapter"
 DTYPES = ("F32", "F16")
 CHUNK_BYTES = 64 << 20
-
-
-@dataclass
-class LoraResult:
-    out: Path
-    rank: int
-    tensors: list[str]
-    bytes_written: int
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-    edited: int = 0
-    copied: int = 0
-    created: int = 0
-    warnings: list[str] = field(default_factory=list)
 
 
 def gguf_chunks(source: GGUFSource, name: str) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -112,7 +98,7 @@ def write_gguf_lora(
     force: bool = False,
     replace_any: bool = False,
     inputs: tuple[Path, ...] = (),
-) -> LoraResult:
+) -> AdapterResult:
     """Write the plan as a llama.cpp LoRA adapter GGUF for the base GGUF `source` (atomically)."""
     import json
 
@@ -164,4 +150,4 @@ def write_gguf_lora(
         w.close()
         size = tmp.stat().st_size
     notes = [f"rank {rank} llama.cpp LoRA on {len(names)} tensors ({dtype}, {size / 1e3:.0f} KB)"]
-    return LoraResult(Path(out), rank, names, size, time.perf_counter() - start, notes, edited=len(names))
+    return AdapterResult(Path(out), rank, names, size, time.perf_counter() - start, notes, edited=len(names))

@@ -113,7 +113,7 @@ def _card(root: Path, record: EditRecord) -> tuple[str, bool, dict[str, Any]]:
 
 
 def _output_plan(root: Path, record: EditRecord, needed: list[str], trusted: frozenset[str]) -> UploadPlan:
-    """The plan of a folder that is not a checkpoint (an adapter, GGUF files): `needed` must all go up."""
+    """The plan of a checked folder: the card, and every file `walk` keeps; `needed` must not be skipped."""
     card, generated, metadata = _card(root, record)
     keep, skipped = walk(root, trusted=trusted)
     files = [UploadFile(p.relative_to(root.resolve()).as_posix(), p.stat().st_size, source=p) for p in keep]
@@ -177,19 +177,8 @@ def check_folder(path: Path) -> UploadPlan:
         raise RefusalEditError(f"incomplete model folder {root}: missing tokenizer (tokenizer.json or tokenizer.model)")
     record = EditRecord.load(root, required=True)
     assert record is not None
-    card, generated, metadata = _card(root, record)
-
-    keep, skipped = walk(root, trusted=frozenset(shards))
-    files = [UploadFile(p.relative_to(root.resolve()).as_posix(), p.stat().st_size, source=p) for p in keep]
-    why = dict(skipped)
     needed = ["config.json", RECORD, "tokenizer_config.json", *sorted(shards), *([INDEX] if ckpt.index else [])]
-    for name in [*needed, *([] if generated else [CARD]), *TOKENIZER_FILES]:
-        if name in why:
-            raise RefusalEditError(f"{name} in {root} cannot be published: {why[name]}")
-    if generated:
-        data = card.encode("utf-8")
-        files = sorted([*files, UploadFile(CARD, len(data), content=data)], key=lambda f: f.path_in_repo)
-    return UploadPlan(root, files, skipped, record, card, generated, metadata)
+    return _output_plan(root, record, [*needed, *TOKENIZER_FILES], frozenset(shards))
 
 
 def default_repo(record: EditRecord, root: Path) -> str:
