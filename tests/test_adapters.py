@@ -288,3 +288,22 @@ def test_llamacpp_applies_the_lora_as_the_edit(moe, tmp_path):
         assert np.abs(adapted - edited).max() <= 0.05 * change
     else:
         assert np.abs(adapted - edited).max() <= 1e-4 * max(1.0, np.abs(edited).max())
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        (["--preserve-norm"], "not a low-rank change"),
+        (["--mode", "add", "--layer", "0"], "carries directional ablation"),
+        (["--keep-tied"], "exact, untied edit"),
+        (["--dtype", "bfloat16"], "drop --dtype"),
+    ],
+    ids=["preserve-norm", "add", "keep-tied", "dtype"],
+)
+def test_what_an_adapter_cannot_carry_is_a_clear_error(extra, why, tmp_path, cli):
+    src = save(build("qwen2"), tmp_path / "model")
+    make_direction(tmp_path / "d.safetensors")
+    out = tmp_path / "adapter"
+    res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--format", "peft", "--out", out, *extra)
+    assert res.code == 1 and why in res.err, res.err
+    assert not out.exists()
