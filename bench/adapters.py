@@ -9,6 +9,7 @@ and a control vector; prints each size. Then checks in their own clients:
   GGUF and base + LoRA.
 
     python bench/adapters.py --direction runs/demo/direction [--workdir runs/adapters] [--n 16] [--tokens 48]
+                             [--no-refusal]
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("runs/adapters"))
     ap.add_argument("--n", type=int, default=16, help="harmful test prompts for the refusal rates")
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--no-refusal", action="store_true", help="sizes and logits only (any direction shows them)")
     args = ap.parse_args()
 
     from refusal_edit.gguf.cvec import write_control_vector
@@ -167,6 +169,8 @@ def main() -> None:
     ):
         rel, absolute, top = gap(a, b)
         print(f"FIGURE logits {label}: rel {rel:.4f}, max |d| {absolute:.3f}, top-1 agree {top:.3f}")
+    if args.no_refusal:
+        return
     rates = {
         "base GGUF": refusal(gguf, args.n, args.tokens),
         "edited GGUF": refusal(out["gguf"], args.n, args.tokens),
