@@ -110,7 +110,6 @@ def orthogonalize(
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
     from refusal_edit.edits import DirectionEdit
-    from refusal_edit.errors import RefusalEditError
     from refusal_edit.workflows import orthogonalize as run
 
     options = edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm)
