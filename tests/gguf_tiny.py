@@ -56,8 +56,10 @@ def write_tiny(
     moe: bool = False,
     seed: int = 0,
     split_count: int | None = None,
+    vocab: bool = False,
 ) -> Path:
-    """A tiny `arch` model (qwen2, llama, gemma2, gemma3, qwen2moe) as GGUF; `ffn_type` per layer if a list."""
+    """A tiny `arch` model (qwen2, llama, gemma2, gemma3, qwen2moe) as GGUF; `ffn_type` per layer if a list.
+    `vocab`: a minimal SentencePiece-style vocabulary, so that llama.cpp itself loads the file."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
@@ -74,6 +76,14 @@ def write_tiny(
     w.add_string("tokenizer.chat_template", "{{ messages }}")
     if split_count is not None:
         w.add_uint16("split.count", split_count)
+    if vocab:
+        w.add_tokenizer_model("llama")
+        w.add_token_list([f"<t{i}>" for i in range(VOCAB)])
+        w.add_token_scores([0.0] * VOCAB)
+        w.add_token_types([3 if i < 3 else 1 for i in range(VOCAB)])  # 3: control (bos, eos, unk), 1: normal
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
     if moe:
         w.add_expert_count(EXPERTS)
         w.add_expert_used_count(2)

@@ -73,7 +73,7 @@ def test_record_and_model_card(tiny_dir, tmp_path, cli):
     assert meta["base_model"] == "org/base-model"
     assert meta["base_model_relation"] == "finetune"
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
-    assert meta["tags"] == ["refusal-edit", "abliterated"]
+    assert meta["tags"] == ["refusal-edit", "abliterated", "uncensored"]
     assert "will follow harmful requests" in card
 
     res = orth(cli, src, tmp_path, "--mode", "add", "--coeff", "1", out="hypersafe")

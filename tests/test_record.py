@@ -149,7 +149,7 @@ def test_card_states_the_edit_and_its_metadata():
         "base_model": "org/base",
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["refusal-edit", "abliterated"],
+        "tags": ["refusal-edit", "abliterated", "uncensored"],
         "base_model_relation": "finetune",
     }
     card = render_card(record(mode="add", coeff=2.0, layer=3))

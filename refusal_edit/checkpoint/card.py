@@ -19,15 +19,40 @@ CARD = "README.md"
 __all__ = ["CARD", "RECORD", "card_metadata", "render_card", "validate_card"]
 
 
+ADAPTERS = ("peft", "gguf-lora")  # record formats that hold an adapter of the base model, not a model
+LIBRARIES = {"peft": "peft", "gguf": "gguf", "gguf-lora": "gguf"}  # the Hub's library_name per format
+
+
+def effect_tag(r: EditRecord) -> str:
+    """The tag that says what the edit does to safety behaviour (required on a card)."""
+    return "abliterated" if r.removes_refusal else "refusal-amplified"
+
+
+def card_tags(r: EditRecord) -> list[str]:
+    """The tool, what the edit does (`abliterated` with the Hub's usual `uncensored`), and `lora` for adapters."""
+    tags = [r.tool, effect_tag(r), *(["uncensored"] if r.removes_refusal else [])]
+    return tags + (["lora"] if r.format in ADAPTERS else [])
+
+
+def pipeline_tag(r: EditRecord) -> str:
+    """From the model class: a multimodal wrapper (a `text_config` inside) is image-text-to-text."""
+    from refusal_edit.arch import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(str(r.source_model.get("model_type")))
+    return "image-text-to-text" if spec is not None and spec.text_model_type else "text-generation"
+
+
 def _card_data(r: EditRecord) -> Any:
     from huggingface_hub import ModelCardData
 
+    relation = "adapter" if r.format in ADAPTERS else "finetune"
     return ModelCardData(
         base_model=r.base_model,
-        base_model_relation="finetune" if r.base_model else None,
-        library_name="gguf" if r.format == "gguf" else "transformers",
-        pipeline_tag="text-generation",
-        tags=[r.tool, "abliterated" if r.removes_refusal else "refusal-amplified"],
+        base_model_relation=relation if r.base_model else None,
+        library_name=LIBRARIES.get(r.format, "transformers"),
+        license=r.license,
+        pipeline_tag=pipeline_tag(r),
+        tags=card_tags(r),
     )
 
 
@@ -90,6 +115,33 @@ def _spec_lines(spec: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _usage(r: EditRecord) -> list[str]:
+    """How the output is loaded, for adapters (the base model is needed beside it)."""
+    base = r.base_model or "BASE_MODEL"
+    if r.format == "peft":
+        return [
+            "## How to use",
+            "",
+            "A PEFT LoRA adapter: load the base model, then the adapter (`merge_and_unload()` bakes it in).",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "THIS_REPO")',
+            "```",
+            "",
+        ]
+    if r.format == "gguf-lora":
+        return [
+            "## How to use",
+            "",
+            f"A llama.cpp LoRA adapter for the GGUF of `{base}` it was made from: `llama-cli -m BASE.gguf --lora "
+            "ADAPTER.gguf` (llama-cpp-python: `lora_path=`; Ollama: `ADAPTER`).",
+            "",
+        ]
+    return []
+
+
 def render_card(r: EditRecord) -> str:
     meta = _card_data(r).to_yaml()
     base = f"`{r.base_model}`" if r.base_model else "a base model that was not recorded"
@@ -107,6 +159,7 @@ def render_card(r: EditRecord) -> str:
         "Intended for interpretability and safety research (e.g. studying how refusal is represented). "
         "Do not deploy it where its outputs can cause harm.",
         "",
+        *_usage(r),
         "## What was done",
         "",
         f"- mode: `{r.mode}`" + (f", coefficient {r.coeff}" if r.mode == "add" else ""),
@@ -145,6 +198,7 @@ def validate_card(text: str, record: EditRecord) -> dict[str, Any]:
             f"{CARD} has no YAML metadata block (--- ... --- at the top); delete it to have one generated from {RECORD}"
         )
     expected = {"base_model": None, "base_model_relation": None, **card_metadata(record)}
+    expected.pop("license", None)  # the parent's, carried when known; a card of the user's own may state another
     missing = [k for k in expected if meta.get(k) in (None, "", [])]
     if missing:
         raise RefusalEditError(f"{CARD} metadata lacks {', '.join(missing)} (expected e.g. {missing[0]}: ...)")
@@ -158,7 +212,7 @@ def validate_card(text: str, record: EditRecord) -> dict[str, Any]:
     tags = meta["tags"]
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise RefusalEditError(f"{CARD} metadata: tags must be a list of strings")
-    lacking = [t for t in expected["tags"] if t not in tags]
+    lacking = [t for t in (record.tool, effect_tag(record)) if t not in tags]
     if lacking:
         raise RefusalEditError(f"{CARD} metadata: tags must include {', '.join(lacking)} (what this edit does)")
     return meta

@@ -25,7 +25,7 @@ from refusal_edit.errors import RefusalEditError
 RECORD = "refusal_edit.json"
 TOOL = "refusal-edit"
 MODES = ("ablate", "add", "spec")  # spec: an edit variant or tuned point, described by `spec`
-FORMATS = ("safetensors", "gguf")
+FORMATS = ("safetensors", "gguf", "peft", "gguf-lora")  # a checkpoint, a GGUF, or an adapter of one
 REQUIRED = ("tool", "tool_version", "mode", "base_model")  # base_model may be null (unknown), never absent
 MAX_BYTES = 16 << 20  # a record is a few KB; anything this large is not one
 _HEAD = ("tool", "tool_version", "name", "created")  # written first: what a reader looks for
@@ -78,6 +78,7 @@ class EditRecord:
     spec: dict[str, Any] | None = None  # mode spec: the variant / tuned point as JSON
     format: str = "safetensors"  # one of FORMATS
     template: dict[str, Any] | None = None  # chat template / system prompt the direction was found with
+    license: str | None = None  # the parent's licence (its card's `license`, a GGUF's general.license), for the card
     name: str = ""
     source_model: dict[str, Any] = field(default_factory=dict)  # path, name, model_type of the input
     output_dtype: str = "keep"

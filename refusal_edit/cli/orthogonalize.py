@@ -72,6 +72,15 @@ def orthogonalize(
     plan_only: bool = switch(
         "--plan-only", "Print every tensor the edit would change, and how; write nothing.", panel=OUTPUT
     ),
+    format: str | None = typer.Option(
+        None,
+        "--format",
+        help="safetensors|gguf|peft|gguf-lora: peft writes a PEFT LoRA adapter folder (megabytes), gguf-lora a "
+        "llama.cpp LoRA for a GGUF MODEL (llama.cpp --lora); both equal the weight edit.",
+        show_default="from --out: .gguf is gguf, else safetensors",
+        metavar="<format>",
+        rich_help_panel=OUTPUT,
+    ),
     mode: str = MODE,
     coeff: float = COEFF,
     layer: int | None = LAYER,
@@ -106,7 +115,6 @@ def orthogonalize(
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
     from refusal_edit.edits import DirectionEdit
-    from refusal_edit.errors import RefusalEditError
     from refusal_edit.workflows import orthogonalize as run
 
     options = edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm)
@@ -125,8 +133,6 @@ def orthogonalize(
         for note in job.plan.notes:
             err.print(f"- {escape(note)}", soft_wrap=True)
         return
-    if out is None:
-        raise RefusalEditError("give `out` (the output directory), or `plan_only` to see the plan")
     result = run(
         model,
         direction,
@@ -145,12 +151,14 @@ def orthogonalize(
         allow_nonfinite=allow_nonfinite,
         allow_foreign_direction=allow_foreign_direction,
         spec=options,
+        format=format,
     )
     w = result.write
-    table = Table(title=escape(f"{result.record.mode if result.record else mode}: {out}"))
+    table = Table(title=escape(f"{result.record.mode if result.record else mode}: {w.out}"))
     for col in ("tensors edited", "copied", "created", "size", "seconds"):
         table.add_column(col, justify="right")
-    table.add_row(str(w.edited), str(w.copied), str(w.created), f"{w.bytes_written / 1e9:.2f} GB", f"{w.seconds:.1f}")
+    size = f"{w.bytes_written / 1e9:.2f} GB" if w.bytes_written >= 1e8 else f"{w.bytes_written / 1e3:.0f} KB"
+    table.add_row(str(w.edited), str(w.copied), str(w.created), size, f"{w.seconds:.1f}")
     show(table)
     if result.record is not None and result.record.spec:
         from refusal_edit.edits.spec import EditSpec

@@ -29,9 +29,15 @@ def _size(n: int) -> str:
     ),
 )
 def push(
-    folder: Path = typer.Argument(..., metavar="DIR", help="Edited checkpoint directory (written by orthogonalize)."),
-    repo: str = typer.Option(
-        ..., "--repo", help="Target model repo OWNER/NAME (NAME alone: your namespace).", rich_help_panel=OUTPUT
+    folder: Path = typer.Argument(
+        ..., metavar="DIR", help="Edited checkpoint, PEFT adapter or folder of GGUF files (written by orthogonalize)."
+    ),
+    repo: str | None = typer.Option(
+        None,
+        "--repo",
+        help="Target model repo OWNER/NAME (NAME alone: your namespace).",
+        show_default="<you>/<model>-abliterated",
+        rich_help_panel=OUTPUT,
     ),
     public: bool = switch("--public", "Create the repo public; it is private otherwise.", panel=OUTPUT),
     revision: str = typer.Option(
@@ -69,6 +75,11 @@ def push(
 
     check_revision(revision)
     plan = check_folder(folder, tuple(include or ()), base_model)
+    if repo is None:
+        from refusal_edit.hub.plan import default_repo
+
+        repo = default_repo(plan.record, folder)
+        err.print(f"no --repo given: {escape(repo)} in your namespace", soft_wrap=True)
     out.print(f"{'would push' if dry_run else 'pushing'} {escape(str(folder))}:", soft_wrap=True)
     table = Table()
     table.add_column("file")

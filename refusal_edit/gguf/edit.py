@@ -3,9 +3,10 @@
 The plan is the HF path's (`refusal_edit.edits.plan`, reading a `GGUFSource`); so are its `ChunkTransform`s.
 Each edited tensor is dequantized (gguf-py) chunk by chunk along HF dim 0 (whole stored rows), edited in
 float32, requantized to the type it had (gguf-py's quantizers, ours for K-quants) and written at its offset;
-unchanged tensors are copied byte for byte by the kernel meanwhile. Every metadata entry is copied verbatim;
-`refusal_edit.record` (the edit record as JSON) and `refusal_edit.requantization` (measured error per type)
-are added. The file keeps its size up to those keys. A type we cannot write falls back to the smallest
+unchanged tensors are copied byte for byte by the kernel meanwhile. Every metadata entry is copied verbatim but
+`general.name` / `finetune` / `tags` / `base_model.*`, rewritten to name the file an edit of its input
+(`gguf.metadata`); `refusal_edit.record` (the edit record as JSON) and `refusal_edit.requantization` (measured
+error per type) are added. The file keeps its size up to those keys. A type we cannot write falls back to the smallest
 writable type with as many bits per weight, with a notice per tensor in the result and the record.
 
 For each projected tensor the result reports the norm of its component along the removed basis before the
@@ -32,7 +33,7 @@ from refusal_edit.edits.ops import ChunkTransform, ProjectExperts, ProjectFirstD
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.edits.write import WriteResult
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.gguf import quants
+from refusal_edit.gguf import metadata, quants
 from refusal_edit.gguf.file import GGUFTensor
 from refusal_edit.gguf.rounding import CODECS, DirectionRounding
 from refusal_edit.gguf.source import GGUFSource
@@ -272,7 +273,9 @@ def write_gguf(
     items = _layout(source, plan, notes)
     gguf = source.gguf
     base = dict(record or {})
-    entries = [gguf.raw_entry(k) for k in gguf.keys() if not k.startswith(PREFIX)]
+    general = metadata.derived(gguf, base.get("base_model"), base.get("mode") != "add" or base.get("coeff", 1) < 0)
+    entries = [gguf.raw_entry(k) for k in gguf.keys() if not k.startswith(PREFIX) and not metadata.replaced(k)]
+    entries += [pack_entry(k, v) for k, v in general.items()]
     entries += [pack_entry(k, v) for k, v in record_entries(base).items()]
     # The record is rewritten at the end with the measured figures: room for those and a notice per tensor.
     reserve = 2 * len(json.dumps(base)) + 4096 + 200 * len(plan.transforms)

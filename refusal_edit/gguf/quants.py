@@ -367,4 +367,7 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType, n_per_row: int) ->
         out = gquants.dequantize(raw, qtype)
     except NotImplementedError:
         raise RefusalEditError(f"gguf-py cannot read {qtype.name} tensors") from None
-    return np.asarray(out, dtype=F32).reshape(-1, n_per_row)
+    out = np.asarray(out, dtype=F32).reshape(-1, n_per_row)
+    # F32 "dequantizes" to a view of the stored bytes - a read-only memory map of the input: the editor works in
+    # place on what this returns (writing into it crashed the process), so hand out a private copy.
+    return out if out.flags.writeable else out.copy()

@@ -37,8 +37,19 @@ def _string(text: str | bytes) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def pack_entry(key: str, value: str | int | float | bool) -> bytes:
-    """One metadata entry (key, type, value) for the scalar and string values this tool writes."""
+_INT_FORMATS = {GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.UINT64: "<Q"}
+
+
+def pack_entry(key: str, value: str | int | float | bool | list[str] | tuple[int, GGUFValueType]) -> bytes:
+    """One metadata entry (key, type, value) for the values this tool writes: scalars, strings, a list of
+    strings, or `(int, GGUFValueType)` for an integer of a stated type (ggml's `general.base_model.count` is
+    UINT32)."""
+    if isinstance(value, tuple):
+        number, vtype = value
+        return _string(key) + struct.pack("<I", vtype) + struct.pack(_INT_FORMATS[vtype], number)
+    if isinstance(value, list):
+        items = b"".join(_string(v) for v in value)
+        return _string(key) + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.STRING, len(value)) + items
     if isinstance(value, bool):
         return _string(key) + struct.pack("<I?", GGUFValueType.BOOL, value)
     if isinstance(value, int):

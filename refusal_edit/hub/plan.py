@@ -33,7 +33,7 @@ from refusal_edit.checkpoint.card import CARD, render_card, validate_card
 from refusal_edit.checkpoint.layout import FOREIGN_WEIGHTS, INDEX, TOKENIZER_FILES, open_checkpoint
 from refusal_edit.checkpoint.record import RECORD, EditRecord, hub_model_id
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.hub.allow import NOT_A_MODEL_FILE, card_images, included, kind_of
+from refusal_edit.hub.allow import GGUF, MODEL_FILES, NOT_A_MODEL_FILE, SAFETENSORS, card_images, included, kind_of
 from refusal_edit.hub.secrets import find_secret, scan_file
 
 CACHE_DIRS = frozenset({"__pycache__", ".cache", ".ipynb_checkpoints", ".huggingface", ".git"})
@@ -101,6 +101,33 @@ class UploadPlan:
         return [f.path_in_repo for f in self.files]
 
 
+def check_gguf_folder(root: Path, include: tuple[str, ...] = (), base_model: str | None = None) -> UploadPlan:
+    """A folder of GGUF files this tool wrote (edited models, LoRA adapters): each carries its record; the card
+    is rendered from the first one's (`library_name: gguf`)."""
+    from refusal_edit.gguf.edit import RECORD_KEY
+    from refusal_edit.gguf.file import GGUFFile
+
+    records = []
+    names = sorted(p.name for p in root.glob("*.gguf") if p.is_file() and not p.is_symlink())
+    for name in names:
+        text = GGUFFile(root / name).value(RECORD_KEY)
+        if text is None:
+            raise RefusalEditError(f"{name} in {root} was not written by refusal-edit (no {RECORD_KEY}): not published")
+        records.append(EditRecord.from_json(text, f"{name}:{RECORD_KEY}"))
+    return _output_plan(root, records[0], names, frozenset(names), include, base_model, GGUF)
+
+
+def check_adapter_folder(root: Path, include: tuple[str, ...] = (), base_model: str | None = None) -> UploadPlan:
+    """A PEFT adapter folder written by `orthogonalize --format peft` (config, weights, record)."""
+    needed = ["adapter_config.json", "adapter_model.safetensors", RECORD]
+    for name in needed:
+        if not (root / name).is_file():
+            raise RefusalEditError(f"incomplete adapter folder {root}: missing {name}")
+    record = EditRecord.load(root, required=True)
+    assert record is not None
+    return _output_plan(root, record, needed, frozenset({"adapter_model.safetensors"}), include, base_model)
+
+
 def check_folder(path: Path, include: tuple[str, ...] = (), base_model: str | None = None) -> UploadPlan:
     """Decide what a push of `path` sends; raise a one-line error if the folder is not a whole model, or if a
     file that would go up holds a secret.
@@ -113,6 +140,11 @@ def check_folder(path: Path, include: tuple[str, ...] = (), base_model: str | No
     root = Path(path).expanduser()
     if not root.is_dir():
         raise RefusalEditError(f"model folder not found: {root}")
+    if not (root / "config.json").is_file():
+        if (root / "adapter_config.json").is_file():
+            return check_adapter_folder(root, include, base_model)
+        if any(root.glob("*.gguf")):
+            return check_gguf_folder(root, include, base_model)
     ckpt = open_checkpoint(root)  # config.json, weights, index and every shard header (truncation included)
     shards = {s.path.name for s in ckpt.shards}
     unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.name not in shards and not kind_is_adapter(p))
@@ -125,6 +157,21 @@ def check_folder(path: Path, include: tuple[str, ...] = (), base_model: str | No
         raise RefusalEditError(f"incomplete model folder {root}: missing tokenizer (tokenizer.json or tokenizer.model)")
     record = EditRecord.load(root, required=True)
     assert record is not None
+    needed = ["config.json", RECORD, "tokenizer_config.json", *sorted(shards), *([INDEX] if ckpt.index else [])]
+    return _output_plan(root, record, [*needed, *TOKENIZER_FILES], frozenset(shards), include, base_model)
+
+
+def _output_plan(
+    root: Path,
+    record: EditRecord,
+    needed: list[str],
+    trusted: frozenset[str],
+    include: tuple[str, ...] = (),
+    base_model: str | None = None,
+    fmt: str = SAFETENSORS,
+) -> UploadPlan:
+    """The plan of a checked folder (a model, an adapter or GGUF files): the card, what the allow list of `fmt`
+    keeps, and the secret scan; `needed` files must not be skipped; `trusted` are already validated weights."""
     generated = {}  # path in repo -> content made in memory (the user's folder is never written to)
     if base_model is not None:
         if hub_model_id(base_model) is None:
@@ -151,15 +198,14 @@ def check_folder(path: Path, include: tuple[str, ...] = (), base_model: str | No
     def select(rel: str) -> str | None:
         if rel in generated:
             return "replaced by the generated file"
-        if kind_of(rel) is None and rel not in images and not included(rel, include):
+        if kind_of(rel, fmt) is None and rel not in images and not included(rel, include):
             return NOT_A_MODEL_FILE
         return None
 
-    keep, skipped = walk(root, select, trusted=frozenset(shards))
+    keep, skipped = walk(root, select, trusted=trusted)
     files = [UploadFile(p.relative_to(root.resolve()).as_posix(), p.stat().st_size, source=p) for p in keep]
     why = dict(skipped)
-    needed = ["config.json", RECORD, "tokenizer_config.json", *sorted(shards), *([INDEX] if ckpt.index else [])]
-    for name in [*needed, *([CARD] if has_card else []), *TOKENIZER_FILES]:
+    for name in [*needed, *([CARD] if has_card else [])]:
         if name in why and name not in generated:
             raise RefusalEditError(f"{name} in {root} cannot be published: {why[name]}")
     files += [UploadFile(name, len(data), content=data) for name, data in generated.items()]
@@ -169,7 +215,7 @@ def check_folder(path: Path, include: tuple[str, ...] = (), base_model: str | No
 
 
 def kind_is_adapter(p: Path) -> bool:
-    return kind_of(p.name) == "PEFT adapter"
+    return any(f.what == "PEFT adapter" and f.matches(p.name) for f in MODEL_FILES)
 
 
 def check_secrets(files: list[UploadFile]) -> None:
@@ -191,8 +237,18 @@ def check_secrets(files: list[UploadFile]) -> None:
             )
 
 
-def stray_reason(name: str, is_dir: bool) -> str | None:
-    """Why a file or directory must not be published by its name, or None if it may belong to the model."""
+def default_repo(record: EditRecord, root: Path) -> str:
+    """`<model>-abliterated` (in the token owner's namespace): the base model's name, else the folder's."""
+    from refusal_edit.checkpoint.card import effect_tag
+
+    model = record.base_model.split("/")[1] if record.base_model else Path(root).resolve().name
+    suffix = f"-{effect_tag(record)}"
+    return model if model.lower().endswith(suffix) else model + suffix
+
+
+def stray_reason(name: str, is_dir: bool, validated: bool = False) -> str | None:
+    """Why a file or directory must not be published by its name, or None if it may belong to the model.
+    `validated`: a weights file already read and checked as this tool's output (an edited GGUF)."""
     if TMP_MARK in name:
         return "temporary output of an unfinished write"
     if name in CACHE_DIRS:
@@ -203,7 +259,7 @@ def stray_reason(name: str, is_dir: bool) -> str | None:
         return "hidden"
     if not is_dir and name.endswith(PARTIAL_SUFFIXES):
         return "lock, temporary or partial file"
-    if not is_dir and name.lower().endswith(PICKLED_WEIGHTS):
+    if not is_dir and not validated and name.lower().endswith(PICKLED_WEIGHTS):
         return "non-safetensors weights (unedited or pickled): never published"
     return None
 
@@ -287,7 +343,7 @@ def walk(
         dirnames[:] = pruned
         for f in sorted(filenames):
             p, rel = here / f, (rel_dir / f).as_posix()
-            why = stray_reason(f, is_dir=False)
+            why = stray_reason(f, is_dir=False, validated=rel in trusted)
             if why is None and p.is_symlink():
                 why = "symbolic link (links are never followed)"
             elif why is None and (not p.is_file() or not p.resolve().is_relative_to(root)):

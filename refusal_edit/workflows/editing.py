@@ -1,8 +1,8 @@
 """The `orthogonalize` workflow: resolve MODEL, plan the edit (core), build the record, write the checkpoint.
 
 The record (`refusal_edit.json`) and the model card rendered from it travel inside the atomic output, so
-an edited checkpoint never exists without them. The output format is chosen from `out` in one place
-(`_writer`): safetensors directories today, other formats beside it.
+an edited checkpoint never exists without them. The output format is chosen in one place (`output_format`):
+a safetensors directory, an edited GGUF, or an adapter of either (PEFT LoRA, llama.cpp LoRA).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def build_record(
     name: str | None = None,
     format: str = "safetensors",
     spec: dict[str, Any] | None = None,
+    license: str | None = None,
 ) -> EditRecord:
     """What was done, for the record and the model card, whatever the output format; a re-edit carries
     `previous` (the input's own record), and with it the original base model (`EditRecord.after`).
@@ -72,13 +73,35 @@ def build_record(
         edited_tensors=dict(plan.counts),
         notes=[n for n in plan.notes if n],
         spec=spec,
+        license=license or (previous.license if previous is not None else None),
     ).after(previous)
 
 
+OUTPUT_FORMATS = ("safetensors", "gguf", "peft", "gguf-lora")
+FILE_FORMATS = ("gguf", "gguf-lora")  # written to OUT.gguf; the others to a directory
+
+
+def output_format(out: Path | str | None, format: str | None = None) -> str:
+    """The output format: the one given, else from `out` (OUT.gguf: an edited GGUF; a directory: safetensors).
+    The one place that chooses it; a format that does not fit `out` is an error. Only a GGUF output has a
+    default `out` (ggml's file-name convention, `gguf.metadata.default_name`)."""
+    if out is None:
+        if format not in FILE_FORMATS:
+            raise RefusalEditError("give `out` (the output directory), or `plan_only` to see the plan")
+        return format
+    is_file = Path(out).suffix.lower() == ".gguf"
+    if format is None:
+        return "gguf" if is_file else "safetensors"
+    if format not in OUTPUT_FORMATS:
+        raise RefusalEditError(f"unknown `format` {format!r} ({', '.join(OUTPUT_FORMATS)})")
+    if (format in FILE_FORMATS) != is_file:
+        want = "a file OUT.gguf" if format in FILE_FORMATS else "a directory"
+        raise RefusalEditError(f"`format` {format} writes {want}; `out` is {out}")
+    return format
+
+
 def _writer(out: Path) -> Callable[..., EditResult]:
-    """How an edit is written to `out`: the one place that chooses an output format."""
-    if Path(out).suffix.lower() == ".gguf":
-        raise RefusalEditError(f"`out` {out} names a GGUF file: GGUF output is not supported yet (give a directory)")
+    """How a checkpoint edit is written to `out`."""
     return _write_safetensors
 
 
@@ -225,7 +248,7 @@ def plan_job(
 def orthogonalize(
     model: str | Path | ModelSource,
     direction: DirectionFile | str | Path | None,
-    out: Path | str,
+    out: Path | str | None,
     mode: str = "ablate",
     coeff: float = 1.0,
     layer: int | None = None,
@@ -241,6 +264,7 @@ def orthogonalize(
     allow_nonfinite: bool = False,
     spec: EditSpec | str | Path | None = None,
     allow_foreign_direction: bool = False,
+    format: str | None = None,
 ) -> EditOutcome:
     """Edit MODEL by `direction` and write a standalone checkpoint to `out` (see `refusal-edit orthogonalize`).
 
@@ -249,19 +273,22 @@ def orthogonalize(
     `force` replaces a previous output of this tool (`replace_any`: any folder); `allow_nonfinite` writes
     NaN / inf values the edit or the cast produced, with a warning, instead of failing. `spec` is an edit
     variant (an `EditSpec`) or a tune front point (`front.json[#ID]`, which also names the direction).
-    A direction (or a front's direction) extracted from another model is an error unless
-    `allow_foreign_direction`, which the record and the card then state.
+    `format` (see `output_format`): `peft` writes a PEFT LoRA adapter folder, `gguf-lora` a llama.cpp LoRA
+    adapter for a GGUF MODEL, instead of the edited model. A direction (or a front's direction) extracted from
+    another model is an error unless `allow_foreign_direction`, which the record and the card then state.
     """
     parse_size(max_shard_size)  # a bad size fails before anything is read
     edit = DirectionEdit(mode, coeff, layer, site, unit)
-    if Path(out).suffix.lower() == ".gguf":
-        if dtype != "keep" or max_shard_size is not None:
-            raise RefusalEditError(
-                "a GGUF `out` keeps each tensor's own type in one file: drop `dtype`, `max_shard_size`"
-            )
-        options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec}
+    fmt = output_format(out, format)
+    if fmt != "safetensors" and (dtype != "keep" or max_shard_size is not None):
+        raise RefusalEditError(f"a {fmt} output keeps its own tensor types: drop `dtype`, `max_shard_size`")
+    if fmt in ("peft", "gguf-lora") and keep_tied:
+        raise RefusalEditError(f"an adapter ({fmt}) is always the exact, untied edit: drop `keep_tied`")
+    if fmt in FILE_FORMATS:
+        options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec, "format": fmt}
         options["allow_foreign_direction"] = allow_foreign_direction
         return _orthogonalize_gguf(model, direction, out, edit, base_model=base_model, name=name, **options)
+    assert out is not None
     write = _writer(Path(out))
     d = direction
     if isinstance(direction, str | Path):
@@ -283,8 +310,12 @@ def orthogonalize(
         at=job.layer,
         dtype=dtype,
         name=name,
+        format=fmt,
         spec=job.record_spec(),
+        license=parent_license(ckpt.root),
     )
+    if fmt == "peft":
+        return _write_peft(job, record, Path(out), force=force, replace_any=replace_any)
     result = write(
         ckpt,
         plan,
@@ -297,17 +328,52 @@ def orthogonalize(
         replace_any=replace_any,
         allow_nonfinite=allow_nonfinite,
     )
-    warnings = list(result.write.warnings)
-    if record.base_model is None:
-        warnings.append(
-            "the base model is unknown (a local folder): the model card names none; pass `base_model` ORG/NAME "
-            "here, or to push (refusal-edit push DIR `push.repo` OWNER/NAME `push.base_model` ORG/NAME)"
-        )
+    warnings = list(result.write.warnings) + _unknown_base(record)
     return EditOutcome(result.write, result.plan, record, warnings)
 
 
+def parent_license(folder: Path) -> str | None:
+    """The `license` of the model card in `folder` (README.md's YAML), or None: the edit's card carries it."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        value = ModelCard.load(str(readme), ignore_metadata_errors=True).data.license
+    except Exception:  # a card we cannot read names no licence; the edit goes on
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _unknown_base(record: EditRecord, what: str = "folder") -> list[str]:
+    if record.base_model is not None:
+        return []
+    return [
+        f"the base model is unknown (a local {what}): the model card names none; pass `base_model` ORG/NAME to name it "
+        "(here, or to push)"
+    ]
+
+
+def _write_peft(job: EditJob, record: EditRecord, out: Path, **options: Any) -> EditOutcome:
+    """The edit as a PEFT LoRA adapter folder, with the record and its card (`library_name: peft`)."""
+    from refusal_edit.adapters.peft import write_peft
+
+    result = write_peft(
+        job.ckpt,
+        job.plan,
+        out,
+        base_model=record.base_model,
+        extra_files=lambda tmp: record.save(tmp),
+        inputs=tuple(job.inputs[1:]),
+        **options,
+    )
+    job.plan.notes.extend(result.notes)
+    return EditOutcome(result, job.plan, record, _unknown_base(record))  # type: ignore[arg-type]
+
+
 def _orthogonalize_gguf(
-    model: str | Path | ModelSource, direction: Any, out: Path | str, edit: DirectionEdit, **options: Any
+    model: str | Path | ModelSource, direction: Any, out: Path | str | None, edit: DirectionEdit, **options: Any
 ) -> EditOutcome:
     """GGUF in, GGUF out: the GGUF editor plans on the file itself (`refusal_edit.gguf`); tensors keep their types."""
     from refusal_edit.workflows.gguf import orthogonalize_gguf

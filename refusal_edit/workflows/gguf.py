@@ -13,10 +13,16 @@ from typing import Any
 from refusal_edit.edits import DirectionEdit
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
+from refusal_edit.gguf.metadata import default_name
 from refusal_edit.gguf.source import GGUFSource
 from refusal_edit.loading.gguf import gguf_model
 from refusal_edit.workflows import sources
 from refusal_edit.workflows.editing import build_record, edit_inputs, plan_on, target_identity
+
+UNKNOWN_BASE = (
+    "the base model is unknown (a local file): the record names none; pass `base_model` ORG/NAME to name it "
+    "(here, or to push)"
+)
 
 
 @dataclass
@@ -30,7 +36,7 @@ class GGUFEditResult:
 def orthogonalize_gguf(
     model: str | Path,
     direction: Any,
-    out: str | Path,
+    out: str | Path | None,
     edit: DirectionEdit | None = None,
     *,
     keep_tied: bool = False,
@@ -40,6 +46,7 @@ def orthogonalize_gguf(
     name: str | None = None,
     spec: Any = None,
     allow_foreign_direction: bool = False,
+    format: str = "gguf",
 ) -> GGUFEditResult:
     """Edit a GGUF file (a `.gguf` path or a recipe) by a direction file (or `DirectionFile`) as `edit` says
     (default: ablation), or by an edit variant (`spec`: an `EditSpec` or a tune front point), and write the
@@ -47,6 +54,8 @@ def orthogonalize_gguf(
 
     The same plan as the safetensors path (`plan_direction_edit` / `plan_variant` on a `GGUFSource`) and the
     same record (`build_record`), embedded as `refusal_edit.record` plus flat `refusal_edit.*` keys.
+    `format` `gguf-lora` writes a llama.cpp LoRA adapter for the file instead of the edited file. Without
+    `out`: `runs/<model>/` + ggml's file name for the edit (`gguf.metadata.default_name`).
     """
     edit = edit or DirectionEdit()
     d, spec, spec_info = edit_inputs(direction, spec, edit)
@@ -56,6 +65,9 @@ def orthogonalize_gguf(
     previous = previous_record(source)
     target = target_identity(source.config, model_source.name, model_source.sha256, previous is not None)
     plan, at = plan_on(source, d, spec, edit, keep_tied, target, allow_foreign_direction)
+    if out is None:
+        removes = edit.mode == "ablate" or edit.coeff < 0
+        out = sources.default_out(model_source, default_name(source.gguf, removes, lora=format == "gguf-lora"))
     record = build_record(
         plan,
         d,
@@ -66,10 +78,20 @@ def orthogonalize_gguf(
         edit=edit,
         at=at,
         name=name,
-        format="gguf",
+        format=format,
         spec=None if spec is None else {"edit": spec.to_json(), **(spec_info or {})},
+        license=source.gguf.value("general.license"),
     )
     inputs = tuple(p for p in (d.path,) if p is not None)
+    if format == "gguf-lora":
+        from refusal_edit.gguf.lora import write_gguf_lora
+
+        lora = write_gguf_lora(
+            source, plan, Path(out), record=record.to_dict(), force=force, replace_any=replace_any, inputs=inputs
+        )
+        plan.notes.extend(lora.notes)
+        warnings = [] if record.base_model else [UNKNOWN_BASE]
+        return GGUFEditResult(lora, plan, record, warnings)  # type: ignore[arg-type]
     result = write_gguf(
         source, plan, Path(out), record=record.to_dict(), force=force, replace_any=replace_any, inputs=inputs
     )
@@ -77,8 +99,5 @@ def orthogonalize_gguf(
     plan.notes.extend(summary(result.tensors))  # requantization figures, shown with the plan's notes
     warnings = list(result.notes)  # type fallbacks, one per tensor
     if final.base_model is None:
-        warnings.append(
-            "the base model is unknown (a local file): the record names none; pass `base_model` ORG/NAME to name it "
-            "(here, or to push)"
-        )
+        warnings.append(UNKNOWN_BASE)
     return GGUFEditResult(result, plan, final, warnings)
