@@ -350,8 +350,8 @@ def _unknown_base(record: EditRecord, what: str = "folder") -> list[str]:
     if record.base_model is not None:
         return []
     return [
-        f"the base model is unknown (a local {what}): the model card names none; pass `base_model` ORG/NAME to name it "
-        "(here, or to push)"
+        f"the base model is unknown (a local {what}): the model card names none; pass `base_model` ORG/NAME "
+        "here, or to push (refusal-edit push DIR `push.repo` OWNER/NAME `push.base_model` ORG/NAME)"
     ]
 
 
