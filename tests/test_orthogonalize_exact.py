@@ -2,8 +2,10 @@
 
 For each architecture a tiny random model (norms and biases perturbed) is edited through the CLI, loaded
 with its stock transformers class (the wrapper's own class for multimodal models), and compared in
-float32 against the *original* model with hooks that project the direction off every residual writer's
-output (before the post-projection norm on sandwich-norm architectures, against normalize(g * r)).
+float32 against the *original* model under tests/reference.py: hooks written from the transformers modeling
+code that project the direction off every write into the residual stream (behind a sandwich norm, off the
+norm's input against normalize(g * r), g measured from the norm module). The reference shares no code with
+the edit; the product's own hook twins (`ablation`, `addition`) are checked against it too.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import reference as ref
 import torch
 from conftest import make_direction
 from tiny import CONFIGS, build, load, save, token_batch
 
-from refusal_edit.anatomy import anatomy
 from refusal_edit.arch import ARCHITECTURES
 from refusal_edit.interventions import ablation, addition
 
@@ -32,26 +34,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def residual_stream(model, x):
-    """Every residual-stream state before the final norm: each layer's input and the final norm's input."""
-    anat = anatomy(model)
-    states = []
-
-    def grab(_m, args, kwargs):
-        states.append(args[0] if args else kwargs["hidden_states"])
-
-    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in [*anat.layers, anat.final_norm]]
-    try:
-        with torch.no_grad():
-            logits = model(x).logits
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, states
-
-
 def test_every_table_entry_is_tested():
-    assert set(ARCHS) == set(ARCHITECTURES)
+    assert set(ARCHS) == set(ARCHITECTURES) == set(ref.FAMILIES)
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
@@ -60,20 +44,22 @@ def test_ablation_matches_hooked_original(model_type, tmp_path, cli):
     src = save(model, tmp_path / "model")
     d = make_direction(tmp_path / "direction.safetensors")
     x = token_batch()
-    with torch.no_grad(), ablation(model, d.direction):
+    rows, basis = ref.FAMILIES[model_type], ref.uniform(d.direction)
+    with torch.no_grad(), ref.projected(model, rows, basis):
         reference = model(x).logits
+    with torch.no_grad(), ablation(model, d.direction):
+        hooked = model(x).logits
     with torch.no_grad():
         original = model(x).logits
 
     res = cli("orthogonalize", src, "--direction", tmp_path / "direction.safetensors", "--out", tmp_path / "out")
     assert res.code == 0, res.text
     edited = load(tmp_path / "out")
-    logits, states = residual_stream(edited, x)
+    logits = ref.assert_removed(edited, rows, x, basis, TOL).logits  # nothing along r in any write or state
 
     assert (logits - reference).abs().max().item() <= TOL
+    assert (hooked - reference).abs().max().item() <= TOL  # the product's hook twin is the same edit
     assert (logits - original).abs().max().item() > 1e-2  # the edit really changed the model
-    r = d.direction
-    assert max((h @ r).abs().max().item() for h in states) <= TOL
     # Architectures whose output head is tied are untied: the original matrix becomes the head.
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     if model.config.tie_word_embeddings:
@@ -104,12 +90,15 @@ def test_add_matches_hooked_original_or_says_why_not(model_type, layer, site, tm
         return
     assert res.code == 0, res.text
     x = token_batch()
-    with torch.no_grad(), addition(model, d.mean_diff, layer, coeff=1.5, site=site):
+    with torch.no_grad(), ref.added(model, ref.FAMILIES[model_type], 1.5 * d.mean_diff, layer, site):
         reference = model(x).logits
+    with torch.no_grad(), addition(model, d.mean_diff, layer, coeff=1.5, site=site):
+        hooked = model(x).logits
     with torch.no_grad():
         original = model(x).logits
         logits = load(out)(x).logits
     assert (logits - reference).abs().max().item() <= TOL
+    assert (hooked - reference).abs().max().item() <= TOL
     assert (logits - original).abs().max().item() > 1e-2
 
 

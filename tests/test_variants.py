@@ -2,9 +2,12 @@
 directions, rank-k subspaces and exact norm preservation, on every supported architecture.
 
 Variants with a hook twin are written as checkpoints, loaded with stock transformers and compared with
-the original model under `edit_hooks` (float32, <= 1e-4). Norm preservation has no twin: it is checked by
-its invariants (no component left along the basis, every written vector keeps its norm) and against a
-dense float64 reference written here from the definition.
+the original model under tests/reference.py's hooks (float32, <= 1e-4), with each variant's bases and weights
+written out here from its definition (`DEFINITIONS`): nothing is shared with the edit, neither the resolved
+spec nor the architecture table, anatomy or linalg. The product's hook twin (`edit_hooks`) and in-memory edit
+are checked against the same reference. Norm preservation has no twin: it is checked by its invariants (no
+component left along the basis, every written vector keeps its norm) and against a dense float64 reference
+(the gain measured from the model's own norm module).
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference as ref
 import torch
 from tiny import CONFIGS, HIDDEN, build, load, save, token_batch
 
-from refusal_edit.anatomy import anatomy
-from refusal_edit.arch import classify, get_spec
 from refusal_edit.checkpoint.layout import open_checkpoint
 from refusal_edit.edits.memory import edited_weights
 from refusal_edit.edits.plan import plan_edit
@@ -24,7 +26,7 @@ from refusal_edit.edits.spec import DirectionBank, EditSpec, Strength, resolve
 from refusal_edit.edits.write import write_checkpoint
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.interventions import edit_hooks
-from refusal_edit.linalg import orthonormal, sandwich
+from refusal_edit.linalg import orthonormal
 
 ARCHS = sorted(CONFIGS)
 TOL = 1e-4
@@ -54,6 +56,46 @@ DOWNSTREAM = EditSpec(
 VARIANTS = {"kernel": KERNEL, "subspace": SUBSPACE, "full-layerwise": FULL_LAYERWISE, "downstream": DOWNSTREAM}
 
 
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    v = v.double()
+    return v / v.norm()
+
+
+def _off(r: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """r without its component along the harmless mean (projected abliteration)."""
+    m = _unit(mean)
+    return _unit(r - (r @ m) * m)
+
+
+def definition(variant: str, b: DirectionBank) -> ref.Basis:
+    """Each variant's bases and weights, written out from the definitions (spec.py's docstrings) for the bank
+    above: the chosen candidate is position -1, stream 2; the writers of layer l write into stream l + 1."""
+    md, hm = b.mean_diff[-1].double(), b.harmless_mean[-1].double()  # position -1: [stream, H]
+    weights: dict[str, list[float]]
+    if variant == "kernel":  # per-layer candidates off the harmless mean; attn kernel 0.9 at 1, width 1.5, floor 0.2
+        rows = {s: _off(_unit(md[s]), hm[s])[None] for s in range(1, 4)}
+        rows[0] = _off(_unit(md[2]), hm[2])[None]  # the embedding: the chosen candidate
+        weights = {"attn": [0.2 + 0.7 / 3, 0.9, 0.2 + 0.7 / 3], "mlp": [0.3, 1.0, 0.6], "embedding": [0.5]}
+    elif variant == "subspace":  # 0.6 x layer 1 + 0.4 x layer 2, with layer 1's other two positions
+        lead = 0.6 * _unit(md[1]) + 0.4 * _unit(md[2])
+        rows = dict.fromkeys(range(4), torch.stack([lead, b.mean_diff[0, 1].double(), b.mean_diff[1, 1].double()]))
+        weights = {"attn": [1.0] * 3, "mlp": [0.7] * 3, "embedding": [1.0]}
+    elif variant == "full-layerwise":  # stream s: its candidate off the harmless mean, plus its lower neighbour
+        rows = {s: torch.stack([_off(_unit(md[s]), hm[s]), md[s - 1]]) for s in range(1, 4)}
+        rows[0] = torch.stack([_off(_unit(md[2]), hm[2]), md[1]])  # the embedding: the chosen one, layer 1 nearest
+        weights = {"attn": [1.0] * 3, "mlp": [1.0] * 3, "embedding": [1.0]}
+    else:  # downstream: the chosen direction up to stream 2, stream 3's own candidate; attn 1.1 at 1.5, width 2
+        rows = {0: md[2][None], 1: md[2][None], 2: md[2][None], 3: md[3][None]}
+        weights = {"attn": [0.95, 1.05, 1.05], "mlp": [0.5] * 3, "embedding": [0.7]}
+
+    def basis(site: str, layer: int | None) -> tuple[torch.Tensor, float]:
+        if layer is None:
+            return rows[0], weights["embedding"][0]
+        return rows[layer + 1], weights[site][layer]
+
+    return basis
+
+
 def write_edit(src, out, spec: EditSpec, b: DirectionBank):
     ckpt = open_checkpoint(src)
     text = ckpt.config.get("text_config") or ckpt.config
@@ -63,91 +105,55 @@ def write_edit(src, out, spec: EditSpec, b: DirectionBank):
     return load(out)
 
 
-def writer_outputs(model, x):
-    """Every writer's output (before any sandwich norm), keyed like the resolved edit."""
-    seen: dict[tuple[str, int | None, str], torch.Tensor] = {}
-    handles = []
-    for w in anatomy(model).writers():
-
-        def hook(_m, _a, out, key=(w.site, w.layer, w.name)):
-            seen[key] = (out[0] if isinstance(out, tuple) else out).detach()
-
-        handles.append(w.module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_variant_checkpoint_equals_its_hook_twin(model_type, variant, tmp_path):
     model = build(model_type)
     src = save(model, tmp_path / "model", with_tokenizer=False)
     spec, b = VARIANTS[variant], bank()
-    edit = resolve(spec, b, model.config.get_text_config().num_hidden_layers)
+    rows, basis = ref.FAMILIES[model_type], definition(variant, b)
     x = token_batch()
-    with torch.no_grad(), edit_hooks(model, edit):
+    with torch.no_grad(), ref.projected(model, rows, basis):
         reference = model(x).logits
     with torch.no_grad():
         original = model(x).logits
     edited = write_edit(src, tmp_path / "out", spec, b)
-    with torch.no_grad():
-        logits = edited(x).logits
+    logits = ref.assert_removed(edited, rows, x, basis, TOL).logits  # weight-1 writes keep nothing of their basis
     assert (logits - reference).abs().max().item() <= TOL
     assert (logits - original).abs().max().item() > 1e-2
-    # The in-memory weight edit (what tune uses for variants without hooks) is the same edit.
+    # The product's hook twin and its in-memory weight edit (what tune uses) are the same edit.
+    edit = resolve(spec, b, model.config.get_text_config().num_hidden_layers)
+    with torch.no_grad(), edit_hooks(model, edit):
+        assert (model(x).logits - reference).abs().max().item() <= TOL
     with torch.no_grad(), edited_weights(model, edit):
-        in_memory = model(x).logits
-    assert (in_memory - reference).abs().max().item() <= TOL
+        assert (model(x).logits - reference).abs().max().item() <= TOL
     with torch.no_grad():
         assert torch.equal(model(x).logits, original)  # restored
 
-    if variant == "full-layerwise":  # weight 1 everywhere: nothing of any writer's basis is left
-        gains = {(w.site, w.layer): w.gain for w in anatomy(edited).writers()}
-        for (site, layer, _name), out in writer_outputs(edited, x).items():
-            q = sandwich(edit.at(site, layer)[0], gains[site, layer])
-            assert (out.float() @ q.T).abs().max().item() <= TOL, (site, layer)
 
-
-def dense_norm_preserving(model, edit, name: str, weight: torch.Tensor, spec) -> torch.Tensor | None:
-    """Reference from the definition, in float64: project each written vector, restore its norm."""
-    m = classify(spec, name)
-    if m is None:
-        return None
-    basis, alpha = edit.at(m.rule.site, m.layer)
-    gain = None
-    norm_name = spec.post_norm_name(m.layer, m.rule.site) if m.layer is not None else None
-    if norm_name is not None:
-        prefix = name.split(f"{spec.layers}.{m.layer}.")[0]
-        gain = dict(model.named_parameters())[prefix + norm_name].detach().float() + spec.norm_offset
-    q = sandwich(basis, gain).double()
-    w = weight.detach().double()
+def norm_preserving(param: torch.Tensor, q: torch.Tensor, alpha: float) -> list[torch.Tensor]:
+    """The definition, in float64, along each axis of the residual's size: every written vector (a slice along
+    that axis) loses alpha x its part in span(q) and is scaled back to its norm (a vector with nothing left
+    stays as it is). One candidate per axis: the layout (rows, columns, either expert layout) is not assumed."""
     hidden = q.shape[1]
-    if m.rule.residual_last:
-        vecs = w.reshape(-1, hidden)  # rows are written vectors
+    out = []
+    for axis in [a for a, n in enumerate(param.shape) if n == hidden]:
+        vecs = param.detach().double().movedim(axis, -1)
         new = vecs - alpha * (vecs @ q.T) @ q
-        return rescaled(new, vecs.norm(dim=1, keepdim=True), new.norm(dim=1, keepdim=True)).reshape(w.shape)
-    if w.dim() == 3:  # [E, H, I]: columns of every expert
-        out = torch.stack([dense_cols(e, q, alpha) for e in w])
-        return out
-    if w.dim() == 1:
-        new = w - alpha * q.T @ (q @ w)
-        return rescaled(new, w.norm(), new.norm())
-    return dense_cols(w, q, alpha)
+        old_norm, new_norm = vecs.norm(dim=-1, keepdim=True), new.norm(dim=-1, keepdim=True)
+        new = torch.where(new_norm > 0, new * old_norm / new_norm.clamp_min(1e-300), new)
+        out.append(new.movedim(-1, axis))
+    return out
 
 
-def dense_cols(w: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
-    new = w - alpha * q.T @ (q @ w)
-    return rescaled(new, w.norm(dim=0, keepdim=True), new.norm(dim=0, keepdim=True))
+def norm_definition(b: DirectionBank) -> ref.Basis:
+    """direction "layer", rank 2 over positions: stream s's own candidate, then the larger of its other two."""
+    md = b.mean_diff.double()
 
+    def rows(s: int) -> torch.Tensor:
+        return torch.stack([md[-1, s], max(md[0, s], md[1, s], key=lambda v: float(v.norm()))])
 
-def rescaled(new: torch.Tensor, old_norm: torch.Tensor, new_norm: torch.Tensor) -> torch.Tensor:
-    """Back to the old norm; a vector with nothing left (e.g. a zero padding row) stays as it is."""
-    return torch.where(new_norm > 0, new * old_norm / new_norm.clamp_min(1e-300), new)
+    return lambda _site, layer: (rows(2 if layer is None else layer + 1), 1.0)
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
@@ -156,31 +162,31 @@ def test_norm_preservation_invariants_and_dense_reference(model_type, tmp_path):
     src = save(model, tmp_path / "model", with_tokenizer=False)
     b = bank()
     spec = EditSpec(direction="layer", rank=2, preserve_norm=True)
-    edit = resolve(spec, b, model.config.get_text_config().num_hidden_layers)
     edited = write_edit(src, tmp_path / "out", spec, b)
-    arch = get_spec(model.config.get_text_config().model_type)
-    before = dict(model.named_parameters())
-    after = dict(edited.named_parameters())
-    checked = 0
-    for name, w in before.items():
-        ref = dense_norm_preserving(model, edit, name, w, arch)
-        if ref is None:
-            continue
+    rows, basis = ref.FAMILIES[model_type], norm_definition(b)
+    located = ref.locate(model, rows)
+    before, after = dict(model.named_parameters()), dict(edited.named_parameters())
+    changed = [n for n, w in before.items() if not torch.equal(w, after[n])]
+    writers = {n: e for e in located.writers for n, _ in e.module.named_parameters(prefix=e.path)}
+    for name in changed:
+        assert name in writers, f"{name} changed but is not inside a module that writes into the residual stream"
+        e = writers[name]
+        vecs, alpha = basis(e.site, e.layer)
+        q = ref.gain_basis(located, e.site, e.layer, vecs)
         got = after[name].detach().double()
-        assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item()), name
-        checked += 1
-    assert checked >= 7  # embedding + 2 writers x 3 layers at least
-    # Invariants on the model's own writers: nothing along each basis, same norms as before.
+        gap = min((got - want).abs().max().item() / max(1.0, want.abs().max().item()) for want in
+                  norm_preserving(before[name], q, alpha))  # fmt: skip
+        assert gap <= 1e-5, name
+    assert len(changed) >= 7  # embedding + 2 writers x 3 layers at least
+    # Invariants: nothing along each basis reaches the stream; the embedding keeps its row norms.
     x = token_batch()
-    gains = {(w.site, w.layer): w.gain for w in anatomy(edited).writers()}
-    for (site, layer, _name), out in writer_outputs(edited, x).items():
-        q = sandwich(edit.at(site, layer)[0], gains[site, layer])
-        assert (out.float() @ q.T).abs().max().item() <= TOL, (site, layer)
+    ref.assert_removed(edited, rows, x, basis, TOL)
     emb = edited.get_input_embeddings().weight.detach()
     orig = model.get_input_embeddings().weight.detach()
     rel = (emb.norm(dim=1) - orig.norm(dim=1)).abs() / orig.norm(dim=1).clamp_min(1e-12)
     assert rel.max().item() <= 1e-5
     # Without a hook twin, hooks refuse; the in-memory weight edit equals the written checkpoint.
+    edit = resolve(spec, b, model.config.get_text_config().num_hidden_layers)
     with pytest.raises(RefusalEditError, match="no activation-hook twin"), edit_hooks(model, edit):
         pass
     with torch.no_grad(), edited_weights(model, edit):
@@ -319,9 +325,12 @@ def test_cli_variant_options_and_plan_only(tmp_path, cli):
         "stop": 3,
         "floor": 0.0,
     }
-    edit = resolve(EditSpec.from_json(record["spec"]["edit"]), DirectionBank(d.mean_diff), 3)
-    x = token_batch()
-    with torch.no_grad(), edit_hooks(model, edit):
+    x = token_batch()  # layers 1 and 2 at weight 0.5; layer 0 and the embedding untouched
+    half = ref.uniform(d.mean_diff, 0.5)
+    with (
+        torch.no_grad(),
+        ref.projected(model, ref.FAMILIES["llama"], lambda s, i: half(s, i) if i else (d.mean_diff, 0)),
+    ):
         reference = model(x).logits
     with torch.no_grad():
         assert (load(out)(x).logits - reference).abs().max().item() <= TOL
