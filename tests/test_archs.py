@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -122,12 +123,17 @@ def _rowwise(config) -> list[str]:
     return [k for k, v in plan.items() if v == "embedding_rowwise" or v.split("_")[0] == "rowwise"]
 
 
+NO_TP_PLAN = {"gpt2"}  # transformers 5.25 gives GPT-2 no base_model_tp_plan: nothing to cross-check
+
+
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_every_rowwise_module_of_the_tp_plan_is_a_writer(model_type):
     model = build(model_type)
     spec = spec_for_config(model.config)
     names = [n for n, _ in model.named_parameters()]
-    for pattern in _rowwise(model.config):
+    patterns = _rowwise(model.config)
+    assert bool(patterns) == (model_type not in NO_TP_PLAN), f"{model_type}: the cross-check would not run"
+    for pattern in patterns:
         rx = re.compile(r"(?:^|\.)" + re.escape(pattern).replace(r"\*", r"\d+") + r"(?:\.weight)?$")
         hits = [n for n in names if rx.search(n)]
         assert hits, f"{model_type}: no parameter of the tiny model matches the tp plan's {pattern}"
@@ -327,6 +333,6 @@ def test_extract_orthogonalize_evaluate_end_to_end(model_type, tiny_dir, tmp_pat
     assert res.code == 0, res.text
     report = json.loads(res.out)
     kl = report["divergence"]["first_token_kl"]
-    assert kl > 0 and kl == kl and kl < float("inf")  # the edit changed the model, and finitely
+    assert kl > 0 and math.isfinite(kl)  # the edit changed the model, and finitely
     assert report["refusal"]["base"]["harmful"]["total"] == 2
     assert (tmp_path / "report" / "report.json").exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_direction
+from reference import FAMILIES, projected, uniform
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny import build, save, token_batch
@@ -20,7 +21,6 @@ from transformers import AutoModelForCausalLM
 
 from refusal_edit.checkpoint import safetensors_io
 from refusal_edit.checkpoint.atomic import TMP_MARK
-from refusal_edit.interventions import ablation
 
 
 def digest_tree(root):
@@ -134,21 +134,38 @@ def test_sharded_checkpoint_mirrors_shards_and_updates_index(tmp_path, cli):
                 total += t.numel() * t.element_size()
     assert index["metadata"]["total_size"] == total
     x = token_batch()
-    with torch.no_grad(), ablation(model, make_direction(tmp_path / "direction.safetensors").direction):
+    r = make_direction(tmp_path / "direction.safetensors").direction
+    with torch.no_grad(), projected(model, FAMILIES["gemma"], uniform(r)):
         reference = model(x).logits
     assert (logits_of(out, x) - reference).abs().max().item() <= 1e-4
 
 
+def tensors_in(folder) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
 def test_resharding_with_max_shard_size(tiny_dir, tmp_path, cli):
+    """Resharding moves tensors between files and nothing else: value for value the unsharded edit."""
     src = tiny_dir("llama")
     res = orth(cli, src, tmp_path, "--max-shard-size", "30KB")
     assert res.code == 0, res.text
     files = sorted((tmp_path / "out").glob("model-*.safetensors"))
     assert len(files) > 1 and files[0].name.endswith(f"-of-{len(files):05d}.safetensors")
-    x = token_batch()
-    assert torch.allclose(logits_of(tmp_path / "out", x), logits_of(tmp_path / "out", x))
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {f.name for f in files}
+    assert orth(cli, src, tmp_path, out="whole").code == 0
+    sharded, whole, source = tensors_in(tmp_path / "out"), tensors_in(tmp_path / "whole"), tensors_in(src)
+    assert sharded.keys() == whole.keys()
+    assert [k for k in whole if not torch.equal(sharded[k], whole[k])] == []
+    assert not torch.equal(
+        whole["model.layers.0.self_attn.o_proj.weight"], source["model.layers.0.self_attn.o_proj.weight"]
+    )
+    x = token_batch()
+    assert torch.equal(logits_of(tmp_path / "out", x), logits_of(tmp_path / "whole", x))
 
 
 def test_fused_experts_on_disk_are_edited(tmp_path, cli):
@@ -160,7 +177,8 @@ def test_fused_experts_on_disk_are_edited(tmp_path, cli):
     res = orth(cli, src, tmp_path)
     assert res.code == 0, res.text
     x = token_batch()
-    with torch.no_grad(), ablation(model, make_direction(tmp_path / "direction.safetensors").direction):
+    r = make_direction(tmp_path / "direction.safetensors").direction
+    with torch.no_grad(), projected(model, FAMILIES["mixtral"], uniform(r)):
         reference = model(x).logits
     assert (logits_of(tmp_path / "out", x) - reference).abs().max().item() <= 1e-4
 
