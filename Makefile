@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test lint format bench clean archs archs-real
+.PHONY: setup demo test mutants lint format bench clean archs archs-real
 
 # torch first, pinned to the CPU build that resolves locally; everything else from pyproject.toml.
 $(VENV)/.installed: pyproject.toml
@@ -30,16 +30,24 @@ demo: setup
 		--out $(DEMO_OUT)/abliterated --force
 	$(BIN)/refusal-edit evaluate $(DEMO_MODEL) $(DEMO_OUT)/abliterated --out $(DEMO_OUT)/report --record --force $(DEMO_EVAL)
 
-# llama-cpp-python (sdist only: one C++ build of ~3.5 min on 2 cores, then pip's wheel cache) lets the suite check
-# our K-quant quantizers bit for bit against ggml and read our GGUF files with ggml's own reader. Best effort:
-# without it those tests skip with the reason. The demo does not need it.
+# llama-cpp-python (sdist only: one C++ build of ~3.5 min on 2 cores) is the real client the suite checks our GGUF
+# files against: our K-quant quantizers bit for bit against ggml, our files through ggml's own reader. A required
+# dependency of `make test`: a failed build fails it, and REFUSAL_EDIT_REQUIRE_LLAMACPP makes a missing `llama_cpp`
+# a test failure rather than a skip. The wheel is built once into WHEELS (in $HOME: kept between fresh clones).
+WHEELS ?= $(HOME)/.cache/refusal-edit/wheels
+LLAMACPP := llama-cpp-python==0.3.36
 $(VENV)/.llamacpp: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --find-links $(WHEELS) 'llama-cpp-python==0.3.36' \
-		|| echo "llama-cpp-python was not built: the llama.cpp checks will skip"
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+		$(BIN)/python -m pip wheel -q --no-deps --find-links $(WHEELS) -w $(WHEELS) '$(LLAMACPP)'
+	$(BIN)/python -m pip install -q --find-links $(WHEELS) '$(LLAMACPP)'
 	touch $@
 
 test: setup $(VENV)/.llamacpp lint
-	$(BIN)/python -m pytest -q --durations=15
+	REFUSAL_EDIT_REQUIRE_LLAMACPP=1 $(BIN)/python -m pytest -q --durations=15
+
+# Planted bugs (tests/mutants.py) the suite must kill; `make test` runs the same list (tests/test_mutants.py).
+mutants: setup
+	$(BIN)/python tests/mutants.py
 
 lint: setup
 	$(BIN)/ruff check refusal_edit tests bench
@@ -65,14 +73,12 @@ archs: setup
 archs-real: setup
 	REFUSAL_EDIT_DERIVE_REAL=1 $(BIN)/python -m pytest -q tests/test_derive_real.py
 
-# GGUF edits and control vectors checked in llama.cpp itself (pytest marker `llamacpp`). Not part of `make test`:
-# llama-cpp-python ships only an sdist whose C++ build takes minutes; the wheel is built once into WHEELS.
-WHEELS ?= $(HOME)/.cache/refusal-edit/wheels
+# The demo-model llama.cpp checks (pytest marker `llamacpp`: refusal rates of the edited GGUF and of control
+# vectors, logits against transformers, the requantization bound, Gemma's stored 1 + w gain): 30-40 min on 2 cores,
+# outside `make test`'s budget, so run here; the fast llama.cpp checks run in `make test`.
 LLAMACPP_DIRECTION ?= runs/llamacpp/direction
 .PHONY: llamacpp
-llamacpp: setup
-	$(BIN)/python -m pip wheel -q --no-deps --find-links $(WHEELS) -w $(WHEELS) llama-cpp-python==0.3.36
-	$(BIN)/python -m pip install -q --find-links $(WHEELS) llama-cpp-python==0.3.36
+llamacpp: setup $(VENV)/.llamacpp
 	$(BIN)/refusal-edit fetch $(DEMO_MODEL)
 	$(BIN)/refusal-edit fetch gemma-3-270m
 	test -e $(LLAMACPP_DIRECTION) || $(BIN)/refusal-edit extract $(DEMO_MODEL) --out $(LLAMACPP_DIRECTION)
