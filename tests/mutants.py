@@ -83,6 +83,21 @@ MUTANTS: tuple[Mutant, ...] = (
         (EXACT, "-k", "ablation and qwen2 and not moe"),
     ),
     Mutant(
+        "gguf-gemma-gain-read-as-stored",  # llama.cpp stores Gemma's gain as 1 + w: read back without the - 1
+        "refusal_edit/gguf/source.py",
+        "values = values - np.float32(self.spec.norm_offset)",
+        "values = values",
+        ("tests/test_gguf.py", "-k", "gemma_norm_gain"),
+    ),
+    Mutant(
+        "addition-hook-ignores-multiplier",  # the product's attn-site addition hook forgets Granite's multiplier
+        "refusal_edit/interventions.py",
+        "        w = v / scale\n",
+        "        w = v\n",
+        (EXACT, "-k", "add and granite and attn"),
+        fast=False,
+    ),
+    Mutant(
         "resharding-drops-transforms",  # --max-shard-size copies the source tensors unedited
         "refusal_edit/edits/write.py",
         "        chunks[-1].append(item)\n",

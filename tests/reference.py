@@ -172,21 +172,23 @@ def locate(model: nn.Module, rows: list[Row]) -> Located:
     n_layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
     entries: list[Entry] = []
     for row in rows:
+        found = 0
         for i in range(n_layers) if "{i}" in row.path else [None]:
-            path = row.path.format(i=i)
             try:
-                module = model.get_submodule(path)
-            except AttributeError:
-                assert i is not None, f"{path} is not in the model"
+                module = model.get_submodule(row.path.format(i=i))
+            except AttributeError:  # a hybrid's layer has one of its mixers
                 continue
-            entries.append(Entry(row.kind, i, path, module, float(getattr(cfg, row.scale)) if row.scale else 1.0))
+            scale = float(getattr(cfg, row.scale)) if row.scale else 1.0
+            entries.append(Entry(row.kind, i, row.path.format(i=i), module, scale))
+            found += 1
+        assert found, f"no module of the model is at {row.path}"
     layers = [e.module for e in entries if e.kind == "layer"]
     finals = [e.module for e in entries if e.kind == "final_norm"]
     assert len(layers) == n_layers and len(finals) == 1, "the table does not describe this model"
     post = {(e.site, e.layer): e.module for e in entries if e.kind.endswith("_post_norm")}
     writers = [e for e in entries if e.kind in ("embedding", *SITES)]
-    writes = [e for e in writers if (e.site, e.layer) not in post] + [e for e in entries if e.kind.endswith("_norm")]
-    writes = [e for e in writes if e.kind != "final_norm"]
+    writes = [e for e in writers if (e.site, e.layer) not in post]
+    writes += [e for e in entries if e.kind.endswith("_post_norm")]
     located = Located(n_layers, hidden, layers, finals[0], writes, writers, post)  # type: ignore[arg-type]
     for i in range(n_layers):
         for site in SITES:

@@ -329,13 +329,13 @@ def test_edited_logits_match_the_hf_edit(demo, tmp_path):
 
 def test_control_vector_layer_matches_the_hf_hook(demo, tmp_path):
     """The off-by-one, in numbers: llama.cpp with `direction.(L-1)` reproduces transformers with the vector
-    added at the input of layer L (`interventions.addition`); `direction.L` (one block late) does not."""
+    added at the input of layer L (tests/reference.py); `direction.L` (one block late) does not."""
     import torch
+    from reference import FAMILIES, added
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from refusal_edit.directions.artifacts import direction_path, load_direction
     from refusal_edit.gguf.cvec import write_control_vector
-    from refusal_edit.interventions import addition
 
     _, direction, hf_dir = _demo_files()
     d = load_direction(direction_path(direction))
@@ -345,7 +345,7 @@ def test_control_vector_layer_matches_the_hf_hook(demo, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         plain = [model(torch.tensor([i])).logits[0].numpy() for i in ids]
-        with addition(model, d.mean_diff, layer):
+        with added(model, FAMILIES["qwen2"], d.mean_diff, layer):  # tests/reference.py, not the product's hook
             hooked = [model(torch.tensor([i])).logits[0].numpy() for i in ids]
 
     def cpp(cvec: Path | None) -> list[np.ndarray]:
