@@ -50,35 +50,6 @@ def sample_types() -> list[str]:
     return sorted(set(NAMED) | set(ARCHITECTURES))
 
 
-def _tiny_wrapper(config: Any, model_type: str):
-    """The whole multimodal wrapper, tiny: its text config shrunk as the derivation does, its vision config
-    shrunk the same way with two layers."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from refusal_edit.derive.shrink import _cut, _shrink_dict, model_class, shrunk
-
-    data = config.to_dict()
-    data.pop("model_type", None)
-    text = shrunk(config)
-    data["text_config"] = _cut(text, model_class(text), 6).to_dict()  # the layers the derivation keeps
-    for key in ("vision_config", "audio_config"):
-        sub = data.get(key)
-        if isinstance(sub, dict):
-            small = _shrink_dict(sub, int(sub.get("num_attention_heads") or sub.get("num_heads") or 4))
-            for depth in ("num_hidden_layers", "depth", "num_layers"):
-                if isinstance(small.get(depth), int) and small[depth] > 2:
-                    small[depth] = 2
-            data[key] = small
-    cfg = AutoConfig.for_model(model_type, **data)
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_((0.3 if p.dim() == 1 else 0.02) * torch.randn_like(p))
-    return model.eval()
-
-
 def _cli(*args: str) -> tuple[int, str]:
     import contextlib
     import io
@@ -109,7 +80,7 @@ def one(model_type: str) -> dict[str, Any]:
     from refusal_edit.arch import DERIVED
     from refusal_edit.derive import derive_and_verify
     from refusal_edit.derive.probe import token_ids
-    from refusal_edit.derive.shrink import tiny_model
+    from refusal_edit.derive.shrink import tiny_model, tiny_wrapper
     from refusal_edit.directions.artifacts import save_direction
     from refusal_edit.errors import RefusalEditError
     from refusal_edit.interventions import ablation
@@ -137,7 +108,7 @@ def one(model_type: str) -> dict[str, Any]:
     DERIVED[model_type] = spec
     try:
         wrapper = spec.text_model_type is not None
-        model = _tiny_wrapper(config, model_type) if wrapper else tiny_model(config)
+        model = tiny_wrapper(config) if wrapper else tiny_model(config)
         if wrapper:
             DERIVED[spec.text_model_type] = spec.derive(spec.text_model_type, text_model_type=None)
         ids = token_ids(200)

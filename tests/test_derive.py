@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -155,3 +156,42 @@ def test_gemma4_moe_branches_and_per_layer_embeddings_get_their_own_norm_chains(
     assert spec.site("attn").norms("self_attn") == ("post_attention_layernorm",)
     kinds = {r.pattern.split(r"\d+)\.")[-1]: r.kind for r in spec.tensors}
     assert kinds[r"experts\.down_proj"] == "experts" and spec.embed_scale.__name__ == "sqrt_hidden"
+
+
+def test_shieldgemma2_is_exact_or_refused_never_silently_different():
+    """transformers loads `shieldgemma2` with a key mapping meant for ShieldGemma2ForImageClassification
+    (a `model.` prefix added to every key), so its image-text class does not load back its own checkpoint:
+    every language-model weight comes back freshly initialised. Verified on the language model alone, the
+    spec passed and the edit was silently off by ~1; the whole-wrapper check refuses it, naming the tensor."""
+    from transformers import AutoConfig
+
+    try:
+        _, figures = derive_and_verify(AutoConfig.for_model("shieldgemma2"))
+    except RefusalEditError as exc:
+        assert "shieldgemma2" in str(exc) and "language_model" in str(exc) and "\n" not in str(exc)
+        return
+    assert figures["wrapper"] <= 1e-4 and figures["wrapper_r_left"] <= 1e-4, figures
+
+
+def test_a_wrapper_that_passes_on_its_language_model_but_not_whole_is_refused(monkeypatch):
+    """A wrapper whose checkpoint names one writer differently from its language model's (simulated: the
+    plan misses layer 0's attention output only under the wrapper's `language_model` names) passes the
+    language-model checks and must still be refused, naming where the edit goes wrong."""
+    from transformers import AutoConfig
+
+    import refusal_edit.edits.plan as plan_module
+
+    real = plan_module.plan_ablation
+
+    def renamed(ckpt, r, *args, **kwargs):
+        plan = real(ckpt, r, *args, **kwargs)
+        for name in [n for n in plan.transforms if re.search(r"language_model\..*layers\.0\.self_attn\.o_proj", n)]:
+            del plan.transforms[name]
+        return plan
+
+    monkeypatch.setattr(plan_module, "plan_ablation", renamed)
+    config = AutoConfig.for_model("llava")
+    derived = derive(config)
+    assert verify(derived.spec, derived.model, derived.ids)["checkpoint"] <= 1e-4  # the language model passes
+    with pytest.raises(RefusalEditError, match=r"whole wrapper.*first at the output of layer 0"):
+        derive_and_verify(config)

@@ -20,6 +20,10 @@ from typing import Any
 from refusal_edit.arch import DERIVED, ArchSpec, TensorRule, WriterSite
 from refusal_edit.errors import RefusalEditError
 
+# What a cached spec has passed; raised when verification gains a check, so that older entries are derived
+# again (2: multimodal wrappers verified whole, not only their language model).
+CHECKS = 2
+
 __all__ = ["cache_path", "derived_spec", "from_json", "to_json"]
 
 
@@ -59,7 +63,7 @@ def cache_path(config: Any) -> Path:
 
     from refusal_edit.loading.cache import cache_root
 
-    name = f"{config.model_type}-{transformers.__version__}-{_fingerprint(config)}.json"
+    name = f"{config.model_type}-{transformers.__version__}-{_fingerprint(config)}-v{CHECKS}.json"
     return cache_root() / "archs" / name
 
 
@@ -123,13 +127,16 @@ def derive_and_verify(config: Any) -> tuple[ArchSpec, dict[str, float]]:
     import torch
 
     from refusal_edit.derive.build import derive
-    from refusal_edit.derive.verify import verify
+    from refusal_edit.derive.verify import verify, verify_wrapper
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, and far faster on a shared machine
     try:
         derived = derive(config)
-        return derived.spec, verify(derived.spec, derived.model, derived.ids)
+        figures = verify(derived.spec, derived.model, derived.ids)
+        if derived.spec.text_model_type is not None:  # a multimodal wrapper: its own names and class
+            figures |= verify_wrapper(derived.spec, config)
+        return derived.spec, figures
     finally:
         torch.set_num_threads(threads)
 

@@ -261,3 +261,34 @@ def tiny_model(config: Any, seed: int = 0, max_layers: int = 6) -> nn.Module:
         for p in model.parameters():
             p.add_((0.3 if p.dim() == 1 else 0.02) * torch.randn_like(p))
     return model.eval()
+
+
+def tiny_wrapper(config: Any, seed: int = 0, max_layers: int = 6) -> nn.Module:
+    """The whole multimodal wrapper of `config`, tiny, built with its stock image-text class: the text config
+    shrunk and cut as `tiny_model` does, each tower (vision, audio) shrunk the same way with two layers.
+    The derivation verifies the language model alone; this is what checks the wrapper's own class."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    data = config.to_dict()
+    model_type = data.pop("model_type", None) or config.model_type
+    text = shrunk(config)
+    try:
+        data["text_config"] = _cut(text, model_class(text), max_layers).to_dict()
+        for key in ("vision_config", "audio_config"):
+            sub = data.get(key)
+            if isinstance(sub, dict):
+                small = _shrink_dict(sub, int(sub.get("num_attention_heads") or sub.get("num_heads") or HEADS))
+                for depth in ("num_hidden_layers", "depth", "num_layers"):
+                    if isinstance(small.get(depth), int) and small[depth] > 2:
+                        small[depth] = 2
+                data[key] = small
+        cfg = AutoConfig.for_model(model_type, **data)
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RefusalEditError(f"cannot build a tiny {model_type} wrapper to verify the edit on: {reason}") from exc
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((0.3 if p.dim() == 1 else 0.02) * torch.randn_like(p))
+    return model.eval()

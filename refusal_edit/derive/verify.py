@@ -6,6 +6,10 @@ basis, what tune can pick) the edited model must carry no r in any hidden state,
 must be needed (without it, r reappears). The accounting that found the writers already showed that they
 make up each layer's delta exactly. The checkpoint path is checked too: the plan on the saved tiny model,
 written and loaded by transformers, equals the hooked original.
+
+A multimodal wrapper is derived on its language model, but its checkpoint names, tied tensors and stock
+class are the wrapper's: `verify_wrapper` repeats the checkpoint check on the whole tiny wrapper (towers
+included), loaded with the wrapper's own class, and refuses with the tensor or layer at fault.
 """
 
 from __future__ import annotations
@@ -167,4 +171,82 @@ def verify(spec: ArchSpec, model: nn.Module, ids: torch.Tensor, seed: int = 3) -
             raise RefusalEditError(
                 f"derived {spec.model_type} spec fails verification: {what} differs by {value:.2e} (> {TOL:g})"
             )
+    return figures
+
+
+def _first_difference(a: nn.Module, b: nn.Module) -> str | None:
+    """The first parameter or buffer of `a` that `b` does not hold byte for byte, or None."""
+    theirs = b.state_dict()
+    for name, value in a.state_dict().items():
+        other = theirs.get(name)
+        if other is None or other.shape != value.shape or not torch.equal(other, value):
+            return name
+    return None
+
+
+def _first_layer_off(states: list[torch.Tensor], reference: list[torch.Tensor]) -> str:
+    for i, (a, b) in enumerate(zip(states, reference, strict=False)):
+        if _close(a, b) > TOL:
+            return "the embeddings" if i == 0 else f"the output of layer {i - 1}"
+    return "the head (the language model's hidden states agree)"
+
+
+def _edit_wrapper(model: nn.Module, r: torch.Tensor, ids: torch.Tensor) -> tuple:
+    """Save the wrapper, edit the checkpoint with the user's plan and writer, load it with the wrapper's class:
+    the edited logits and states, and the hooked original's."""
+    from refusal_edit.checkpoint.layout import open_checkpoint
+    from refusal_edit.edits import write_checkpoint
+    from refusal_edit.edits.plan import plan_ablation
+
+    cls = type(model)
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        model.save_pretrained(src)
+        lost = _first_difference(model, cls.from_pretrained(src, dtype=torch.float32))
+        if lost is not None:
+            raise RefusalEditError(
+                f"transformers' {cls.__name__} does not load back its own tiny {model.config.model_type} checkpoint "
+                f"({lost} comes back different), so no edit of it can be checked"
+            )
+        with edit_hooks(model, full_ablation(r, anatomy(model).num_layers)):
+            hooked, hooked_states = _stream(model, ids)
+        ckpt = open_checkpoint(src)
+        write_checkpoint(ckpt, plan_ablation(ckpt, r), out)
+        edited = cls.from_pretrained(out, dtype=torch.float32).eval()
+        return (*_stream(edited, ids), hooked, hooked_states)
+
+
+def verify_wrapper(spec: ArchSpec, config: object, seed: int = 5) -> dict[str, float]:
+    """Check `spec` (derived on the language model) on the whole tiny wrapper of `config`: the saved
+    checkpoint, edited by the planner and writer every user gets and loaded with the wrapper's stock class,
+    equals the hooked original (<= TOL) with no r left in the language model's hidden states."""
+    from refusal_edit.derive.probe import token_ids
+    from refusal_edit.derive.shrink import tiny_wrapper
+
+    model = tiny_wrapper(config)
+    kind = spec.model_type
+    text = model.config.get_text_config()
+    ids = token_ids(int(text.vocab_size))
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(int(text.hidden_size), generator=g)
+    r = r / r.norm()
+    with registered(spec, model.config.model_type), registered(spec, text.model_type):
+        try:
+            logits, states, hooked, hooked_states = _edit_wrapper(model, r, ids)
+        except RefusalEditError:
+            raise
+        except Exception as exc:  # transformers' own failures on the tiny wrapper: a refusal, in one line
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise RefusalEditError(
+                f"the tiny {kind} wrapper could not be edited and checked ({type(exc).__name__}: {first})"
+            ) from exc
+    figures = {"wrapper": _close(logits, hooked), "wrapper_r_left": _r_left(states, r)}
+    if figures["wrapper"] > TOL:
+        where = _first_layer_off(states, hooked_states)
+        raise RefusalEditError(
+            f"derived {kind} spec fails on the whole wrapper: its edited checkpoint differs from the hooked original "
+            f"by {figures['wrapper']:.2e} (> {TOL:g}), first at {where}"
+        )
+    if figures["wrapper_r_left"] > TOL:
+        raise RefusalEditError(f"derived {kind} spec fails on the whole wrapper: r is left in its hidden states")
     return figures
