@@ -67,6 +67,12 @@ def _cli(*args: str) -> tuple[int, str]:
     return code, buf.getvalue()
 
 
+def _output(out: Any) -> Any:
+    """Logits, or the last hidden state where the stock class has no head (mistral4's, evolla's)."""
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
 def one(model_type: str) -> dict[str, Any]:
     """Derive, verify, edit through the CLI and compare one type (runs in a child process)."""
     import torch
@@ -123,10 +129,10 @@ def one(model_type: str) -> dict[str, Any]:
                 return {**row, "status": "failed", "reason": "cli: " + text.strip().splitlines()[-1][:300]}
             r = r / r.norm()
             with torch.no_grad(), ablation(model, r):
-                reference = model(input_ids=ids, use_cache=False).logits
+                reference = _output(model(input_ids=ids, use_cache=False))
             edited = type(model).from_pretrained(out, dtype=torch.float32).eval()
             with torch.no_grad():
-                logits = edited(input_ids=ids, use_cache=False).logits
+                logits = _output(edited(input_ids=ids, use_cache=False))
             diff = float((logits - reference).abs().max()) / max(1.0, float(reference.abs().max()))
             row["diff"] = diff
             if diff > TOL:

@@ -264,10 +264,12 @@ def tiny_model(config: Any, seed: int = 0, max_layers: int = 6) -> nn.Module:
 
 
 def tiny_wrapper(config: Any, seed: int = 0, max_layers: int = 6) -> nn.Module:
-    """The whole multimodal wrapper of `config`, tiny, built with its stock image-text class: the text config
+    """The whole multimodal wrapper of `config`, tiny, built with its stock class (the causal LM's where
+    transformers has one, as `build._stock_class` picks, else the image-text class): the text config
     shrunk and cut as `tiny_model` does, each tower (vision, audio) shrunk the same way with two layers.
     The derivation verifies the language model alone; this is what checks the wrapper's own class."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     data = config.to_dict()
     model_type = data.pop("model_type", None) or config.model_type
@@ -284,7 +286,8 @@ def tiny_wrapper(config: Any, seed: int = 0, max_layers: int = 6) -> nn.Module:
                 data[key] = small
         cfg = AutoConfig.for_model(model_type, **data)
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+        auto = AutoModelForCausalLM if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
+        model = auto.from_config(cfg, dtype=torch.float32)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RefusalEditError(f"cannot build a tiny {model_type} wrapper to verify the edit on: {reason}") from exc
