@@ -246,9 +246,8 @@ def default_repo(record: EditRecord, root: Path) -> str:
     return model if model.lower().endswith(suffix) else model + suffix
 
 
-def stray_reason(name: str, is_dir: bool, validated: bool = False) -> str | None:
-    """Why a file or directory must not be published by its name, or None if it may belong to the model.
-    `validated`: a weights file already read and checked as this tool's output (an edited GGUF)."""
+def stray_reason(name: str, is_dir: bool) -> str | None:
+    """Why a file or directory must not be published by its name, or None if it may belong to the model."""
     if TMP_MARK in name:
         return "temporary output of an unfinished write"
     if name in CACHE_DIRS:
@@ -259,7 +258,7 @@ def stray_reason(name: str, is_dir: bool, validated: bool = False) -> str | None
         return "hidden"
     if not is_dir and name.endswith(PARTIAL_SUFFIXES):
         return "lock, temporary or partial file"
-    if not is_dir and not validated and name.lower().endswith(PICKLED_WEIGHTS):
+    if not is_dir and name.lower().endswith(PICKLED_WEIGHTS):
         return "non-safetensors weights (unedited or pickled): never published"
     return None
 
@@ -343,7 +342,7 @@ def walk(
         dirnames[:] = pruned
         for f in sorted(filenames):
             p, rel = here / f, (rel_dir / f).as_posix()
-            why = stray_reason(f, is_dir=False, validated=rel in trusted)
+            why = stray_reason(f, is_dir=False)
             if why is None and p.is_symlink():
                 why = "symbolic link (links are never followed)"
             elif why is None and (not p.is_file() or not p.resolve().is_relative_to(root)):
