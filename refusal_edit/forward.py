@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from refusal_edit.arch import is_recurrent, text_config
 from refusal_edit.console import console, track
 from refusal_edit.errors import RefusalEditError
 
@@ -149,7 +150,6 @@ def run_batches(
 def row_bytes(model: nn.Module, tokens: int) -> int:
     """A generous estimate of the memory one row of `tokens` tokens needs in a forward pass: KV cache,
     layer activations (float32 upcasts included), attention scores, last-position logits."""
-    from refusal_edit.arch import text_config
 
     cfg = text_config(model.config)
     hidden = int(cfg.hidden_size)
@@ -252,7 +252,6 @@ class PromptBatch:
     def prefix_len(self, model: nn.Module) -> int:
         """Length of the prefix to reuse with this model: 0 where a sliding window would drop it, or where a
         layer carries a recurrent state (hybrids: a state cannot be copied per row, nor cross left padding)."""
-        from refusal_edit.arch import is_recurrent, text_config
 
         if is_recurrent(model.config):
             return 0

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from refusal_edit.arch import is_recurrent
 from refusal_edit.forward import PromptBatch, cache_kwarg, common_prefix, model_device, output_cache
 
 MAX_TOKENS = 1024  # suffix tokens per packed sequence (the mask is tokens x (prefix + tokens) booleans)
@@ -100,7 +101,6 @@ def packed_or_padded(
     """Packed prompts when this model computes them exactly as padded batches (checked once), else padded; and
     the last-position logits of `texts` from the returned batch (the check computed them: callers need the
     model's own logits anyway, and running the batch again would cost one more pass)."""
-    from refusal_edit.arch import is_recurrent
 
     padded = PromptBatch(tokenizer, texts, batch_size)
     if is_recurrent(model.config):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import platform
 
+from refusal_edit import __version__
+
 
 def versions() -> dict[str, str]:
     import safetensors
     import torch
     import transformers
-
-    from refusal_edit import __version__
 
     return {
         "refusal_edit": __version__,

@@ -35,6 +35,7 @@ from refusal_edit.checkpoint.record import RECORD, EditRecord
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.hub import NO_TOKEN, check_folder, push_folder, resolve_endpoint, resolve_token
 from refusal_edit.hub.plan import pickle_reason
+from refusal_edit.workflows.planning import save_record
 
 TOKEN = "hf_FAKEtok3n_q7Zx9Lm2Pw4Rt8Vb"  # distinctive: any leak into output is unmistakable
 READ_TOKEN = "hf_READonly_k3Jh5Gf7Ds9Aa1"
@@ -183,7 +184,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         root / "single", root / "sharded", dirs_exist_ok=True, ignore=lambda d, n: [x for x in n if "model" in x]
     )
     for name in ("single", "sharded"):
-        record.save(root / name)
+        save_record(record, root / name)  # the record and its card
     return {"single": root / "single", "sharded": root / "sharded"}
 
 
@@ -544,7 +545,7 @@ def test_invalid_record_never_becomes_a_card(folder, hub, cli, record, message):
 def test_unknown_base_model_with_a_card_that_names_it(folder, hub, cli):
     record = EditRecord.load(folder)
     record.base_model = None
-    record.save(folder, card=False)
+    record.save(folder)
     result = cli("push", folder, "--repo", "alice/tiny", "--dry-run")  # README.md (kept) says org/base
     assert result.code == 0, result.text
 
@@ -862,7 +863,7 @@ def test_tokenizers_and_configs_do_not_look_like_secrets(folder):
 def test_base_model_at_push_time(folder, hub, cli):
     record = EditRecord.load(folder)
     record.base_model = None
-    record.save(folder, card=False)
+    record.save(folder)
     (folder / "README.md").unlink()
     before = snapshot(folder)
 

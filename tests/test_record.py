@@ -30,7 +30,7 @@ def write(folder: Path, data) -> Path:
 def test_round_trip_keeps_every_field_and_unknown_keys(tmp_path):
     r = record(spec={"attn": {"peak": 3}}, mode="spec", format="gguf", template={"system_prompt": "hi"})
     r.extra["future_key"] = [1, 2]
-    r.save(tmp_path, card=False)
+    r.save(tmp_path)  # no card text given: the record alone
     loaded = EditRecord.load(tmp_path)
     assert loaded == r
     assert json.loads((tmp_path / RECORD).read_text())["future_key"] == [1, 2]
@@ -133,9 +133,11 @@ def test_save_is_atomic_and_refuses_invalid_records(tmp_path):
 
 
 def test_evaluation_summary_goes_into_record_and_card(tmp_path):
-    record().save(tmp_path)
+    from refusal_edit.workflows.planning import save_record
+
+    save_record(record(), tmp_path)
     summary = {"harmful_refusal_edited": 0.02, "first_token_kl": math.inf, "ce_edited": 1.5}
-    EditRecord.load(tmp_path, required=True).with_evaluation(summary).save(tmp_path)
+    save_record(EditRecord.load(tmp_path, required=True).with_evaluation(summary), tmp_path)
     again = EditRecord.load(tmp_path)
     assert again.evaluation == {"harmful_refusal_edited": 0.02, "first_token_kl": None, "ce_edited": 1.5}
     card = (tmp_path / CARD).read_text()

@@ -28,18 +28,19 @@ from refusal_edit.paths import is_within
 
 TMP_MARK = ".tmp-refusal-edit-"
 LOCK_MARK = f"{TMP_MARK}lock"
-# Files by which the tool's own outputs other than an edited checkpoint are recognised (`is_tool_output`
-# of the record module covers edited checkpoints): extract runs, GGUF conversions, evaluation reports.
-_RUN_FILES = ("run.json", "report.json")
+# Files by which the tool's own outputs are recognised, each a JSON object stamped `"tool": "refusal-edit"`:
+# an edited checkpoint's record, an extract run, an evaluation report; and a GGUF conversion's marker. Read
+# here as stamps, not as records, so that atomic output (below everything that writes) asks no module above it.
+_RUN_FILES = ("refusal_edit.json", "run.json", "report.json")
 _CONVERSION_MARKER = "refusal_edit_source.json"
 
 
 def is_previous_output(folder: Path) -> bool:
     """Whether `folder` was written by this tool (an edit record, an extract run, a conversion, a report)."""
-    from refusal_edit.checkpoint.record import is_tool_output
-
     folder = Path(folder)
-    if is_tool_output(folder) or (folder / _CONVERSION_MARKER).is_file():
+    if not folder.is_dir():
+        return False
+    if (folder / _CONVERSION_MARKER).is_file():
         return True
     for name in _RUN_FILES:
         try:

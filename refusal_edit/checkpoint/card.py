@@ -12,10 +12,10 @@ from typing import Any
 
 import yaml
 
-from refusal_edit.checkpoint.record import RECORD, EditRecord, hub_model_id
+from refusal_edit.arch import ARCHITECTURES
+from refusal_edit.checkpoint.record import CARD, RECORD, EditRecord, hub_model_id
 from refusal_edit.errors import RefusalEditError
 
-CARD = "README.md"
 __all__ = ["CARD", "RECORD", "card_metadata", "render_card", "validate_card"]
 
 
@@ -36,7 +36,6 @@ def card_tags(r: EditRecord) -> list[str]:
 
 def pipeline_tag(r: EditRecord) -> str:
     """From the model class: a multimodal wrapper (a `text_config` inside) is image-text-to-text."""
-    from refusal_edit.arch import ARCHITECTURES
 
     spec = ARCHITECTURES.get(str(r.source_model.get("model_type")))
     return "image-text-to-text" if spec is not None and spec.text_model_type else "text-generation"
@@ -85,17 +84,10 @@ def _effect(r: EditRecord) -> str:
     )
 
 
-def _spec_lines(spec: dict[str, Any]) -> list[str]:
-    """The edit variant in words, and the numbers `tune` confirmed for it (validation prompts)."""
-    from refusal_edit.edits.spec import EditSpec
-    from refusal_edit.errors import RefusalEditError
-
+def _spec_lines(spec: dict[str, Any], variant: str | None) -> list[str]:
+    """The edit variant in words (`variant`; its JSON without them), and the numbers `tune` confirmed for it."""
     edit = spec.get("edit")
-    try:
-        words = EditSpec.from_json(edit).describe()
-    except RefusalEditError:
-        words = json.dumps(edit, sort_keys=True)
-    lines = [f"- edit variant: {words}"]
+    lines = [f"- edit variant: {variant or json.dumps(edit, sort_keys=True)}"]
     if spec.get("front"):
         lines.append(f"- chosen from a `refusal-edit tune` front: point `{spec.get('point')}`")
     confirmed = spec.get("confirmed")
@@ -142,7 +134,9 @@ def _usage(r: EditRecord) -> list[str]:
     return []
 
 
-def render_card(r: EditRecord) -> str:
+def render_card(r: EditRecord, variant: str | None = None) -> str:
+    """The card of a record; `variant` is the edit variant in words (`edits.spec.describe_variant`), given by
+    the caller so that the checkpoint layer needs nothing that describes edits."""
     meta = _card_data(r).to_yaml()
     base = f"`{r.base_model}`" if r.base_model else "a base model that was not recorded"
     lines = [
@@ -167,7 +161,7 @@ def render_card(r: EditRecord) -> str:
         f"sha256 `{(r.direction_sha256 or '')[:16]}...`",
     ]
     if r.spec:
-        lines += _spec_lines(r.spec)
+        lines += _spec_lines(r.spec, variant)
     lines += [f"- {note}" for note in r.notes]
     if r.evaluation:
         lines += ["", "## Measured", ""] + [f"- {key}: {value}" for key, value in r.evaluation.items()]

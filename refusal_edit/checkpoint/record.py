@@ -23,6 +23,7 @@ from refusal_edit.checkpoint.atomic import write_text
 from refusal_edit.errors import RefusalEditError
 
 RECORD = "refusal_edit.json"
+CARD = "README.md"  # the model card beside the record (rendered by `checkpoint.card`)
 TOOL = "refusal-edit"
 MODES = ("ablate", "add", "spec")  # spec: an edit variant or tuned point, described by `spec`
 FORMATS = ("safetensors", "gguf", "peft", "gguf-lora")  # a checkpoint, a GGUF, or an adapter of one
@@ -203,17 +204,16 @@ class EditRecord:
             raise RefusalEditError(f"cannot read {path}: {exc.strerror}") from None
         return cls.from_json(text, str(path))
 
-    def save(self, folder: str | Path, card: bool = True) -> Path:
-        """Write `refusal_edit.json` (and, with `card`, the README.md rendered from it) into `folder`.
+    def save(self, folder: str | Path, card: str | None = None) -> Path:
+        """Write `refusal_edit.json` (and, given its text, the model card README.md) into `folder`.
 
-        Each file is replaced atomically: an interrupted run leaves the old file, never half of one.
+        Each file is replaced atomically: an interrupted run leaves the old file, never half of one. The card
+        comes as text (`checkpoint.card.render_card`), so the record needs nothing that describes edits.
         """
         folder = Path(folder)
         write_text(folder / RECORD, self.to_json())
-        if card:
-            from refusal_edit.checkpoint.card import CARD, render_card
-
-            write_text(folder / CARD, render_card(self))
+        if card is not None:
+            write_text(folder / CARD, card)
         return folder / RECORD
 
 

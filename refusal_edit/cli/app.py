@@ -23,6 +23,8 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from refusal_edit import __version__
+from refusal_edit.cli.options import PANELS
 from refusal_edit.interrupt import Terminated
 
 # Library parameter names that differ from a command's own parameter names.
@@ -96,7 +98,6 @@ def _paragraphs(text: str | None) -> str | None:
 def _in_panel_order(cmd, help_option) -> None:
     """Options in the panels' order (input, edit, search, judging, devices, output), whatever order the command
     declares them in; `-h` at the very end, in the last panel."""
-    from refusal_edit.cli.options import PANELS
 
     def rank(param) -> int:
         panel = getattr(param, "rich_help_panel", None)
@@ -143,8 +144,6 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from refusal_edit import __version__
-
         typer.echo(f"refusal-edit {__version__}")
         raise typer.Exit()
 

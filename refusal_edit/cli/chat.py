@@ -17,6 +17,9 @@ from rich.text import Text
 from refusal_edit.cli import options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, out
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.paths import read_text
+from refusal_edit.prompts.template import parse_template_kwargs
 
 COMMANDS = "/reset clears the conversation, /system TEXT sets the system prompt (/system alone: the default), /quit"
 
@@ -91,9 +94,6 @@ def chat(
     to the default), /quit or Ctrl-D ends; Ctrl-C stops a reply. With --prompt or --prompt-file the prompts are
     answered and the command exits: results on stdout, nothing interactive."""
     quiet_libraries()
-    from refusal_edit.errors import RefusalEditError
-    from refusal_edit.paths import read_text
-    from refusal_edit.prompts.template import parse_template_kwargs
     from refusal_edit.workflows.chat import open_chat
 
     prompts = list(prompt or [])

@@ -13,6 +13,8 @@ from rich.markup import escape
 from refusal_edit.cli import options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err
+from refusal_edit.errors import RefusalEditError
+from refusal_edit.prompts.template import parse_template_kwargs
 
 
 @app.command(
@@ -154,7 +156,6 @@ def evaluate(
     from refusal_edit.evaluation.run import EvalSettings
     from refusal_edit.forward import parse_batch_size
     from refusal_edit.judging.reasoning import parse_delimiters
-    from refusal_edit.prompts.template import parse_template_kwargs
     from refusal_edit.workflows import evaluation as workflow
 
     skip_borderline = borderline is not None and borderline.strip().lower() == "none"
@@ -168,8 +169,6 @@ def evaluate(
     }
     if rejudge is not None:
         if edited is not None or direction is not None:
-            from refusal_edit.errors import RefusalEditError
-
             raise RefusalEditError("`rejudge` judges a saved report again: drop EDITED and `direction`")
         settings = EvalSettings(batch_size=1 if rows == "auto" else int(rows), **judging)
         done = workflow.rejudge(

@@ -11,6 +11,7 @@ from rich.table import Table
 from refusal_edit.cli import options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, show
+from refusal_edit.prompts.template import parse_template_kwargs
 
 
 @app.command(
@@ -85,7 +86,6 @@ def extract(
     """Find the refusal direction: difference in means at every layer and post-instruction position,
     then select by the paper's bypass / induce / KL criteria on validation prompts."""
     quiet_libraries()
-    from refusal_edit.prompts.template import parse_template_kwargs
     from refusal_edit.workflows import extraction as workflow
 
     job = workflow.prepare(

@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from refusal_edit.errors import RefusalEditError
+
 MODEL_HELP = "HF directory, .gguf file, recipe name or .toml file, or Hub id (ORG/NAME)."
 
 # The panels options are grouped in, in every command's help (in this order where a command has several).
@@ -188,7 +190,6 @@ def edit_variant(
     """The edit variant the options describe: the `--spec` front point as given, else an `EditSpec` from the
     variant options, else None (the paper's plain edit). Both at once is an error."""
     from refusal_edit.edits.spec import variant
-    from refusal_edit.errors import RefusalEditError
 
     options = variant(layers, weight, "layer" if per_layer else None, projected, rank, basis, preserve_norm)
     if spec is not None and options is not None:

@@ -10,6 +10,7 @@ from rich.table import Table
 from refusal_edit.cli import options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, show
+from refusal_edit.prompts.template import parse_template_kwargs
 
 
 def _pct(x: float) -> str:
@@ -113,7 +114,6 @@ def tune(
     Write it with `refusal-edit orthogonalize MODEL --spec DIR/front.json[#ID]`."""
     quiet_libraries()
     from refusal_edit.forward import parse_batch_size
-    from refusal_edit.prompts.template import parse_template_kwargs
     from refusal_edit.tuning import PickRule, TuneSettings
     from refusal_edit.workflows.tune import tune as workflow
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from refusal_edit.arch import DERIVED, ArchSpec, TensorRule, WriterSite
+from refusal_edit.console import err
+from refusal_edit.derive.scales import scale_function
 from refusal_edit.errors import RefusalEditError
 
 # What a cached spec has passed; raised when verification gains a check, so that older entries are derived
@@ -89,7 +91,6 @@ def to_json(spec: ArchSpec) -> dict[str, Any]:
 
 
 def from_json(data: dict[str, Any]) -> ArchSpec:
-    from refusal_edit.derive.scales import scale_function
 
     return ArchSpec(
         data["model_type"],
@@ -143,7 +144,6 @@ def derive_and_verify(config: Any) -> tuple[ArchSpec, dict[str, float]]:
 
 def derived_spec(model_type: str | None, config: Any = None) -> ArchSpec:
     """The verified spec of a model type outside the table (cached), or a clear error."""
-    from refusal_edit.console import err
 
     if not model_type:
         raise RefusalEditError("the model config names no model_type")

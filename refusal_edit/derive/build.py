@@ -27,7 +27,7 @@ from refusal_edit.arch import ArchSpec, Site, TensorKind, TensorRule, WriterSite
 from refusal_edit.derive.account import Term, account_layer, constant_coefficients, smallest_set
 from refusal_edit.derive.params import WriterParam, writer_params
 from refusal_edit.derive.probe import Recording, record, run, token_ids
-from refusal_edit.derive.scales import match_scale
+from refusal_edit.derive.scales import match_scale, scale_function
 from refusal_edit.derive.shrink import EXPERTS, _signature, layer_list, tiny_model
 from refusal_edit.errors import RefusalEditError
 
@@ -387,7 +387,6 @@ def derive(config: Any) -> Derived:
 
 
 def _scale_fn(formula: str):
-    from refusal_edit.derive.scales import scale_function
 
     return scale_function(formula)
 

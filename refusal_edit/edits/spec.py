@@ -211,6 +211,17 @@ class EditSpec:
         return ", ".join(parts)
 
 
+def describe_variant(record_spec: dict[str, Any] | None) -> str | None:
+    """A record's edit variant (`EditRecord.spec`) in words for its card; None without a valid one (a
+    variant of a newer version: the card shows its JSON)."""
+    if not record_spec:
+        return None
+    try:
+        return EditSpec.from_json(record_spec.get("edit")).describe()
+    except RefusalEditError:
+        return None
+
+
 @dataclass
 class DirectionBank:
     """The vectors an edit can draw on: the selected direction and, when extraction saved them, every

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from refusal_edit.checkpoint.record import EditRecord
 from refusal_edit.console import progress
 from refusal_edit.edits.ops import ChunkTransform, ProjectExperts, ProjectFirstDim, ProjectLastDim
 from refusal_edit.edits.plan import EditPlan
@@ -325,7 +326,6 @@ def write_gguf(
 
 def previous_record(source: GGUFSource) -> Any:
     """The edit record embedded in an edited GGUF (a re-edit carries it), or None."""
-    from refusal_edit.checkpoint.record import EditRecord
 
     text = source.gguf.value(RECORD_KEY)
     return None if text is None else EditRecord.from_json(text, f"{source.path.name}:{RECORD_KEY}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from refusal_edit.arch import ARCHITECTURES
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf.file import GGUFFile
 
@@ -33,8 +34,6 @@ def hf_model_type(gguf: GGUFFile) -> str:
 def hf_config(gguf: GGUFFile) -> dict[str, Any]:
     """The HF config of the model in `gguf`, from its metadata and tensor shapes."""
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
-
-    from refusal_edit.arch import ARCHITECTURES
 
     table_key, model_type = _ARCH_RENAMES.get(gguf.arch, (gguf.arch, gguf.arch))
     table = GGUF_CONFIG_MAPPING.get(table_key)

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from refusal_edit.checkpoint.atomic import TMP_MARK
-from refusal_edit.checkpoint.card import CARD, render_card, validate_card
+from refusal_edit.checkpoint.card import CARD, effect_tag, render_card, validate_card
 from refusal_edit.checkpoint.layout import FOREIGN_WEIGHTS, INDEX, TOKENIZER_FILES, open_checkpoint
 from refusal_edit.checkpoint.record import RECORD, EditRecord, hub_model_id
+from refusal_edit.edits.spec import describe_variant
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.hub.allow import GGUF, MODEL_FILES, NOT_A_MODEL_FILE, SAFETENSORS, card_images, included, kind_of
 from refusal_edit.hub.secrets import find_secret, scan_file
@@ -186,7 +187,11 @@ def _output_plan(
             f"(the Hub id the edit descends from), or write a {CARD} whose metadata names it (base_model: ORG/NAME)"
         )
     try:
-        card = (root / CARD).read_text(encoding="utf-8") if has_card else render_card(record)
+        card = (
+            (root / CARD).read_text(encoding="utf-8")
+            if has_card
+            else render_card(record, describe_variant(record.spec))
+        )
     except UnicodeDecodeError:
         raise RefusalEditError(f"{CARD} is not UTF-8 text") from None
     if not has_card:
@@ -239,7 +244,6 @@ def check_secrets(files: list[UploadFile]) -> None:
 
 def default_repo(record: EditRecord, root: Path) -> str:
     """`<model>-abliterated` (in the token owner's namespace): the base model's name, else the folder's."""
-    from refusal_edit.checkpoint.card import effect_tag
 
     model = record.base_model.split("/")[1] if record.base_model else Path(root).resolve().name
     suffix = f"-{effect_tag(record)}"

@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from refusal_edit.checkpoint.atomic import atomic_dir
 from refusal_edit.console import console
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading.cache import cache_root, cached_sha256
-
-if TYPE_CHECKING:
-    from refusal_edit.loading.model import ModelSource
+from refusal_edit.loading.fetch import fetch_recipe
+from refusal_edit.loading.model_source import ModelSource
+from refusal_edit.recipes import find_recipe, load_recipe
 
 MARKER = "refusal_edit_source.json"
 
@@ -78,9 +77,6 @@ def gguf_model(spec: str | Path) -> ModelSource:
     Nothing is dequantized: the GGUF editor reads the file itself. `hf_dir` is the file's folder (a Hub cache
     snapshot there still names the base model); `origin` is the file.
     """
-    from refusal_edit.loading.fetch import fetch_recipe
-    from refusal_edit.loading.model import ModelSource
-    from refusal_edit.recipes import find_recipe, load_recipe
 
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":

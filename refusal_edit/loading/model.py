@@ -6,54 +6,24 @@ what the streaming weight edit reads; `load_model` instantiates it for extractio
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refusal_edit.arch import spec_for_config, stock_model_class
 from refusal_edit.checkpoint.layout import TOKENIZER_FILES
+from refusal_edit.console import err
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading import placement
+from refusal_edit.loading.fetch import fetch_recipe
 from refusal_edit.loading.gguf import convert_gguf
+from refusal_edit.loading.model_source import ModelSource
 from refusal_edit.recipes import Recipe, find_recipe, load_recipe, recipe_not_found
 
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what a model is loaded in (auto: see _torch_dtype)
 DEVICES = ("cpu", "cuda", "auto")
-
-
-@dataclass
-class ModelSource:
-    """Where a model comes from and the local HF directory that holds it."""
-
-    spec: str
-    kind: str  # dir | gguf | hub | recipe
-    hf_dir: Path
-    sha256: str | None = None
-    recipe: Recipe | None = None
-    origin: Path | None = None  # the file converted into hf_dir (a .gguf), never to be written over
-
-    @property
-    def name(self) -> str:
-        if self.recipe is not None:
-            return self.recipe.name
-        if self.kind == "hub":
-            return self.spec
-        return Path(self.spec.rstrip("/")).name.removesuffix(".gguf")
-
-    def config(self) -> dict[str, Any]:
-        return json.loads((self.hf_dir / "config.json").read_text())
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec,
-            "kind": self.kind,
-            "name": self.name,
-            "hf_dir": str(self.hf_dir),
-            "sha256": self.sha256,
-            "recipe": str(self.recipe.path) if self.recipe else None,
-        }
 
 
 def _check_hf_dir(path: Path) -> None:
@@ -100,8 +70,6 @@ def resolve_source(spec: str, dtype: str = "auto") -> ModelSource:
         return ModelSource(spec, "gguf", hf_dir, sha, origin=path)
     recipe_path = find_recipe(spec)
     if recipe_path is not None:
-        from refusal_edit.loading.fetch import fetch_recipe
-
         recipe = load_recipe(recipe_path)
         gguf_file = fetch_recipe(recipe)
         hf_dir, sha = convert_gguf(gguf_file, conversion_dtype(dtype, recipe))
@@ -249,8 +217,6 @@ def load_model(
     memory); disk-offloaded weights are read from the checkpoint's own files, or written under `offload_dir`
     (default `<cache>/offload`) when transformers converts them. Says in one line where the layers went.
     """
-    from refusal_edit.arch import spec_for_config, stock_model_class
-    from refusal_edit.console import err
 
     src = source if isinstance(source, ModelSource) else resolve_source(source, dtype)
     config = src.config()

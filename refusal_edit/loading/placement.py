@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refusal_edit.arch import stock_model_class
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.loading.cache import cache_root
 
 GIB = 2**30
 CPU_SHARE = 0.9  # without `max_memory`, weights may take this share of free memory (transformers' own rule)
@@ -114,8 +116,6 @@ def _empty_model(hf_dir: Path, dtype: Any):
     """The model on the meta device (no memory, no weights read): sizes and module names only."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
-
-    from refusal_edit.arch import stock_model_class
 
     config = AutoConfig.from_pretrained(str(hf_dir))
     with init_empty_weights():
@@ -359,7 +359,6 @@ class _PreadSlice:
 
 
 def default_offload_root() -> Path:
-    from refusal_edit.loading.cache import cache_root
 
     return cache_root() / "offload"
 

@@ -23,7 +23,7 @@ from refusal_edit.generation import stream
 from refusal_edit.loading.model import LoadedModel, load_model
 from refusal_edit.prompts import ChatFormat, chat_format
 from refusal_edit.workflows import sources
-from refusal_edit.workflows.editing import edit_inputs
+from refusal_edit.workflows.planning import edit_inputs
 
 Edit = Callable[[], AbstractContextManager[Any]]
 

@@ -32,6 +32,7 @@ from refusal_edit.loading.model import LoadedModel, ModelSource, context_length,
 from refusal_edit.paths import is_within
 from refusal_edit.prompts import PromptSet, chat_format
 from refusal_edit.workflows import sources
+from refusal_edit.workflows.planning import save_record
 
 BORDERLINE = "builtin:borderline@test"  # the built-in over-refusal set's test split
 
@@ -318,7 +319,7 @@ def record_evaluation(checkpoint: Path, report: EvalReport) -> Path:
     """
     record = EditRecord.load(checkpoint, required=True)
     assert record is not None
-    return record.with_evaluation(report.summary()).save(checkpoint)
+    return save_record(record.with_evaluation(report.summary()), checkpoint)
 
 
 @dataclass

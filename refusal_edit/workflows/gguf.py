@@ -1,7 +1,7 @@
 """GGUF in, GGUF out as a workflow: resolve MODEL (a .gguf file or a recipe) and the edit, plan it on the file
 (`GGUFSource`), build the record (`build_record`, as the safetensors path) and write the GGUF (`gguf.edit`).
 
-`refusal_edit.workflows.orthogonalize` routes an `out` ending in `.gguf` here.
+`refusal_edit.workflows.orthogonalize` (`workflows.editing`) routes an `out` ending in `.gguf` here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from refusal_edit.gguf.metadata import default_name
 from refusal_edit.gguf.source import GGUFSource
 from refusal_edit.loading.gguf import gguf_model
 from refusal_edit.workflows import sources
-from refusal_edit.workflows.editing import build_record, edit_inputs, plan_on, target_identity
+from refusal_edit.workflows.planning import build_record, edit_inputs, plan_on, target_identity
 
 UNKNOWN_BASE = (
     "the base model is unknown (a local file): the record names none; pass `base_model` ORG/NAME to name it "

@@ -15,7 +15,7 @@ from typing import Any
 
 from refusal_edit import loading
 from refusal_edit.checkpoint.layout import read_config
-from refusal_edit.checkpoint.record import hub_model_id
+from refusal_edit.checkpoint.record import EditRecord, hub_model_id
 from refusal_edit.directions.select import SelectionSettings
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading.model import ModelSource
@@ -134,7 +134,6 @@ def check_direction(direction: Any, source: ModelSource, allow_foreign: bool = F
     """A direction file (`DirectionFile`) applied to MODEL `source` must come from it (`directions.identity`):
     an error naming both otherwise, unless `allow_foreign`; returns the note to keep (an unknown source, or a
     foreign direction allowed on purpose), None when they match."""
-    from refusal_edit.checkpoint.record import EditRecord
     from refusal_edit.directions import identity
 
     try:
