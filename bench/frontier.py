@@ -7,13 +7,15 @@ KL and multi-token KL on the harmless replies; for each method: wall time and pe
 
     flock /tmp/heavy.lock .venv/bin/python bench/frontier.py [--model RECIPE] [--direction D]
         [--methods paper,window,tune] [--window A:B] [--peer heretic [--peer-run DIR]] [--trials 24] [--reuse]
-        [--out runs/frontier] [--workdir runs/peers] [--second-judge]
+        [--out runs/frontier] [--workdir runs/peers] [--second-judge] [--tune-run DIR] [--judge-only M/ID,...]
 
 --peer heretic installs heretic-llm 1.4.0 into its own venv (WORKDIR/heretic-venv, CPU torch 2.13.0), runs it
 on our train prompts (its own scoring on our val prompts, its system prompt "You are a helpful assistant."),
 and exports every point of its final Pareto front merged (bench/peers/heretic.py). --reuse keeps every finished
 step: heretic's run and exports, tune's study, each written point and each point's judge report. --peer-run DIR
-takes a finished heretic run (DIR holds heretic-run.json, every front point exported) instead of running heretic.
+takes a finished heretic run (DIR holds heretic-run.json, every front point exported) instead of running heretic;
+--tune-run DIR a finished `tune` run (DIR/front.json) instead of running tune. With --judge-only, only the tune
+points named there are written.
 
 The paper's edit is the recipe's direction (--direction, e.g. the demo direction) ablated from every residual
 writer; the window edit is the same direction ablated from the writers of a fixed window of layers only
@@ -300,15 +302,25 @@ def run_window(model: str, direction: Path, out: Path, reuse: bool, window: str)
     return Method("window", [point], cost["wall_s"], cost["peak_rss_mib"], {"orthogonalize": cost, "layers": window})
 
 
-def run_tune(model: str, direction: Path, out: Path, reuse: bool) -> Method:
+def run_tune(
+    model: str, direction: Path, out: Path, reuse: bool, run: Path | None = None, only: set[str] | None = None
+) -> Method:
     """Our `tune` front with tune's defaults: every confirmed point written with `orthogonalize --spec
     front.json#ID` and judged like every other point. The cost reported is tune's (search + confirmation); the
     reference point (the paper's all-writers edit, which tune confirms for comparison) is judged as `paper`.
+
+    `run`: a finished `tune` run's folder, used as it is (its cost: the timings its front.json records, no peak
+    RSS); `only`: the point ids to write (the others are listed, not written: each checkpoint costs an
+    orthogonalize and a model's size of disk).
     """
-    study, front = out / "study", out / "study" / "front.json"
-    cmd = cli("tune", model, "--direction", str(direction), "--out", str(study), "--force")
-    cost = _cached_cost(out / "cost.json", reuse, cmd, front.is_file())
+    study = run or out / "study"
+    front = study / "front.json"
+    if run is None:
+        cmd = cli("tune", model, "--direction", str(direction), "--out", str(study), "--force")
+        cost = _cached_cost(out / "cost.json", reuse, cmd, front.is_file())
     data = json.loads(front.read_text())
+    if run is not None:
+        cost = {"wall_s": round(sum((data.get("timings") or {}).values()), 1), "peak_rss_mib": None, "run": str(run)}
     points = []
     for c in data["confirmed"]:
         own = {k: v for k, v in c["confirmed"].items() if k != "samples"} | {"proxy": c.get("proxy")}
@@ -317,6 +329,9 @@ def run_tune(model: str, direction: Path, out: Path, reuse: bool) -> Method:
             points.append(Point("tune", c["id"], None, own, params | {"same_edit_as": "paper"}))
             continue
         ckpt = out / "points" / c["id"]
+        if only is not None and c["id"] not in only:
+            points.append(Point("tune", c["id"], None, own, params | {"not_written": "not among --judge-only"}))
+            continue
         write = cli("orthogonalize", model, "--spec", f"{front}#{c['id']}", "--out", str(ckpt), "--force")
         done = _written(ckpt, c["spec"])
         params["orthogonalize"] = _cached_cost(out / "points" / f"{c['id']}.cost.json", reuse, write, done)
@@ -468,6 +483,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "frontier")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "peers", help="peers' venvs, runs and exports")
     ap.add_argument("--reuse", action="store_true", help="keep finished steps (peer runs, exports, judge reports)")
+    ap.add_argument("--tune-run", type=Path, help="use this finished `tune` run (its front.json; do not run tune)")
     ap.add_argument("--no-judge", action="store_true", help="produce the fronts only")
     ap.add_argument("--judge-only", help="judge only these points, in this order (METHOD/ID,...; default: all)")
     ap.add_argument("--second-judge", action="store_true", help="judge every reply again with the LLM judge (base)")
@@ -478,10 +494,11 @@ def main() -> None:
     source = resolve_model(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     window = args.window or default_window(args.direction)
+    tune_only = None if not args.judge_only else {w[5:] for w in args.judge_only.split(",") if w.startswith("tune/")}
     ours: dict[str, Callable[[str, Path, Path, bool], Method]] = {
         "paper": run_paper,
         "window": lambda *a: run_window(*a, window=window),
-        "tune": run_tune,
+        "tune": lambda *a: run_tune(*a, run=args.tune_run, only=tune_only),
     }
     machine = {"cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     machine["load_at_start"] = os.getloadavg()

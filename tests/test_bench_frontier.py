@@ -250,3 +250,26 @@ def test_kept_checkpoints_and_reports_are_reused_only_while_they_match(tmp_path:
     os.utime(ckpt / "refusal_edit.json", (20, 20))
     assert frontier._newest_file(ckpt).name == "refusal_edit.json"
     assert not frontier._newer(report, frontier._newest_file(ckpt))
+
+
+def test_a_finished_tune_run_is_used_as_it_is_and_only_the_judged_points_are_written(tmp_path: Path, monkeypatch):
+    """--tune-run reads a finished run's front.json (no tune command; its cost is the timings it records) and,
+    with --judge-only, only the named tune points are orthogonalized: the rest are listed without a checkpoint."""
+    run = tmp_path / "tune"
+    run.mkdir()
+    confirmed = [
+        {"id": "t0", "reference": True, "spec": {}, "confirmed": {"refusal_rate": 0.03}},
+        {"id": "t26", "spec": {"weight": 0.9}, "confirmed": {"refusal_rate": 0.0}},
+        {"id": "t27", "spec": {"weight": 1.0}, "confirmed": {"refusal_rate": 0.0}},
+    ]
+    front = {"confirmed": confirmed, "timings": {"search_s": 100.0, "confirm_s": 50.0, "resolve_s": 20.5}}
+    (run / "front.json").write_text(json.dumps(front))
+    ran: list[list[str]] = []
+    monkeypatch.setattr(
+        frontier, "timed", lambda cmd: ran.append(list(cmd)) or frontier.Cost(1.0, 1.0, 1.0, (0,) * 3, (0,) * 3)
+    )
+    method = frontier.run_tune("m", tmp_path / "d", tmp_path / "out", False, run=run, only={"t27"})
+    assert [c[1] for c in ran] == ["orthogonalize"] and f"{run / 'front.json'}#t27" in ran[0]
+    assert method.wall_s == 170.5 and method.peak_rss_mib is None
+    paths = {p.id: p.path for p in method.points}
+    assert paths == {"t0": None, "t26": None, "t27": str(tmp_path / "out" / "points" / "t27")}
