@@ -102,14 +102,14 @@ def main() -> None:
     from refusal_edit.loading.model import load_model
     from refusal_edit.prompts import chat_format
     from refusal_edit.tuning.confirm import Confirmer
-    from refusal_edit.workflows import sources
+    from refusal_edit.workflows import defaults
 
     points = load_points(args.points)
-    bank, direction = load_bank(load_direction(sources.expand(str(args.direction))))
-    source = sources.resolve_model(args.model, "auto")
+    bank, direction = load_bank(load_direction(defaults.expand(str(args.direction))))
+    source = defaults.resolve_model(args.model, "auto")
     lm = load_model(source, dtype="auto", device="cpu")
-    fmt = chat_format(lm.tokenizer, system=sources.system_prompt(source, None))  # the model's default
-    sets = sources.extraction_prompts(source, None, None)
+    fmt = chat_format(lm.tokenizer, system=defaults.system_prompt(source, None))  # the model's default
+    sets = defaults.extraction_prompts(source, None, None)
     harmful = sets["harmful"].split(args.split)
     harmless = sets["harmless"].split("val").sample(args.kl_prompts)
     print(f"{len(harmful)} harmful {args.split} prompts, {len(harmless)} harmless val prompts", file=sys.stderr)

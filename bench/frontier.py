@@ -156,7 +156,7 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
     report_json = out / "report.json"
     if reuse and _newer(report_json, _newest_file(point_dir)):
         return _test_numbers(json.loads(report_json.read_text())["summary"])
-    from refusal_edit.evaluation.run import EvalSettings
+    from refusal_edit.evaluation.comparison import EvalSettings
     from refusal_edit.workflows import evaluate, save_report
 
     # Explicit, not evaluate's defaults (which moved to 128 tokens + the borderline set): one fixed harness.
@@ -222,7 +222,7 @@ def second_judge(
     """
     report_json, judged = out / "report.json", report_dir / "report.json"
     if not (reuse and _newer(report_json, judged)):
-        from refusal_edit.evaluation.run import EvalSettings
+        from refusal_edit.evaluation.comparison import EvalSettings
         from refusal_edit.workflows.evaluation import rejudge
 
         # only the judge settings matter: nothing is generated

@@ -38,12 +38,12 @@ def main() -> None:
     from refusal_edit.directions.select import Scorer, select_exhaustive, select_fast
     from refusal_edit.loading import load_model
     from refusal_edit.prompts import builtin, chat_format
-    from refusal_edit.workflows import sources
+    from refusal_edit.workflows import defaults
 
     quiet_libraries()
-    source = sources.resolve_model(args.model)
+    source = defaults.resolve_model(args.model)
     lm = load_model(source)
-    fmt = chat_format(lm.tokenizer, system=sources.system_prompt(source, None))
+    fmt = chat_format(lm.tokenizer, system=defaults.system_prompt(source, None))
     harmful, harmless = builtin("harmful"), builtin("harmless")
     h_train, s_train = harmful.split("train"), harmless.split("train")
     h_val = fmt.format_all(harmful.split("val").sample(args.n_val).instructions)
@@ -60,7 +60,7 @@ def main() -> None:
     shared = time.perf_counter() - start
     print(f"shared steps (refusal tokens {tokens.strings}, candidates): {shared:.0f} s")
 
-    settings = sources.selection_settings(source, args.batch_size, {})
+    settings = defaults.selection_settings(source, args.batch_size, {})
     print(f"filters: KL <= {settings.kl_threshold}, induce >= {settings.induce_threshold}")
     fast = select_fast(
         Scorer(lm.model, lm.tokenizer, h_val, s_val, tokens.ids, cands, args.batch_size, share_prefix=True),

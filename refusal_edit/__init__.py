@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "resolve_model": "refusal_edit.workflows.sources",
+    "resolve_model": "refusal_edit.workflows.defaults",
     "load_model": "refusal_edit.loading.model",
     "chat_format": "refusal_edit.prompts",
     "builtin": "refusal_edit.prompts",
@@ -27,7 +27,7 @@ _API = {
     "addition": "refusal_edit.interventions",
     "orthogonalize": "refusal_edit.workflows.editing",
     "evaluate": "refusal_edit.workflows.evaluation",
-    "EvalSettings": "refusal_edit.evaluation.run",
+    "EvalSettings": "refusal_edit.evaluation.comparison",
     "RefusalEditError": "refusal_edit.errors",
 }
 

@@ -84,7 +84,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "gguf-gemma-gain-read-as-stored",  # llama.cpp stores Gemma's gain as 1 + w: read back without the - 1
-        "refusal_edit/gguf/source.py",
+        "refusal_edit/gguf/hf_view.py",
         "values = values - np.float32(self.spec.norm_offset)",
         "values = values",
         ("tests/test_gguf.py", "-k", "gemma_norm_gain"),

@@ -105,7 +105,7 @@ def test_gguf_lora_is_the_edit_of_the_dequantized_base(arch, moe, tmp_path):
     from refusal_edit.edits.ops import apply_whole
     from refusal_edit.gguf import quants
     from refusal_edit.gguf.file import GGUFFile
-    from refusal_edit.gguf.source import GGUFSource
+    from refusal_edit.gguf.hf_view import GGUFSource
     from refusal_edit.workflows.gguf import orthogonalize_gguf
 
     torch.manual_seed(0)

@@ -129,3 +129,19 @@ def test_a_broken_recipe_is_listed_with_its_problem_not_fatal(cli, tmp_path, mon
     assert res.code == 0, res.text
     assert "│ broken " in res.out and "source.sha256" in res.out  # its row says what is wrong
     assert "qwen2.5-coder-0.5b-instruct" in res.out  # the checkout's recipes are still listed
+
+
+def test_the_layout_section_names_every_part_of_the_package():
+    """docs/development.md's layout block names every top-level module and folder of the package, every
+    workflow, and nothing that is gone (issue 30)."""
+    text = (ROOT / "docs" / "development.md").read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = set(re.findall(r"^  (\w+)(?:\.py|/)", block, flags=re.M))
+    package = ROOT / "refusal_edit"
+    parts = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    parts |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert listed == parts
+    workflows = re.search(r"^  workflows/(.*?)^  --", block, flags=re.M | re.S).group(1)
+    named = set(re.findall(r"\b(\w+)\b", workflows))
+    modules = {p.stem for p in (package / "workflows").glob("*.py") if p.stem != "__init__"}
+    assert modules <= named, sorted(modules - named)

@@ -16,6 +16,7 @@ import torch
 from refusal_edit.checkpoint.card import RECORD
 from refusal_edit.directions.artifacts import load_direction, save_direction
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.evaluation.comparison import EvalSettings, intervention_from_direction, teacher_forced
 from refusal_edit.evaluation.metrics import (
     ContinuationMetrics,
     aggregate,
@@ -24,7 +25,6 @@ from refusal_edit.evaluation.metrics import (
     mean_kl,
     perplexity,
 )
-from refusal_edit.evaluation.run import EvalSettings, intervention_from_direction, teacher_forced
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging.markers import REFUSAL_MARKERS, is_refusal, load_markers
 from refusal_edit.loading import load_model
@@ -234,7 +234,7 @@ def test_ablation_hook_matches_the_orthogonalized_checkpoint_and_has_positive_kl
 
 def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypatch):
     """Judging several edits against one base model reuses its greedy replies, keyed by prompts and length."""
-    import refusal_edit.evaluation.run as run
+    import refusal_edit.evaluation.comparison as run
 
     calls: list[str] = []
     real = run.generate

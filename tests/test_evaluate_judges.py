@@ -14,9 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from refusal_edit.directions.artifacts import load_direction, save_direction
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation import run as run_module
+from refusal_edit.evaluation import comparison as run_module
+from refusal_edit.evaluation.comparison import EvalSettings
 from refusal_edit.evaluation.report import tables
-from refusal_edit.evaluation.run import EvalSettings
 from refusal_edit.evaluation.stats import wilson
 from refusal_edit.generation import Generated
 from refusal_edit.judging import MarkerJudge, Verdict, cohen_kappa

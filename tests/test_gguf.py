@@ -21,7 +21,7 @@ from refusal_edit.gguf import quants, rounding
 from refusal_edit.gguf.cvec import parse_layers, read_control_vector, tensor_name, write_control_vector
 from refusal_edit.gguf.edit import RECORD_KEY, fallback_type, write_gguf
 from refusal_edit.gguf.file import GGUFFile
-from refusal_edit.gguf.source import GGUFSource
+from refusal_edit.gguf.hf_view import GGUFSource
 from refusal_edit.workflows.gguf import orthogonalize_gguf
 
 Q = GGMLQuantizationType

@@ -615,7 +615,7 @@ def test_bad_config(env, cli, case):
 
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
 def test_bad_config_is_one_line_for_every_command(env, cli, monkeypatch, case):
-    """MODEL resolves through one rule (`workflows.sources.resolve_model`), which checks config.json before
+    """MODEL resolves through one rule (`workflows.defaults.resolve_model`), which checks config.json before
     any default rule, loader or `evaluate --record` check reads it."""
     mutate, message = CONFIG_CASES[case]
     edited = env.root / "edited"

@@ -381,7 +381,7 @@ def test_gemma_sandwich_norm_convention_in_llamacpp(gemma, tmp_path):
     from refusal_edit.directions.artifacts import load_direction, save_direction
     from refusal_edit.edits.plan import plan_ablation
     from refusal_edit.gguf.edit import write_gguf
-    from refusal_edit.gguf.source import GGUFSource
+    from refusal_edit.gguf.hf_view import GGUFSource
     from refusal_edit.workflows import orthogonalize
     from refusal_edit.workflows.gguf import orthogonalize_gguf
 

@@ -20,7 +20,7 @@ from refusal_edit.directions.extract import ExtractSettings
 from refusal_edit.directions.select import SelectionSettings
 from refusal_edit.edits.spec import full_ablation
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation.run import EvalSettings
+from refusal_edit.evaluation.comparison import EvalSettings
 from refusal_edit.forward import BATCH_LIMIT, PromptBatch, parse_batch_size, resolve_batch_size
 from refusal_edit.interventions import RowGroups, ablation, addition, edit_hooks_by_row
 from refusal_edit.loading import load_model
@@ -376,7 +376,7 @@ def test_tune_proxies_match_in_memory(models):
 
 def test_proxy_backward_takes_one_prompt_at_a_time_when_weights_are_on_disk(models, monkeypatch):
     """The backward keeps every layer's activations of its batch, which no weight budget covers."""
-    import refusal_edit.directions.proxy as proxy
+    import refusal_edit.directions.attribution as proxy
 
     sizes: list[int] = []
     real = proxy.PromptBatch
@@ -389,7 +389,7 @@ def test_proxy_backward_takes_one_prompt_at_a_time_when_weights_are_on_disk(mode
 
 
 def test_backward_reloads_offloaded_weights_instead_of_keeping_them(models):
-    from refusal_edit.directions.proxy import attribution_bypass
+    from refusal_edit.directions.attribution import attribution_bypass
 
     ref, disk = models["memory"], models["disk"]
     R = torch.nn.functional.normalize(torch.randn(4, tiny.HIDDEN, generator=torch.Generator().manual_seed(4)), dim=-1)

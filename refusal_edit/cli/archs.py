@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from refusal_edit.arch import ARCHITECTURES, ArchSpec, BiasRoute, TensorRule
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.cli.options import EDIT, MODEL_HELP
 from refusal_edit.console import err, show
-from refusal_edit.edits.plan import EditPlan
-from refusal_edit.edits.preview import PlannedTensor
+
+if TYPE_CHECKING:  # what the workflow returns, for the annotations only
+    from refusal_edit.arch import ArchSpec, BiasRoute, TensorRule
+    from refusal_edit.edits.plan import EditPlan
+    from refusal_edit.edits.preview import PlannedTensor
 
 LAYOUTS = {"experts": " [E,H,I]", "experts_t": " [E,I,H]", "experts_bias": " [E,H]"}
 
@@ -89,8 +92,10 @@ def archs(
     ),
 ) -> None:
     """List the supported model types, their residual writers and baked-bias routes; with MODEL, the plan."""
+    from refusal_edit.workflows import archs as workflow
+
     if model is None:
-        show(architectures_table(list(ARCHITECTURES.values())))
+        show(architectures_table(workflow.architectures()))
         show(
             "Any other decoder language model transformers knows (causal LM or image-text-to-text) is derived and "
             "verified on first use: its writers are found on a tiny instance built from its config and the edit is "
@@ -98,12 +103,7 @@ def archs(
         )
         return
     quiet_libraries()
-    from refusal_edit.checkpoint.layout import open_checkpoint
-    from refusal_edit.edits.preview import preview_ablation
-    from refusal_edit.loading import resolve_source
-
-    source = resolve_source(model)
-    plan, rows = preview_ablation(open_checkpoint(source.hf_dir), keep_tied=keep_tied)
+    plan, rows = workflow.preview(model, keep_tied)
     show(plan_table(plan, rows, f"{plan.spec.model_type} ({plan.spec.stock_class}): {model}"))
     show(plan_summary(rows))
     for note in plan.notes:

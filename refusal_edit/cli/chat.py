@@ -18,8 +18,6 @@ from refusal_edit.cli import options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, out
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.paths import read_text
-from refusal_edit.prompts.template import parse_template_kwargs
 
 COMMANDS = "/reset clears the conversation, /system TEXT sets the system prompt (/system alone: the default), /quit"
 
@@ -94,13 +92,9 @@ def chat(
     to the default), /quit or Ctrl-D ends; Ctrl-C stops a reply. With --prompt or --prompt-file the prompts are
     answered and the command exits: results on stdout, nothing interactive."""
     quiet_libraries()
-    from refusal_edit.workflows.chat import open_chat
+    from refusal_edit.workflows.chat import one_shot_prompts, open_chat
 
-    prompts = list(prompt or [])
-    if prompt_file is not None:
-        prompts += [line for line in read_text(prompt_file, "prompt file").splitlines() if line.strip()]
-        if not prompts:
-            raise RefusalEditError(f"`prompt_file` {prompt_file} has no prompts")
+    prompts = one_shot_prompts(prompt, prompt_file)
     if as_json and not prompts:
         raise RefusalEditError("`as_json` prints the replies to `prompt`: give `prompt` or `prompt_file`")
     session = open_chat(
@@ -114,7 +108,7 @@ def chat(
         site=site,
         unit=unit,
         **opt.chat(system_prompt, template),
-        template_kwargs=parse_template_kwargs(template_kwargs),
+        template_kwargs=template_kwargs,
         **opt.placement(dtype, device, max_memory, offload_dir),
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -153,7 +153,7 @@ def evaluate(
     written): refusal rates per judge (harmful, harmless, borderline; per category), degenerate replies,
     judge agreement, first-token and multi-token KL, cross-entropy."""
     quiet_libraries()
-    from refusal_edit.evaluation.run import EvalSettings
+    from refusal_edit.evaluation.comparison import EvalSettings
     from refusal_edit.forward import parse_batch_size
     from refusal_edit.judging.reasoning import parse_delimiters
     from refusal_edit.workflows import evaluation as workflow

@@ -53,13 +53,9 @@ def export_cvec(
 ) -> None:
     """Write a llama.cpp control vector (activation addition at run time; it cannot ablate)."""
     quiet_libraries()
-    from refusal_edit.directions.artifacts import direction_path, load_direction
-    from refusal_edit.gguf.cvec import write_control_vector
+    from refusal_edit.workflows.cvec import export_cvec as run
 
-    d = load_direction(direction_path(direction))
-    cv = write_control_vector(
-        d, out, coeff=coeff, layers=layers, unit=unit, model=model, force=force, replace_any=replace_any
-    )
+    cv = run(direction, out, coeff=coeff, layers=layers, unit=unit, model=model, force=force, replace_any=replace_any)
     table = Table(title=escape(f"control vector: {out}"))
     for col in ("HF layer (input)", "tensor", "norm"):
         table.add_column(col, justify="right")

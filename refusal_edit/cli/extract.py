@@ -11,7 +11,6 @@ from rich.table import Table
 from refusal_edit.cli import options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, show
-from refusal_edit.prompts.template import parse_template_kwargs
 
 
 @app.command(
@@ -94,7 +93,7 @@ def extract(
         harmful=harmful,
         harmless=harmless,
         **opt.chat(system_prompt, template),
-        template_kwargs=parse_template_kwargs(template_kwargs),
+        template_kwargs=template_kwargs,
         **opt.placement(dtype, device, max_memory, offload_dir),
         n_train=n_train,
         n_val=n_val,
@@ -132,10 +131,8 @@ def extract(
         f"{sel.base['harmless_refusal_score']:.3f}",
     )
     show(table)
-    if sel.details.get("relaxed"):
-        from refusal_edit.directions.select import describe_relaxation
-
-        err.print(f"[yellow]note:[/yellow] {describe_relaxation(sel.details['relaxed'])} (recorded in run.json)")
+    if done.relaxation is not None:
+        err.print(f"[yellow]note:[/yellow] {done.relaxation} (recorded in run.json)")
     err.print(f"selection took {sel.seconds:.1f} s; artifacts in {done.out}", soft_wrap=True)
     recipe = job.source.recipe
     known = recipe.result if recipe else {}

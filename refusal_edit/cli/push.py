@@ -71,15 +71,12 @@ def push(
 ) -> None:
     """Upload a complete edited checkpoint with a validated model card, as one commit (private by default)."""
     quiet_libraries()
-    from refusal_edit.hub import check_folder, check_revision, push_folder
+    from refusal_edit.workflows.push import plan_push, push
 
-    check_revision(revision)
-    plan = check_folder(folder, tuple(include or ()), base_model)
-    if repo is None:
-        from refusal_edit.hub.plan import default_repo
-
-        repo = default_repo(plan.record, folder)
-        err.print(f"no --repo given: {escape(repo)} in your namespace", soft_wrap=True)
+    job = plan_push(folder, include or (), base_model, revision, repo)
+    plan = job.plan
+    if job.repo_defaulted:
+        err.print(f"no --repo given: {escape(job.repo)} in your namespace", soft_wrap=True)
     out.print(f"{'would push' if dry_run else 'pushing'} {escape(str(folder))}:", soft_wrap=True)
     table = Table()
     table.add_column("file")
@@ -103,16 +100,7 @@ def push(
             "files the repo already has are not sent again)",
             soft_wrap=True,
         )
-    result = push_folder(
-        folder,
-        repo,
-        public=public,
-        revision=revision,
-        commit_message=commit_message,
-        token=token,
-        dry_run=dry_run,
-        plan=plan,
-    )
+    result = push(job, public=public, revision=revision, commit_message=commit_message, token=token, dry_run=dry_run)
     visibility = {True: "private", False: "public", None: "visibility unknown"}[result.private]
     if result.dry_run:
         out.print(

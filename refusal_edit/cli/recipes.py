@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.markup import escape
 from rich.table import Table
 
 from refusal_edit.cli.app import app, examples
 from refusal_edit.console import show
-from refusal_edit.recipes import Recipe
+
+if TYPE_CHECKING:  # what the workflow returns, for the annotations only
+    from refusal_edit.recipes import Recipe
 
 
 def weights_from(recipe: Recipe) -> str:

@@ -301,7 +301,7 @@ def select_fast(
 ) -> Selection:
     """Rank candidates by the attribution proxy and score only the best `top_k` exactly (the next `top_k`
     if none of them passes the filters, up to `max_rounds` times)."""
-    from refusal_edit.directions.proxy import attribution_bypass
+    from refusal_edit.directions.attribution import attribution_bypass
 
     start = time.perf_counter()
     n_layers = scorer.cands.n_layers

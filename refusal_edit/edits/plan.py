@@ -28,8 +28,8 @@ from refusal_edit.edits.ops import (
     ProjectFirstDim,
     ProjectLastDim,
 )
-from refusal_edit.edits.source import TensorSource
 from refusal_edit.edits.spec import ResolvedEdit, full_ablation
+from refusal_edit.edits.tensor_source import TensorSource
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.linalg import sandwich, unit
 

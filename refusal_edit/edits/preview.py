@@ -15,7 +15,7 @@ import torch
 from refusal_edit.arch import classify
 from refusal_edit.checkpoint.layout import Checkpoint
 from refusal_edit.edits.plan import EditPlan, as_source, layer_prefix, plan_ablation, resolved_config
-from refusal_edit.edits.source import TensorSource
+from refusal_edit.edits.tensor_source import TensorSource
 
 
 @dataclass(frozen=True)

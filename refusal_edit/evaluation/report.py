@@ -19,7 +19,7 @@ from rich.text import Text
 from refusal_edit.checkpoint.atomic import TMP_MARK, make_parents, write_failure
 from refusal_edit.checkpoint.record import finite
 from refusal_edit.console import show
-from refusal_edit.evaluation.run import EvalReport
+from refusal_edit.evaluation.comparison import EvalReport
 from refusal_edit.interrupt import output_complete
 
 REPORT_JSON = "report.json"

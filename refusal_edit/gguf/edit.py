@@ -36,8 +36,8 @@ from refusal_edit.edits.write import WriteResult
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf import metadata, quants
 from refusal_edit.gguf.file import GGUFTensor
+from refusal_edit.gguf.hf_view import GGUFSource
 from refusal_edit.gguf.rounding import CODECS, DirectionRounding
-from refusal_edit.gguf.source import GGUFSource
 from refusal_edit.gguf.writer import OutTensor, StreamWriter, atomic_file, pack_entry
 
 PREFIX = "refusal_edit."

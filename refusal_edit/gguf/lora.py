@@ -35,7 +35,7 @@ from refusal_edit.edits.lowrank import Factors, plan_factors
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf import metadata, quants
-from refusal_edit.gguf.source import GGUFSource
+from refusal_edit.gguf.hf_view import GGUFSource
 from refusal_edit.gguf.writer import atomic_file
 
 WHAT = "llama.cpp LoRA adapter"

@@ -9,8 +9,8 @@ from refusal_edit.judging.base import Judge, MarkerJudge, Verdict
 from refusal_edit.judging.classifier import ClassifierJudge, infer_label_map, parse_label_map
 from refusal_edit.judging.degenerate import DegenerateRules, degenerate_reason
 from refusal_edit.judging.markers import REFUSAL_MARKERS, is_refusal, load_markers, matched_marker
+from refusal_edit.judging.panel import Counts, JudgeReport, JudgeStats, cohen_kappa, judge_all
 from refusal_edit.judging.reasoning import Split, delimiters_from_template, parse_delimiters, split_reasoning
-from refusal_edit.judging.report import Counts, JudgeReport, JudgeStats, cohen_kappa, judge_all
 from refusal_edit.judging.rubric import parse_rubric, strongreject_score
 from refusal_edit.judging.scores import kl_divergence, refusal_scores
 

@@ -9,7 +9,7 @@ the written checkpoint, so a user can try it before writing one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,8 +21,10 @@ from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.generation import stream
 from refusal_edit.loading.model import LoadedModel, load_model
+from refusal_edit.paths import read_text
 from refusal_edit.prompts import ChatFormat, chat_format
-from refusal_edit.workflows import sources
+from refusal_edit.prompts.template import parse_template_kwargs
+from refusal_edit.workflows import defaults
 from refusal_edit.workflows.planning import edit_inputs
 
 Edit = Callable[[], AbstractContextManager[Any]]
@@ -124,7 +126,7 @@ def hook_edit(lm: LoadedModel, d: DirectionFile, variant: EditSpec | None, edit:
     variant / tune front point `variant` of `d`), applied to `lm` in memory, and its description."""
     from refusal_edit.directions.bank import load_bank
     from refusal_edit.edits.spec import resolve
-    from refusal_edit.evaluation.run import intervention_from_direction
+    from refusal_edit.evaluation.comparison import intervention_from_direction
     from refusal_edit.tuning.proxies import applied
 
     name = d.path.name if d.path is not None else "direction"
@@ -137,6 +139,16 @@ def hook_edit(lm: LoadedModel, d: DirectionFile, variant: EditSpec | None, edit:
     bank, _ = load_bank(d)
     resolved = resolve(variant, bank, int(lm.model.config.get_text_config().num_hidden_layers))
     return (lambda: applied(lm.model, resolved)), f"{variant.describe()} (hooks)"
+
+
+def one_shot_prompts(prompt: Sequence[str] | None, prompt_file: Path | None) -> list[str]:
+    """The prompts to answer and exit: those given, then the non-empty lines of `prompt_file`."""
+    prompts = list(prompt or [])
+    if prompt_file is not None:
+        prompts += [line for line in read_text(prompt_file, "prompt file").splitlines() if line.strip()]
+        if not prompts:
+            raise RefusalEditError(f"`prompt_file` {prompt_file} has no prompts")
+    return prompts
 
 
 def open_chat(
@@ -152,7 +164,7 @@ def open_chat(
     unit: bool = False,
     system_prompt: str | None = None,
     template: str | Path | None = None,
-    template_kwargs: dict[str, Any] | None = None,
+    template_kwargs: Sequence[str] | dict[str, Any] | None = None,
     dtype: str = "auto",
     device: str = "cpu",
     max_memory: str | dict[Any, Any] | None = None,
@@ -164,8 +176,10 @@ def open_chat(
 
     `edited` is any chat model, whoever made it (it keeps its own chat template); `direction` / `spec` is the
     edit orthogonalize would write, as hooks on MODEL's own weights (nothing is written or loaded twice).
-    `system_prompt` defaults to the recipe's, else the chat template's own."""
+    `system_prompt` defaults to the recipe's, else the chat template's own; `template_kwargs` is a keyword dict
+    or `key=value` items."""
     check_generation(max_new_tokens, temperature)
+    template_kwargs = parse_template_kwargs(template_kwargs)
     hooks = direction is not None or spec is not None
     if edited is not None and hooks:
         raise RefusalEditError("give `edited` or `direction` / `spec` (a hook edit), not both")
@@ -175,9 +189,9 @@ def open_chat(
         raise RefusalEditError(f"{' and '.join(given)} describe the hook edit of `direction`: give `direction`")
     d, variant, _ = edit_inputs(direction, spec, edit) if hooks else (None, None, None)  # fails before loading
     placed = {"dtype": dtype, "device": device, "max_memory": max_memory, "offload_dir": offload_dir}
-    base_source = sources.resolve_model(model, dtype)
-    edited_source = sources.resolve_model(edited, dtype) if edited is not None else None
-    system = sources.system_prompt(base_source, system_prompt)
+    base_source = defaults.resolve_model(model, dtype)
+    edited_source = defaults.resolve_model(edited, dtype) if edited is not None else None
+    system = defaults.system_prompt(base_source, system_prompt)
 
     def speaker(lm: LoadedModel, label: str, edit: Edit | None = None) -> Speaker:
         fmt = chat_format(lm.tokenizer, system=system, template_file=template, template_kwargs=template_kwargs)

@@ -19,10 +19,11 @@ from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.edits import DirectionEdit, EditResult, parse_size, write_checkpoint
 from refusal_edit.edits.plan import EditPlan
-from refusal_edit.edits.spec import EditSpec
+from refusal_edit.edits.preview import PlannedTensor, planned_tensors
+from refusal_edit.edits.spec import EditSpec, describe_variant
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading.model import ModelSource
-from refusal_edit.workflows import sources
+from refusal_edit.workflows import defaults
 from refusal_edit.workflows.gguf import orthogonalize_gguf
 from refusal_edit.workflows.planning import build_record, edit_inputs, plan_on, save_record, target_identity
 
@@ -33,6 +34,11 @@ class EditOutcome(EditResult):
 
     record: EditRecord | None = None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def variant(self) -> str | None:
+        """The edit variant in words, when the edit is one (`spec`)."""
+        return describe_variant(self.record.spec) if self.record is not None else None
 
 
 OUTPUT_FORMATS = ("safetensors", "gguf", "peft", "gguf-lora")
@@ -110,13 +116,32 @@ def plan_job(
     """Resolve MODEL, the direction and the variant, and plan the edit (nothing written: `plan_only` shows it)."""
     edit = edit or DirectionEdit()
     d, spec, spec_info = edit_inputs(direction, spec, edit)
-    source = sources.resolve_model(model)
+    source = defaults.resolve_model(model)
     inputs = [p for p in (d.path, source.origin) if p is not None]
     ckpt = open_checkpoint(source.hf_dir)
     weights = identity.known_weights_sha256(source.hf_dir, source.sha256)
     target = target_identity(ckpt.config, source.name, weights, EditRecord.load(ckpt.root) is not None)
     plan, at = plan_on(ckpt, d, spec, edit, keep_tied, target, allow_foreign_direction)
     return EditJob(source, ckpt, d, plan, at, spec, spec_info, [source.hf_dir, *inputs], edit.mode)
+
+
+def preview(
+    model: str | Path | ModelSource,
+    direction: DirectionFile | str | Path | None,
+    mode: str = "ablate",
+    coeff: float = 1.0,
+    layer: int | None = None,
+    site: str | None = None,
+    unit: bool = False,
+    keep_tied: bool = False,
+    spec: EditSpec | str | Path | None = None,
+    allow_foreign_direction: bool = False,
+) -> tuple[EditJob, list[PlannedTensor]]:
+    """`orthogonalize` with `plan_only`: the planned edit and every tensor it would change; nothing is written."""
+    job = plan_job(
+        model, direction, DirectionEdit(mode, coeff, layer, site, unit), keep_tied, spec, allow_foreign_direction
+    )
+    return job, planned_tensors(job.plan, job.ckpt)
 
 
 def orthogonalize(
@@ -166,8 +191,8 @@ def orthogonalize(
     write = _writer(Path(out))
     d = direction
     if isinstance(direction, str | Path):
-        d = load_direction(sources.expand(str(direction)))
-    source = sources.resolve_model(model)
+        d = load_direction(defaults.expand(str(direction)))
+    source = defaults.resolve_model(model)
     protected = [p for p in (source.hf_dir, source.origin, getattr(d, "path", None)) if p is not None]
     check_output(Path(out), force, protected, replace_any)  # a bad `out` fails before planning
     job = plan_job(source, d, edit, keep_tied, spec, allow_foreign_direction)
@@ -177,7 +202,7 @@ def orthogonalize(
         plan,
         job.direction,
         Path(out),
-        base_model=sources.base_model(source, base_model),
+        base_model=defaults.base_model(source, base_model),
         source_model={"path": str(ckpt.root), "name": ckpt.root.name},
         previous=EditRecord.load(ckpt.root),
         edit=edit,

@@ -21,9 +21,9 @@ from refusal_edit.checkpoint.record import RECORD, EditRecord
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.edits import check_edit
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.evaluation.comparison import EvalReport, EvalSettings, compare, intervention_from_direction
+from refusal_edit.evaluation.comparison import rejudge as rejudge_saved
 from refusal_edit.evaluation.report import REPORT_JSON, REPORT_PNG, write_report
-from refusal_edit.evaluation.run import EvalReport, EvalSettings, compare, intervention_from_direction
-from refusal_edit.evaluation.run import rejudge as rejudge_saved
 from refusal_edit.forward import resolve_batch_size
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging import Judge, MarkerJudge
@@ -31,7 +31,7 @@ from refusal_edit.judging.markers import REFUSAL_MARKERS, load_markers
 from refusal_edit.loading.model import LoadedModel, ModelSource, context_length, load_model
 from refusal_edit.paths import is_within
 from refusal_edit.prompts import PromptSet, chat_format
-from refusal_edit.workflows import sources
+from refusal_edit.workflows import defaults
 from refusal_edit.workflows.planning import save_record
 
 BORDERLINE = "builtin:borderline@test"  # the built-in over-refusal set's test split
@@ -41,7 +41,7 @@ def _markers(markers: str | Path | Sequence[str] | None) -> tuple[tuple[str, ...
     if markers is None:
         return REFUSAL_MARKERS, "builtin"
     if isinstance(markers, str | Path):
-        return load_markers(sources.expand(str(markers))), str(markers)
+        return load_markers(defaults.expand(str(markers))), str(markers)
     values = tuple(m for m in markers if m.strip())
     if not values:
         raise RefusalEditError("the refusal marker list (`markers`) is empty")
@@ -64,14 +64,14 @@ def build_judges(
     judges: list[Judge] = [MarkerJudge(marker_list, marker_source)]
     for spec in settings.judges:
         if spec != "markers":
-            judges.append(load_judge(sources.expand(spec), labels=settings.judge_labels, device=device))
+            judges.append(load_judge(defaults.expand(spec), labels=settings.judge_labels, device=device))
     if settings.judge_llm:
         reuse = settings.judge_llm == "base"
         if reuse and base is None:
             raise RefusalEditError("the LLM judge `base` is the base model: give the base model")
         judges.append(
             load_llm_judge(
-                base.source if reuse and base is not None else sources.resolve_model(settings.judge_llm, dtype),
+                base.source if reuse and base is not None else defaults.resolve_model(settings.judge_llm, dtype),
                 mode=settings.judge_llm_mode,
                 rubric=settings.judge_llm_rubric,
                 batch_size=max(1, settings.batch_size // 4),
@@ -90,7 +90,7 @@ def build_judges(
 
 def borderline_prompts(source: ModelSource, given: str | PromptSet | None, n: int | None) -> PromptSet:
     """The over-refusal prompts: the set or file given, else the built-in borderline set's test split."""
-    return sources.evaluation_prompts(source, "borderline", given if given is not None else BORDERLINE, n)
+    return defaults.evaluation_prompts(source, "borderline", given if given is not None else BORDERLINE, n)
 
 
 def hook_label(direction: DirectionFile, mode: str = "ablate", coeff: float = 1.0, **_: Any) -> str:
@@ -101,7 +101,7 @@ def hook_label(direction: DirectionFile, mode: str = "ablate", coeff: float = 1.
 
 
 def default_out(base: ModelSource, label: str) -> Path:
-    return sources.default_out(base, f"eval-{label}")
+    return defaults.default_out(base, f"eval-{label}")
 
 
 def check_report_out(out: Path, force: bool) -> Path:
@@ -245,7 +245,7 @@ def evaluate(
         _markers(markers)  # a bad markers file fails before any model is loaded
     if direction is not None:
         check_edit(mode, coeff, layer, site, unit)
-        d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
+        d = direction if isinstance(direction, DirectionFile) else load_direction(defaults.expand(str(direction)))
         intervention = intervention_from_direction(d, mode, coeff=coeff, layer=layer, site=site or "input", unit=unit)
         edited_info = {
             "direction_file": str(d.path),
@@ -257,14 +257,14 @@ def evaluate(
         }
 
     t0 = time.perf_counter()
-    base_source = base.source if isinstance(base, LoadedModel) else sources.resolve_model(base, dtype)
+    base_source = base.source if isinstance(base, LoadedModel) else defaults.resolve_model(base, dtype)
     edited_source = None
     if edited is not None:
-        edited_source = edited.source if isinstance(edited, LoadedModel) else sources.resolve_model(edited, dtype)
+        edited_source = edited.source if isinstance(edited, LoadedModel) else defaults.resolve_model(edited, dtype)
         check_comparable(base_source, edited_source)  # before anything is loaded
     sets = {
-        "harmful": sources.evaluation_prompts(base_source, "harmful", harmful, settings.n),
-        "harmless": sources.evaluation_prompts(base_source, "harmless", harmless, settings.n),
+        "harmful": defaults.evaluation_prompts(base_source, "harmful", harmful, settings.n),
+        "harmless": defaults.evaluation_prompts(base_source, "harmless", harmless, settings.n),
     }
     if settings.borderline:
         sets["borderline"] = borderline_prompts(base_source, borderline, settings.n)
@@ -272,7 +272,7 @@ def evaluate(
     base_lm = base if isinstance(base, LoadedModel) else load_model(base_source, **placed)
     fmt = chat_format(
         base_lm.tokenizer,
-        system=sources.system_prompt(base_source, system_prompt),
+        system=defaults.system_prompt(base_source, system_prompt),
         template_file=template,
         template_kwargs=settings.template_kwargs,
     )
@@ -353,18 +353,18 @@ def run(
     if direction is not None:
         check_edit(**edit)
         direction = (
-            direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
+            direction if isinstance(direction, DirectionFile) else load_direction(defaults.expand(str(direction)))
         )
     dtype = options.get("dtype", "auto")
-    base_source = sources.resolve_model(base, dtype)
-    edited_source = sources.resolve_model(edited, dtype) if edited is not None else None
+    base_source = defaults.resolve_model(base, dtype)
+    edited_source = defaults.resolve_model(edited, dtype) if edited is not None else None
     if record and edited_source is not None:
         check_recordable(base_source, edited_source)  # its message says what `record` would do wrong
         check_writable(edited_source.hf_dir, edited_source.hf_dir)
     if edited_source is not None:
         check_comparable(base_source, edited_source)
     if isinstance(direction, DirectionFile):
-        sources.check_direction(direction, base_source, allow_foreign_direction)
+        defaults.check_direction(direction, base_source, allow_foreign_direction)
     if out is None:
         label = edited_source.name if edited_source is not None else hook_label(direction, **edit)
         out = default_out(base_source, label)
@@ -391,11 +391,11 @@ def rejudge(
     verdicts: dict[str, Any] | None = None,
 ) -> Evaluation:
     """`evaluate --rejudge REPORT`: a saved report's replies judged again by the judges `settings` names
-    (`evaluation.run.rejudge`: nothing generated, the KL numbers carried over), written to `out` (default:
+    (`evaluation.comparison.rejudge`: nothing generated, the KL numbers carried over), written to `out` (default:
     the report's folder + `-rejudged`; never the report's own folder). `base` is loaded only for the LLM
     judge `base`. `verdicts`: a dict kept across calls, so replies already judged (the same base replies in
-    every report of a benchmark) are not judged again (`evaluation.run.rejudge`)."""
-    path = Path(sources.expand(str(report)))
+    every report of a benchmark) are not judged again (`evaluation.comparison.rejudge`)."""
+    path = Path(defaults.expand(str(report)))
     path = path / REPORT_JSON if path.is_dir() else path
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -415,7 +415,7 @@ def rejudge(
         loaded = (
             base
             if isinstance(base, LoadedModel)
-            else load_model(sources.resolve_model(base, dtype), dtype=dtype, device=device)
+            else load_model(defaults.resolve_model(base, dtype), dtype=dtype, device=device)
         )
     judges = build_judges(settings, loaded, markers, dtype=dtype, device=device)
     new = rejudge_saved(saved, judges, {k: getattr(settings, k) for k in JUDGE_SETTINGS}, verdicts)

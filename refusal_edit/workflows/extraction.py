@@ -11,6 +11,7 @@ Artifacts, all written atomically into one folder (default `runs/<model>/directi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ from refusal_edit.checkpoint.atomic import atomic_dir, check_output
 from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import save_direction
 from refusal_edit.directions.extract import ExtractResult, ExtractSettings, find_direction, split_prompts
+from refusal_edit.directions.select import describe_relaxation
 from refusal_edit.forward import auto_batch_size, parse_batch_size
 from refusal_edit.loading.model import LoadedModel, ModelSource, context_length, load_model
 from refusal_edit.prompts import ChatFormat, PromptSet, chat_format
 from refusal_edit.prompts.sets import HASH_SPLIT
+from refusal_edit.prompts.template import parse_template_kwargs
 from refusal_edit.provenance import versions
-from refusal_edit.workflows import sources
+from refusal_edit.workflows import defaults
 
 DIRECTION = "direction.safetensors"
 CANDIDATES = "candidates.safetensors"
@@ -52,6 +55,12 @@ class Extraction:
     @property
     def refusal_tokens(self):
         return self.result.refusal_tokens
+
+    @property
+    def relaxation(self) -> str | None:
+        """How the selection filters were relaxed to admit the pick, in words; None when they were not."""
+        relaxed = self.selection.details.get("relaxed")
+        return describe_relaxation(relaxed) if relaxed else None
 
 
 def _inputs(source: ModelSource) -> list[Path]:
@@ -232,7 +241,7 @@ def prepare(
     device: str = "cpu",
     system_prompt: str | None = None,
     template: Path | None = None,
-    template_kwargs: dict[str, Any] | None = None,
+    template_kwargs: Sequence[str] | dict[str, Any] | None = None,
     harmful: str | None = None,
     harmless: str | None = None,
     n_train: int | None = None,
@@ -249,9 +258,11 @@ def prepare(
 ) -> ExtractJob:
     """Resolve MODEL, check the output, load prompts and model: every fast failure before the slow part.
 
-    `selection` holds the command line's selection values (None: not given); the recipe's come first.
+    `selection` holds the command line's selection values (None: not given); the recipe's come first;
+    `template_kwargs` is a keyword dict or `key=value` items (`prompts.template.parse_template_kwargs`).
     """
-    source = sources.resolve_model(model, dtype)
+    template_kwargs = parse_template_kwargs(template_kwargs)
+    source = defaults.resolve_model(model, dtype)
     size = parse_batch_size(batch_size)
 
     def make_settings(rows: int) -> ExtractSettings:
@@ -262,19 +273,19 @@ def prepare(
             filter_train=filter_train,
             exhaustive=exhaustive,
             refusal_tokens=refusal_tokens or None,
-            selection=sources.selection_settings(source, rows, selection or {}),
+            selection=defaults.selection_settings(source, rows, selection or {}),
         )
 
     settings = make_settings(1 if size == "auto" else int(size))
     settings.check()
-    target = Path(out) if out is not None else sources.default_out(source, "direction")
+    target = Path(out) if out is not None else defaults.default_out(source, "direction")
     check_output(target, force, _inputs(source), replace_any)
-    prompts = sources.extraction_prompts(source, harmful, harmless)
+    prompts = defaults.extraction_prompts(source, harmful, harmless)
     split_prompts(prompts["harmful"], prompts["harmless"], settings)  # empty splits fail before loading
     lm = load_model(source, dtype=dtype, device=device, max_memory=max_memory, offload_dir=offload_dir)
     fmt = chat_format(
         lm.tokenizer,
-        system=sources.system_prompt(source, system_prompt),
+        system=defaults.system_prompt(source, system_prompt),
         template_file=template,
         template_kwargs=template_kwargs,
     )

@@ -13,10 +13,10 @@ from typing import Any
 from refusal_edit.edits import DirectionEdit
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
+from refusal_edit.gguf.hf_view import GGUFSource
 from refusal_edit.gguf.metadata import default_name
-from refusal_edit.gguf.source import GGUFSource
 from refusal_edit.loading.gguf import gguf_model
-from refusal_edit.workflows import sources
+from refusal_edit.workflows import defaults
 from refusal_edit.workflows.planning import build_record, edit_inputs, plan_on, target_identity
 
 UNKNOWN_BASE = (
@@ -67,12 +67,12 @@ def orthogonalize_gguf(
     plan, at = plan_on(source, d, spec, edit, keep_tied, target, allow_foreign_direction)
     if out is None:
         removes = edit.mode == "ablate" or edit.coeff < 0
-        out = sources.default_out(model_source, default_name(source.gguf, removes, lora=format == "gguf-lora"))
+        out = defaults.default_out(model_source, default_name(source.gguf, removes, lora=format == "gguf-lora"))
     record = build_record(
         plan,
         d,
         Path(out),
-        base_model=sources.base_model(model_source, base_model),
+        base_model=defaults.base_model(model_source, base_model),
         source_model={"path": str(source.path), "name": source.path.name},
         previous=previous,
         edit=edit,

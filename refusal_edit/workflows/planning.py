@@ -19,7 +19,7 @@ from refusal_edit.edits import DirectionEdit, plan_direction_edit
 from refusal_edit.edits.plan import EditPlan, plan_edit, resolved_config
 from refusal_edit.edits.spec import EditSpec, describe_variant, resolve
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.workflows import sources
+from refusal_edit.workflows import defaults
 
 
 def build_record(
@@ -110,13 +110,13 @@ def edit_inputs(
         if edit.mode != "ablate":
             raise RefusalEditError("`spec` describes an ablation variant; it does not combine with `mode` add")
         if not isinstance(spec, EditSpec):
-            spec, tuned_with, spec_info = front_point(sources.expand(str(spec)))
+            spec, tuned_with, spec_info = front_point(defaults.expand(str(spec)))
             direction = direction if direction is not None else tuned_with
         else:
             spec_info = {}
     if direction is None:
         raise RefusalEditError("give `direction` (a direction file) or `spec` (a tune front point)")
-    d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
+    d = direction if isinstance(direction, DirectionFile) else load_direction(defaults.expand(str(direction)))
     if spec_info and spec_info.get("direction_sha256") not in (None, d.sha256):
         raise RefusalEditError(f"{d.path} is not the direction file the front was tuned with (its sha256 differs)")
     return d, spec, spec_info

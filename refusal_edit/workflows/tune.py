@@ -30,7 +30,7 @@ from refusal_edit.tuning import Confirmer, ProxyScorer, TuneResult, TuneSettings
 from refusal_edit.tuning import tune as run_tune
 from refusal_edit.tuning.crossfit import CrossFit, fold_banks
 from refusal_edit.tuning.run import STUDY
-from refusal_edit.workflows import sources
+from refusal_edit.workflows import defaults
 
 FRONT_JSON = "front.json"
 FRONT_PNG = "front.png"
@@ -113,11 +113,11 @@ def tune(
     settings = (settings or TuneSettings()).check()
     if n_val < 2:
         raise RefusalEditError(f"`n_val` must be at least 2, got {n_val}")
-    d = direction if isinstance(direction, DirectionFile) else load_direction(sources.expand(str(direction)))
+    d = direction if isinstance(direction, DirectionFile) else load_direction(defaults.expand(str(direction)))
     bank, d = load_bank(d)
-    source = sources.resolve_model(model, dtype)
-    sources.check_direction(d, source, allow_foreign_direction)
-    target = Path(out).expanduser() if out is not None else sources.default_out(source, "tune")
+    source = defaults.resolve_model(model, dtype)
+    defaults.check_direction(d, source, allow_foreign_direction)
+    target = Path(out).expanduser() if out is not None else defaults.default_out(source, "tune")
     _prepare_out(target, resume, force)
     lm = load_model(source, dtype=dtype, device=device, max_memory=max_memory, offload_dir=offload_dir)
     if settings.preserve_norm and offloaded_modules(lm.model):
@@ -128,11 +128,11 @@ def tune(
         )
     fmt = chat_format(
         lm.tokenizer,
-        system=sources.system_prompt(source, system_prompt),
+        system=defaults.system_prompt(source, system_prompt),
         template_file=template,
         template_kwargs=template_kwargs,
     )
-    sets = sources.extraction_prompts(source, harmful, harmless)
+    sets = defaults.extraction_prompts(source, harmful, harmless)
     h_val, s_val = sets["harmful"].split("val").sample(n_val), sets["harmless"].split("val").sample(n_val)
     if len(h_val) < 2 or len(s_val) < 2:
         raise RefusalEditError("the validation splits need at least 2 prompts per side")

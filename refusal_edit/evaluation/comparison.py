@@ -37,8 +37,8 @@ from refusal_edit.generation import Generated, generate
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging import Judge, JudgeReport, MarkerJudge, judge_all
 from refusal_edit.judging.degenerate import NO_ANSWER
+from refusal_edit.judging.panel import Agreement, Counts, agreement
 from refusal_edit.judging.reasoning import delimiters_from_template, special_delimiters
-from refusal_edit.judging.report import Agreement, Counts, agreement
 from refusal_edit.loading.model import LoadedModel
 from refusal_edit.prompts import ChatFormat, PromptSet
 from refusal_edit.provenance import versions
