@@ -22,9 +22,10 @@ import pytest
 import torch
 from tiny import CONFIGS, build, save
 
-from refusal_edit.arch import ARCHITECTURES, DERIVED, NO_TABLE_ENV, WriterSite
+import refusal_edit.derive as derive_module
+from refusal_edit.arch import ARCHITECTURES, NO_TABLE_ENV, WriterSite
 from refusal_edit.checkpoint.layout import open_checkpoint
-from refusal_edit.derive import derive_and_verify, from_json, to_json
+from refusal_edit.derive import derive_and_verify, from_json, register, to_json
 from refusal_edit.derive.build import derive
 from refusal_edit.derive.verify import verify
 from refusal_edit.edits.memory import ModelTensors
@@ -36,6 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 TABLE = sorted(ARCHITECTURES)
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMED = ["gemma4", "qwen3_5", "qwen3_5_moe", "llama4", "glm4_moe_lite", "minimax_m2", "nemotron_h", "kimi_linear"]
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """An empty registry of derived specs for the test (the process's own is restored afterwards)."""
+    fresh: dict = {}
+    monkeypatch.setattr(derive_module, "DERIVED", fresh)
+    return fresh
 
 
 def _plan(source, r):
@@ -51,7 +60,7 @@ def _same_plans(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("model_type", TABLE)
-def test_the_derivation_reproduces_the_table(model_type, tmp_path, monkeypatch):
+def test_the_derivation_reproduces_the_table(model_type, tmp_path, monkeypatch, registry):
     model = build(model_type)
     spec, figures = derive_and_verify(model.config)
     assert max(figures.values()) <= 1e-4
@@ -59,24 +68,21 @@ def test_the_derivation_reproduces_the_table(model_type, tmp_path, monkeypatch):
     src = save(model, tmp_path / "model", with_tokenizer=False)
     table_memory, table_disk = _plan(ModelTensors(model), r), _plan(open_checkpoint(src), r)
     monkeypatch.setenv(NO_TABLE_ENV, "1")
-    monkeypatch.setitem(DERIVED, model_type, spec)
-    text_type = model.config.get_text_config().model_type
-    if text_type != model_type:
-        monkeypatch.setitem(DERIVED, text_type, spec.derive(text_type, text_model_type=None))
+    register(model.config, spec)
     _same_plans(_plan(ModelTensors(model), r), table_memory)
     _same_plans(_plan(open_checkpoint(src), r), table_disk)
 
 
 @pytest.mark.parametrize("model_type", NAMED)
-def test_named_families_are_derived_and_edited_exactly_through_the_cli(model_type, monkeypatch):
+def test_named_families_are_derived_and_edited_exactly_through_the_cli(model_type, monkeypatch, registry):
     import archs
 
     monkeypatch.setenv(NO_TABLE_ENV, "1")
-    monkeypatch.setitem(DERIVED, model_type, None)  # restored afterwards: the bench registers its spec
-    DERIVED.pop(model_type)
     row = archs.one(model_type)
     assert row["status"] == "exact", row
     assert row["diff"] <= 1e-4 and row["verify"] <= 1e-4
+    types = [key.split("-")[0] for key in registry]  # the CLI found the spec derived from the default config:
+    assert len(types) == len(set(types)), sorted(registry)  # the tiny checkpoint's config has the same key
 
 
 def test_verification_rejects_a_missing_or_an_extra_writer():
@@ -101,10 +107,9 @@ def test_verification_rejects_a_missing_or_an_extra_writer():
         verify(extra, derived.model, derived.ids)
 
 
-def test_a_type_outside_the_table_is_derived_once_and_cached(tmp_path, monkeypatch, cli):
+def test_a_type_outside_the_table_is_derived_once_and_cached(tmp_path, monkeypatch, cli, registry):
     monkeypatch.setenv("REFUSAL_EDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(NO_TABLE_ENV, "1")
-    monkeypatch.delitem(DERIVED, "mistral", raising=False)
     src = save(build("mistral"), tmp_path / "model", with_tokenizer=False)
     from conftest import make_direction
 
@@ -116,10 +121,9 @@ def test_a_type_outside_the_table_is_derived_once_and_cached(tmp_path, monkeypat
     assert len(cached) == 1
     spec = from_json(json.loads(cached[0].read_text()))
     assert to_json(spec) == json.loads(cached[0].read_text()) and spec.derived
-    DERIVED.pop("mistral")
+    registry.clear()
     res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--out", tmp_path / "out2")
     assert res.code == 0 and "derived and verified" not in res.err  # read from the cache
-    DERIVED.pop("mistral", None)
 
 
 def test_an_encoder_is_refused_with_a_reason(tmp_path, cli):
@@ -195,3 +199,28 @@ def test_a_wrapper_that_passes_on_its_language_model_but_not_whole_is_refused(mo
     assert verify(derived.spec, derived.model, derived.ids)["checkpoint"] <= 1e-4  # the language model passes
     with pytest.raises(RefusalEditError, match=r"whole wrapper.*first at the output of layer 0"):
         derive_and_verify(config)
+
+
+def test_configs_of_one_type_with_different_structure_never_share_a_spec(tmp_path, monkeypatch, registry):
+    """A dense and an MoE config of one type (the difference only in a list of layer indices, which no flag
+    shows) get their own derived spec, in this process and on disk; the same structure at another size
+    (the shrunk twin the bench saves) shares it."""
+    from transformers import AutoConfig
+
+    from refusal_edit.arch import get_spec
+    from refusal_edit.derive import spec_key
+    from refusal_edit.derive.shrink import shrunk
+
+    monkeypatch.setenv("REFUSAL_EDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(NO_TABLE_ENV, "1")
+    moe = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2)
+    dense = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2, mlp_only_layers=[0, 1])
+    assert spec_key(moe) != spec_key(dense) and spec_key(shrunk(moe)) == spec_key(moe)
+    dense_spec, moe_spec = get_spec("qwen3_moe", dense), get_spec("qwen3_moe", moe)
+
+    def experts(spec):
+        return [r.pattern for r in spec.tensors if r.per_expert or r.kind.startswith("experts")]
+
+    assert experts(moe_spec) and not experts(dense_spec)
+    assert get_spec("qwen3_moe", dense) is dense_spec and get_spec("qwen3_moe", moe) is moe_spec
+    assert len(list((tmp_path / "cache" / "archs").glob("qwen3_moe-*.json"))) == 2
