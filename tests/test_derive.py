@@ -224,3 +224,26 @@ def test_configs_of_one_type_with_different_structure_never_share_a_spec(tmp_pat
     assert experts(moe_spec) and not experts(dense_spec)
     assert get_spec("qwen3_moe", dense) is dense_spec and get_spec("qwen3_moe", moe) is moe_spec
     assert len(list((tmp_path / "cache" / "archs").glob("qwen3_moe-*.json"))) == 2
+
+
+def test_sweep_timeouts_end_in_seconds_exact_or_refused(monkeypatch):
+    """The full sweep's two timeouts: BLT's config has no single layer stack (refused in one line, before any
+    model is built), Phi-4-multimodal's audio encoder is a nested config now shrunk too (its tiny model is
+    0.5M parameters, not 400M); a shrunk model that is still large is refused before it is allocated."""
+    import time
+
+    from transformers import AutoConfig
+
+    import refusal_edit.derive.shrink as shrink
+
+    start = time.perf_counter()
+    with pytest.raises(RefusalEditError, match="blt config states no number of decoder layers"):
+        derive_and_verify(AutoConfig.for_model("blt"))
+    assert time.perf_counter() - start < 10
+    small = shrink.shrunk(AutoConfig.for_model("phi4_multimodal"))
+    with torch.device("meta"):
+        count = sum(p.numel() for p in shrink.model_class(small)._from_config(small).parameters())
+    assert count < 2_000_000, count
+    monkeypatch.setattr(shrink, "MAX_PARAMS", 1000)
+    with pytest.raises(RefusalEditError, match=r"shrunk llama config still builds \dM parameters"):
+        shrink.tiny_model(AutoConfig.for_model("llama"))
