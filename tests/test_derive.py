@@ -247,3 +247,32 @@ def test_sweep_timeouts_end_in_seconds_exact_or_refused(monkeypatch):
     monkeypatch.setattr(shrink, "MAX_PARAMS", 1000)
     with pytest.raises(RefusalEditError, match=r"shrunk llama config still builds \dM parameters"):
         shrink.tiny_model(AutoConfig.for_model("llama"))
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "granite"])
+def test_baked_addition_on_a_derived_spec_is_exact_at_layer_0_and_refused_later(model_type, tmp_path, cli, monkeypatch):
+    """A derived spec bakes `mode` add only into the embedding (layer 0, its scale a config formula: Gemma's
+    sqrt(hidden), Granite's embedding_multiplier), equal to the independent reference's hook; at a later layer
+    it refuses in one line (no bias route is derivable) and writes nothing."""
+    import reference as ref
+    from conftest import make_direction
+    from tiny import load, token_batch
+
+    monkeypatch.setenv("REFUSAL_EDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(NO_TABLE_ENV, "1")
+    model = build(model_type)
+    src = save(model, tmp_path / "model", with_tokenizer=False)
+    d = make_direction(tmp_path / "d.safetensors")
+    args = ["orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--mode", "add", "--coeff", "1.5"]
+    res = cli(*args, "--layer", "2", "--out", tmp_path / "later")
+    assert res.code == 1 and not (tmp_path / "later").exists(), res.text
+    line = res.err.strip().splitlines()[-1]  # after the one line saying the spec was derived
+    assert line.startswith("error: cannot bake an addition at layer 2") and "writers are derived" in line
+    res = cli(*args, "--layer", "0", "--out", tmp_path / "out")
+    assert res.code == 0, res.text
+    x = token_batch()
+    with torch.no_grad(), ref.added(model, ref.FAMILIES[model_type], 1.5 * d.mean_diff, 0):
+        reference = model(x).logits
+    with torch.no_grad():
+        original, logits = model(x).logits, load(tmp_path / "out")(x).logits
+    assert (logits - reference).abs().max().item() <= 1e-4 < (logits - original).abs().max().item()
