@@ -83,8 +83,7 @@ def one(model_type: str) -> dict[str, Any]:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
-    from refusal_edit.arch import DERIVED
-    from refusal_edit.derive import derive_and_verify
+    from refusal_edit.derive import derive_and_verify, register
     from refusal_edit.derive.probe import token_ids
     from refusal_edit.derive.shrink import tiny_model, tiny_wrapper
     from refusal_edit.directions.artifacts import save_direction
@@ -111,12 +110,10 @@ def one(model_type: str) -> dict[str, Any]:
         }
     row["seconds"] = time.perf_counter() - start
     row["verify"] = max(figures.values())
-    DERIVED[model_type] = spec
+    register(config, spec)  # the CLI below reads it from this process's registry
     try:
         wrapper = spec.text_model_type is not None
         model = tiny_wrapper(config) if wrapper else tiny_model(config)
-        if wrapper:
-            DERIVED[spec.text_model_type] = spec.derive(spec.text_model_type, text_model_type=None)
         ids = token_ids(200)
         hidden = int(model.config.get_text_config().hidden_size)
         r = torch.randn(hidden, generator=torch.Generator().manual_seed(5))

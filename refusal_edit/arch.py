@@ -470,8 +470,6 @@ _SPECS = (
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _SPECS}
-# Specs derived from a model and verified this process (refusal_edit.derive), by model_type.
-DERIVED: dict[str, ArchSpec] = {}
 # The spec under verification answers before the table (refusal_edit.derive.verify), only while it is checked.
 VERIFYING: dict[str, ArchSpec] = {}
 # Test-only: every model type goes through the derivation, as if the table were empty.
@@ -497,7 +495,7 @@ def get_spec(model_type: str | None, config: Any = None) -> ArchSpec:
     """The spec for `model_type`: the table's entry, else one derived from the model and verified (from
     `config`, or the type's default config); a clear error when neither exists (never a partial edit)."""
     key = model_type or ""
-    spec = VERIFYING.get(key) or table().get(key) or DERIVED.get(key)
+    spec = VERIFYING.get(key) or table().get(key)
     if spec is not None:
         return spec
     from refusal_edit.derive import derived_spec
@@ -515,8 +513,9 @@ def spec_for_config(config: Any) -> ArchSpec:
 def is_recurrent(config: Any) -> bool:
     """Whether some layers carry a state (linear attention, SSM, convolution) that a shared-prefix KV cache
     cannot hold; False for types outside the table and not derived (judges and other helper models)."""
-    model_type = _model_type(config) or ""
-    spec = table().get(model_type) or DERIVED.get(model_type)
+    from refusal_edit.derive import known_spec
+
+    spec = table().get(_model_type(config) or "") or known_spec(config)
     return spec is not None and spec.recurrent
 
 

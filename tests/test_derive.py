@@ -22,9 +22,10 @@ import pytest
 import torch
 from tiny import CONFIGS, build, save
 
-from refusal_edit.arch import ARCHITECTURES, DERIVED, NO_TABLE_ENV, WriterSite
+import refusal_edit.derive as derive_module
+from refusal_edit.arch import ARCHITECTURES, NO_TABLE_ENV, WriterSite
 from refusal_edit.checkpoint.layout import open_checkpoint
-from refusal_edit.derive import derive_and_verify, from_json, to_json
+from refusal_edit.derive import derive_and_verify, from_json, register, to_json
 from refusal_edit.derive.build import derive
 from refusal_edit.derive.verify import verify
 from refusal_edit.edits.memory import ModelTensors
@@ -36,6 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 TABLE = sorted(ARCHITECTURES)
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMED = ["gemma4", "qwen3_5", "qwen3_5_moe", "llama4", "glm4_moe_lite", "minimax_m2", "nemotron_h", "kimi_linear"]
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """An empty registry of derived specs for the test (the process's own is restored afterwards)."""
+    fresh: dict = {}
+    monkeypatch.setattr(derive_module, "DERIVED", fresh)
+    return fresh
 
 
 def _plan(source, r):
@@ -51,7 +60,7 @@ def _same_plans(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("model_type", TABLE)
-def test_the_derivation_reproduces_the_table(model_type, tmp_path, monkeypatch):
+def test_the_derivation_reproduces_the_table(model_type, tmp_path, monkeypatch, registry):
     model = build(model_type)
     spec, figures = derive_and_verify(model.config)
     assert max(figures.values()) <= 1e-4
@@ -59,24 +68,21 @@ def test_the_derivation_reproduces_the_table(model_type, tmp_path, monkeypatch):
     src = save(model, tmp_path / "model", with_tokenizer=False)
     table_memory, table_disk = _plan(ModelTensors(model), r), _plan(open_checkpoint(src), r)
     monkeypatch.setenv(NO_TABLE_ENV, "1")
-    monkeypatch.setitem(DERIVED, model_type, spec)
-    text_type = model.config.get_text_config().model_type
-    if text_type != model_type:
-        monkeypatch.setitem(DERIVED, text_type, spec.derive(text_type, text_model_type=None))
+    register(model.config, spec)
     _same_plans(_plan(ModelTensors(model), r), table_memory)
     _same_plans(_plan(open_checkpoint(src), r), table_disk)
 
 
 @pytest.mark.parametrize("model_type", NAMED)
-def test_named_families_are_derived_and_edited_exactly_through_the_cli(model_type, monkeypatch):
+def test_named_families_are_derived_and_edited_exactly_through_the_cli(model_type, monkeypatch, registry):
     import archs
 
     monkeypatch.setenv(NO_TABLE_ENV, "1")
-    monkeypatch.setitem(DERIVED, model_type, None)  # restored afterwards: the bench registers its spec
-    DERIVED.pop(model_type)
     row = archs.one(model_type)
     assert row["status"] == "exact", row
     assert row["diff"] <= 1e-4 and row["verify"] <= 1e-4
+    types = [key.split("-")[0] for key in registry]  # the CLI found the spec derived from the default config:
+    assert len(types) == len(set(types)), sorted(registry)  # the tiny checkpoint's config has the same key
 
 
 def test_verification_rejects_a_missing_or_an_extra_writer():
@@ -101,10 +107,9 @@ def test_verification_rejects_a_missing_or_an_extra_writer():
         verify(extra, derived.model, derived.ids)
 
 
-def test_a_type_outside_the_table_is_derived_once_and_cached(tmp_path, monkeypatch, cli):
+def test_a_type_outside_the_table_is_derived_once_and_cached(tmp_path, monkeypatch, cli, registry):
     monkeypatch.setenv("REFUSAL_EDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(NO_TABLE_ENV, "1")
-    monkeypatch.delitem(DERIVED, "mistral", raising=False)
     src = save(build("mistral"), tmp_path / "model", with_tokenizer=False)
     from conftest import make_direction
 
@@ -116,10 +121,9 @@ def test_a_type_outside_the_table_is_derived_once_and_cached(tmp_path, monkeypat
     assert len(cached) == 1
     spec = from_json(json.loads(cached[0].read_text()))
     assert to_json(spec) == json.loads(cached[0].read_text()) and spec.derived
-    DERIVED.pop("mistral")
+    registry.clear()
     res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--out", tmp_path / "out2")
     assert res.code == 0 and "derived and verified" not in res.err  # read from the cache
-    DERIVED.pop("mistral", None)
 
 
 def test_an_encoder_is_refused_with_a_reason(tmp_path, cli):
@@ -195,3 +199,80 @@ def test_a_wrapper_that_passes_on_its_language_model_but_not_whole_is_refused(mo
     assert verify(derived.spec, derived.model, derived.ids)["checkpoint"] <= 1e-4  # the language model passes
     with pytest.raises(RefusalEditError, match=r"whole wrapper.*first at the output of layer 0"):
         derive_and_verify(config)
+
+
+def test_configs_of_one_type_with_different_structure_never_share_a_spec(tmp_path, monkeypatch, registry):
+    """A dense and an MoE config of one type (the difference only in a list of layer indices, which no flag
+    shows) get their own derived spec, in this process and on disk; the same structure at another size
+    (the shrunk twin the bench saves) shares it."""
+    from transformers import AutoConfig
+
+    from refusal_edit.arch import get_spec
+    from refusal_edit.derive import spec_key
+    from refusal_edit.derive.shrink import shrunk
+
+    monkeypatch.setenv("REFUSAL_EDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(NO_TABLE_ENV, "1")
+    moe = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2)
+    dense = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2, mlp_only_layers=[0, 1])
+    assert spec_key(moe) != spec_key(dense) and spec_key(shrunk(moe)) == spec_key(moe)
+    dense_spec, moe_spec = get_spec("qwen3_moe", dense), get_spec("qwen3_moe", moe)
+
+    def experts(spec):
+        return [r.pattern for r in spec.tensors if r.per_expert or r.kind.startswith("experts")]
+
+    assert experts(moe_spec) and not experts(dense_spec)
+    assert get_spec("qwen3_moe", dense) is dense_spec and get_spec("qwen3_moe", moe) is moe_spec
+    assert len(list((tmp_path / "cache" / "archs").glob("qwen3_moe-*.json"))) == 2
+
+
+def test_sweep_timeouts_end_in_seconds_exact_or_refused(monkeypatch):
+    """The full sweep's two timeouts: BLT's config has no single layer stack (refused in one line, before any
+    model is built), Phi-4-multimodal's audio encoder is a nested config now shrunk too (its tiny model is
+    0.5M parameters, not 400M); a shrunk model that is still large is refused before it is allocated."""
+    import time
+
+    from transformers import AutoConfig
+
+    import refusal_edit.derive.shrink as shrink
+
+    start = time.perf_counter()
+    with pytest.raises(RefusalEditError, match="blt config states no number of decoder layers"):
+        derive_and_verify(AutoConfig.for_model("blt"))
+    assert time.perf_counter() - start < 10
+    small = shrink.shrunk(AutoConfig.for_model("phi4_multimodal"))
+    with torch.device("meta"):
+        count = sum(p.numel() for p in shrink.model_class(small)._from_config(small).parameters())
+    assert count < 2_000_000, count
+    monkeypatch.setattr(shrink, "MAX_PARAMS", 1000)
+    with pytest.raises(RefusalEditError, match=r"shrunk llama config still builds \dM parameters"):
+        shrink.tiny_model(AutoConfig.for_model("llama"))
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "granite"])
+def test_baked_addition_on_a_derived_spec_is_exact_at_layer_0_and_refused_later(model_type, tmp_path, cli, monkeypatch):
+    """A derived spec bakes `mode` add only into the embedding (layer 0, its scale a config formula: Gemma's
+    sqrt(hidden), Granite's embedding_multiplier), equal to the independent reference's hook; at a later layer
+    it refuses in one line (no bias route is derivable) and writes nothing."""
+    import reference as ref
+    from conftest import make_direction
+    from tiny import load, token_batch
+
+    monkeypatch.setenv("REFUSAL_EDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(NO_TABLE_ENV, "1")
+    model = build(model_type)
+    src = save(model, tmp_path / "model", with_tokenizer=False)
+    d = make_direction(tmp_path / "d.safetensors")
+    args = ["orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--mode", "add", "--coeff", "1.5"]
+    res = cli(*args, "--layer", "2", "--out", tmp_path / "later")
+    assert res.code == 1 and not (tmp_path / "later").exists(), res.text
+    line = res.err.strip().splitlines()[-1]  # after the one line saying the spec was derived
+    assert line.startswith("error: cannot bake an addition at layer 2") and "writers are derived" in line
+    res = cli(*args, "--layer", "0", "--out", tmp_path / "out")
+    assert res.code == 0, res.text
+    x = token_batch()
+    with torch.no_grad(), ref.added(model, ref.FAMILIES[model_type], 1.5 * d.mean_diff, 0):
+        reference = model(x).logits
+    with torch.no_grad():
+        original, logits = model(x).logits, load(tmp_path / "out")(x).logits
+    assert (logits - reference).abs().max().item() <= 1e-4 < (logits - original).abs().max().item()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf_tiny import EXPERTS, FF, HIDDEN, VOCAB, write_tiny
 
 from refusal_edit.checkpoint.record import EditRecord
@@ -407,3 +407,45 @@ def test_gguf_out_needs_a_gguf_model(tmp, direction):
         gguf_model(tmp)
     with pytest.raises(RefusalEditError, match="not found"):
         gguf_model(tmp / "missing.gguf")
+
+
+@pytest.mark.parametrize("arch", ["gemma4", "minimax-m2"])
+def test_a_gguf_of_a_derived_family_is_refused_in_one_line(tmp, direction, cli, arch):
+    """transformers reads these GGUFs, but their writers are only derived (no table entry): how llama.cpp stores
+    them has no independent check, so the GGUF editor refuses in one line, names the way out, writes nothing."""
+    path = tmp / f"{arch}.gguf"
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_embedding_length(HIDDEN)
+    w.add_tensor("token_embd.weight", np.zeros((VOCAB, HIDDEN), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for fmt in ("gguf", "gguf-lora"):
+        out = tmp / f"{arch}-{fmt}.gguf"
+        res = cli("orthogonalize", path, "--direction", direction, "--out", out, "--format", fmt)
+        assert res.code == 1 and not out.exists(), res.text
+        line = res.err.strip()
+        assert "\n" not in line and f"GGUF architecture {arch!r} cannot be edited as GGUF (its residual" in line
+        assert "derived" in line and "give --out a directory" in line and "qwen2" in line
+
+
+def test_derived_specs_edit_a_table_family_gguf_byte_for_byte_as_the_table(tmp, direction, monkeypatch):
+    """With the table switched off (test-only), the GGUF editor plans through the spec derived from the file's
+    own config: the same tensors, names and bytes as the table path (attention, routed and shared experts)."""
+    from refusal_edit.arch import NO_TABLE_ENV
+
+    for name, kwargs in (("qwen2moe", {"moe": True}),):
+        path = write_tiny(tmp / f"derived-{name}.gguf", name, ffn_type=Q.Q4_K, **kwargs)
+        table = orthogonalize_gguf(path, direction, tmp / f"derived-{name}-table.gguf")
+        with monkeypatch.context() as m:
+            m.setenv(NO_TABLE_ENV, "1")
+            derived = orthogonalize_gguf(path, direction, tmp / f"derived-{name}-derived.gguf")
+            assert GGUFSource(path).spec.derived
+        assert derived.plan.counts == table.plan.counts
+        a, b = (tmp / f"derived-{name}-{k}.gguf" for k in ("table", "derived"))
+        ta, tb = GGUFFile(a), GGUFFile(b)
+        assert list(ta.tensors) == list(tb.tensors)
+        for t in ta.tensors.values():
+            assert np.array_equal(ta.rows(t, 0, t.n_rows), tb.rows(tb.tensors[t.name], 0, t.n_rows)), t.name

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from refusal_edit.arch import DERIVED, ArchSpec, TensorRule, WriterSite
+from refusal_edit.arch import ArchSpec, TensorRule, WriterSite
 from refusal_edit.console import err
 from refusal_edit.derive.scales import scale_function
 from refusal_edit.errors import RefusalEditError
@@ -26,7 +26,12 @@ from refusal_edit.errors import RefusalEditError
 # again (2: multimodal wrappers verified whole, not only their language model).
 CHECKS = 2
 
-__all__ = ["cache_path", "derived_spec", "from_json", "to_json"]
+__all__ = ["DERIVED", "cache_path", "derived_spec", "from_json", "known_spec", "register", "spec_key", "to_json"]
+
+# Specs derived and verified (or read from the cache) in this process, by `spec_key`: model type, transformers
+# version and structure, as on disk. Never by model type alone: a dense and an MoE config of one type, or two
+# `layer_types` mixes, have different writers.
+DERIVED: dict[str, ArchSpec] = {}
 
 
 def _config(model_type: str, config: Any) -> Any:
@@ -35,8 +40,10 @@ def _config(model_type: str, config: Any) -> Any:
     try:
         if config is None:
             return AutoConfig.for_model(model_type)
-        if isinstance(config, dict):
-            data = {k: v for k, v in config.items() if k != "model_type"}
+        if isinstance(config, dict):  # a config.json as read: its special floats (inf) still encoded
+            from transformers import PretrainedConfig
+
+            data = PretrainedConfig._decode_special_floats({k: v for k, v in config.items() if k != "model_type"})
             return AutoConfig.for_model(model_type, **data)
     except Exception as exc:
         raise RefusalEditError(
@@ -45,11 +52,10 @@ def _config(model_type: str, config: Any) -> Any:
     return config
 
 
-def _fingerprint(config: Any) -> str:
-    """What can change a model's structure without changing its type: flags, names, layer kinds."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+def _flags(text: Any) -> dict[str, Any]:
+    """The config's flags, names and layer kinds (bools, strings, lists of them): cheap structure hints."""
     skip = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype", "name_or_path"}
-    keep: dict[str, Any] = {"model_type": config.model_type, "text": text.model_type}
+    keep: dict[str, Any] = {}
     for key, value in sorted(text.to_dict().items()):
         if key in skip:
             continue
@@ -57,16 +63,96 @@ def _fingerprint(config: Any) -> str:
             keep[key] = value
         elif isinstance(value, list) and all(isinstance(v, (str, bool)) for v in value):
             keep[key] = sorted({str(v) for v in value})
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    return keep
+
+
+def _layer_structures(text: Any) -> list[Any]:
+    """The model's structure as the derivation sees it, sizes left out: each distinct decoder-layer kind
+    (module names and classes, parameter names) and the modules beside the layers, from the shrunk config
+    at full depth on the meta device (no memory). Integers decide structure too (an expert count of 0, a
+    first dense layer, a per-layer-input width, which layers are MoE), and only the built model says how."""
+    import torch
+
+    from refusal_edit.derive.shrink import _num_layers, layer_list, model_class, shrunk
+
+    small = shrunk(text)
+    with torch.device("meta"):
+        model = model_class(small)._from_config(small)
+    name, layers = layer_list(model, _num_layers(small))
+    kinds = {
+        tuple((n, type(m).__name__) for n, m in layer.named_modules()) + tuple(n for n, _ in layer.named_parameters())
+        for layer in layers
+    }
+    outside = [(n, type(m).__name__) for n, m in model.named_modules() if not n.startswith(name + ".")]
+    return [sorted(kinds), outside]
+
+
+# Config content -> structure fingerprint: building the meta model costs ~0.1-1 s, asked once per config.
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def _fingerprint(config: Any) -> str:
+    """What can change a model's structure without changing its type: flags, names, layer kinds, and the
+    layer structures themselves (two configs of one type, dense and MoE, never share a spec)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    content = json.dumps([config.model_type, text.to_dict()], sort_keys=True, default=str)
+    memo = hashlib.sha256(content.encode()).hexdigest()
+    if memo not in _FINGERPRINTS:
+        keep: dict[str, Any] = {"model_type": config.model_type, "text": text.model_type, **_flags(text)}
+        try:
+            keep["structure"] = _layer_structures(text)
+        except Exception as exc:  # the derivation itself will say why it cannot build this config
+            keep["structure"] = f"unbuilt: {type(exc).__name__}"
+        _FINGERPRINTS[memo] = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    return _FINGERPRINTS[memo]
+
+
+def spec_key(config: Any) -> str:
+    """What a derived spec is valid for: the model type, the transformers version, the structure fingerprint
+    and the checks it passed (the in-process registry's key and the cache file's name)."""
+    import transformers
+
+    return f"{config.model_type}-{transformers.__version__}-{_fingerprint(config)}-v{CHECKS}"
 
 
 def cache_path(config: Any) -> Path:
-    import transformers
-
     from refusal_edit.loading.cache import cache_root
 
-    name = f"{config.model_type}-{transformers.__version__}-{_fingerprint(config)}-v{CHECKS}.json"
-    return cache_root() / "archs" / name
+    return cache_root() / "archs" / f"{spec_key(config)}.json"
+
+
+def register(config: Any, spec: ArchSpec) -> None:
+    """`spec` answers for `config` (and for a wrapper's language model, for its text config) in this process."""
+    DERIVED[spec_key(config)] = spec
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if spec.text_model_type is not None and text is not config:
+        DERIVED[spec_key(text)] = spec.derive(spec.text_model_type, text_model_type=None)
+
+
+def known_spec(config: Any) -> ArchSpec | None:
+    """The derived spec of `config` if this process or the cache has one (never derives: None otherwise)."""
+    model_type = getattr(config, "model_type", None)
+    if not model_type or model_type not in _decoder_types():
+        return None
+    try:
+        key = spec_key(config)
+    except Exception:
+        return None
+    if key not in DERIVED:
+        spec = _read(cache_path(config))
+        if spec is None:
+            return None
+        register(config, spec)
+    return DERIVED[key]
+
+
+def _read(path: Path) -> ArchSpec | None:
+    if not path.is_file():
+        return None
+    try:
+        return from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def to_json(spec: ArchSpec) -> dict[str, Any]:
@@ -153,15 +239,9 @@ def derived_spec(model_type: str | None, config: Any = None) -> ArchSpec:
             "class for it (only decoder language models can be edited)"
         )
     cfg = _config(model_type, config)
-    path = cache_path(cfg)
-    if path.is_file():
-        try:
-            spec = from_json(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
-            spec = None
-        if spec is not None:
-            DERIVED[model_type] = spec
-            return spec
+    known = known_spec(cfg)
+    if known is not None:
+        return known
     start = time.perf_counter()
     try:
         spec, _ = derive_and_verify(cfg)
@@ -171,7 +251,8 @@ def derived_spec(model_type: str | None, config: Any = None) -> ArchSpec:
         raise RefusalEditError(
             f"unsupported architecture {model_type!r}: the derivation failed ({type(exc).__name__}: {exc})"
         ) from None
-    DERIVED[model_type] = spec
+    register(cfg, spec)
+    path = cache_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(to_json(spec), indent=1))

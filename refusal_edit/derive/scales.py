@@ -53,8 +53,8 @@ def scale_function(formula: str) -> Callable[[Any], float]:
             return 1.0
         if formula == "unknown":
             raise RefusalEditError(
-                "this architecture's embedding scale is not a config value this tool can read; "
-                "bake the addition at a later layer or use the run-time hook"
+                "this architecture's embedding scale is not a config value this tool can read, so an addition "
+                "cannot be baked into its embedding; use the run-time hook (evaluate `mode` add)"
             )
         value = 1.0
         for part in formula.split("*"):

@@ -24,6 +24,7 @@ MOE_FF = 32
 VOCAB = 256
 EXPERTS = 5  # distinct from every other count of the shrunk config: the expert count is found by value
 TOP_K = 2
+MAX_PARAMS = 20_000_000  # a shrunk model is ~1M parameters; far above that, the shrink missed a width
 
 # Widths by config key (only lowered, never raised).
 _SIZES = {
@@ -148,11 +149,31 @@ def _shrink_dict(d: dict[str, Any], heads: int) -> dict[str, Any]:
                 d[key] = [v for v in value if isinstance(v, int) and v < VOCAB] or [2]
     _keep_equal(original, d)
     _keep_products(original, d)
+    for key, value in d.items():  # nested sub-models (towers, BLT's byte encoder and decoder): shrunk too
+        if isinstance(value, dict) and any(k in value for k in _WIDTH_KEYS):
+            d[key] = _tower(value)
     for key in _KV_HEADS:
         kv = d.get(key)
         if isinstance(kv, int) and not isinstance(kv, bool) and kv > 1:
             d[key] = HEADS if kv >= heads else 2
     return d
+
+
+_WIDTH_KEYS = ("hidden_size", "d_model", "n_embd")
+_DEPTHS = ("num_hidden_layers", "depth", "num_layers", "num_blocks")
+
+
+def _tower(sub: dict[str, Any]) -> dict[str, Any]:
+    """A nested sub-model's config shrunk like the language model's, two layers deep (its structure is not
+    what is derived: it only has to build, small)."""
+    small = _shrink_dict(sub, int(sub.get("num_attention_heads") or sub.get("num_heads") or HEADS))
+    for key in small:  # convolution widths of audio encoders (Phi-4-multimodal's: 1024 = its hidden size)
+        if key.endswith(("_channels", "_channel")):
+            _lower(small, key, HIDDEN)
+    for depth in _DEPTHS:
+        if isinstance(small.get(depth), int) and small[depth] > 2:
+            small[depth] = 2
+    return small
 
 
 def shrunk(config: Any) -> Any:
@@ -246,12 +267,33 @@ def _cut(config: Any, cls: type, max_layers: int) -> Any:
     return config
 
 
+def _check_size(cls: type, small: Any) -> None:
+    """Refuse, before allocating, a shrunk model that is not tiny: some part of its config the shrink does not
+    reach (a hashed byte vocabulary, an unknown width key) would make the derivation take minutes."""
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in cls._from_config(small).parameters())
+    except Exception:
+        return  # the real build says why
+    if count > MAX_PARAMS:
+        raise RefusalEditError(
+            f"the shrunk {small.model_type} config still builds {count / 1e6:.0f}M parameters (a part of the config "
+            f"the shrink does not reach); refused rather than derived on a model that large"
+        )
+
+
 def tiny_model(config: Any, seed: int = 0, max_layers: int = 6) -> nn.Module:
     """A tiny random float32 model of `config`'s language model; every parameter is perturbed away from its
     init (zero-initialised projections, unit norms), so that each one matters."""
     small = shrunk(config)
+    if not _num_layers(small):
+        raise RefusalEditError(
+            f"the {small.model_type} config states no number of decoder layers (num_hidden_layers): no single "
+            "stack of layers writes its residual stream"
+        )
     cls = model_class(small)
     small = _cut(small, cls, max_layers)
+    _check_size(cls, small)
     torch.manual_seed(seed)
     try:
         model = cls._from_config(small, dtype=torch.float32)
@@ -279,11 +321,7 @@ def tiny_wrapper(config: Any, seed: int = 0, max_layers: int = 6) -> nn.Module:
         for key in ("vision_config", "audio_config"):
             sub = data.get(key)
             if isinstance(sub, dict):
-                small = _shrink_dict(sub, int(sub.get("num_attention_heads") or sub.get("num_heads") or HEADS))
-                for depth in ("num_hidden_layers", "depth", "num_layers"):
-                    if isinstance(small.get(depth), int) and small[depth] > 2:
-                        small[depth] = 2
-                data[key] = small
+                data[key] = _tower(sub)
         cfg = AutoConfig.for_model(model_type, **data)
         torch.manual_seed(seed)
         auto = AutoModelForCausalLM if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText

@@ -330,6 +330,8 @@ def _route_error(spec: ArchSpec, layer: int, site: str, why: str | None = None) 
     other = sorted({r.site for r in spec.bias_routes} - {site})
     if why is None and site == "input" and spec.sandwich:
         why = "a norm sits between its projections and the residual add"
+    if why is None and spec.derived:  # which flag creates a bias transformers loads back is no derivable fact
+        why = "its residual writers are derived, and which config flag creates a bias is known only to the table"
     why = why or f"no stock bias writes at the {site} site"
     alternatives = ["`layer` 0 (baked into the embedding)"] if site == "input" else []
     alternatives += [f"`site` {o}" for o in other]

@@ -44,7 +44,7 @@ class GGUFSource:
             )
         self.config: dict[str, Any] = hf_config(self.gguf)
         self.root: Path | None = None
-        self.spec: ArchSpec = get_spec(self.config["model_type"])
+        self.spec: ArchSpec = get_spec(self.config["model_type"], self.config)  # a derived spec: of this structure
         mapping = weights_map(self.gguf, self.config)
         counts = Counter(mapping[n] for n in self.gguf.tensors if n in mapping)
         self.hf_of: dict[str, str] = {}  # GGUF name -> the name the plan sees

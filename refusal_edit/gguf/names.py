@@ -22,6 +22,8 @@ _ARCH_RENAMES = {
     "qwen2moe": ("qwen2_moe", "qwen2_moe"),
     "qwen3moe": ("qwen3_moe", "qwen3_moe"),
     "gemma3": ("gemma3", "gemma3_text"),
+    "gemma4": ("gemma4", "gemma4_text"),
+    "minimax-m2": ("minimax_m2", "minimax_m2"),
 }
 # Architectures whose GGUF layout is not the HF layout reversed (llama.cpp transposes GPT-2's Conv1D).
 _TRANSPOSED = ("gpt2",)
@@ -38,10 +40,21 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
     table_key, model_type = _ARCH_RENAMES.get(gguf.arch, (gguf.arch, gguf.arch))
     table = GGUF_CONFIG_MAPPING.get(table_key)
     if gguf.arch in _TRANSPOSED or table is None or model_type not in ARCHITECTURES:
-        readable = sorted(a for a in GGUF_CONFIG_MAPPING if _ARCH_RENAMES.get(a, (a, a))[1] in ARCHITECTURES)
-        readable = [a for a in readable if a not in _TRANSPOSED]
+        readable = sorted(
+            a
+            for a in {*GGUF_CONFIG_MAPPING, *_ARCH_RENAMES}
+            if _ARCH_RENAMES.get(a, (a, a))[1] in ARCHITECTURES and a not in _TRANSPOSED and "_" not in a
+        )  # as llama.cpp spells its architectures (qwen2moe, gpt-oss: never with an underscore)
+        why = ""
+        if table is not None and gguf.arch not in _TRANSPOSED:
+            # Derived specs hold HF facts only; how llama.cpp's converter stores the writers (names, norm gains,
+            # expert layouts) is a fact of the table, checked against llama.cpp, with no derivation to see it.
+            why = (
+                " (its residual writers are derived from the HF model, and llama.cpp's storage of them has no "
+                "independent check: give `out` a directory to edit the dequantized model as safetensors)"
+            )
         raise RefusalEditError(
-            f"GGUF architecture {gguf.arch!r} cannot be edited as GGUF; supported: {', '.join(readable)}"
+            f"GGUF architecture {gguf.arch!r} cannot be edited as GGUF{why}; supported: {', '.join(readable)}"
         )
     config: dict[str, Any] = {"model_type": model_type}
     prefix = gguf.arch + "."
