@@ -150,7 +150,6 @@ def run_batches(
 def row_bytes(model: nn.Module, tokens: int) -> int:
     """A generous estimate of the memory one row of `tokens` tokens needs in a forward pass: KV cache,
     layer activations (float32 upcasts included), attention scores, last-position logits."""
-
     cfg = text_config(model.config)
     hidden = int(cfg.hidden_size)
     layers = int(cfg.num_hidden_layers)
@@ -252,7 +251,6 @@ class PromptBatch:
     def prefix_len(self, model: nn.Module) -> int:
         """Length of the prefix to reuse with this model: 0 where a sliding window would drop it, or where a
         layer carries a recurrent state (hybrids: a state cannot be copied per row, nor cross left padding)."""
-
         if is_recurrent(model.config):
             return 0
         window = getattr(text_config(model.config), "sliding_window", None)

@@ -101,7 +101,6 @@ def packed_or_padded(
     """Packed prompts when this model computes them exactly as padded batches (checked once), else padded; and
     the last-position logits of `texts` from the returned batch (the check computed them: callers need the
     model's own logits anyway, and running the batch again would cost one more pass)."""
-
     padded = PromptBatch(tokenizer, texts, batch_size)
     if is_recurrent(model.config):
         return padded, padded.run(model)

@@ -36,7 +36,6 @@ def card_tags(r: EditRecord) -> list[str]:
 
 def pipeline_tag(r: EditRecord) -> str:
     """From the model class: a multimodal wrapper (a `text_config` inside) is image-text-to-text."""
-
     spec = ARCHITECTURES.get(str(r.source_model.get("model_type")))
     return "image-text-to-text" if spec is not None and spec.text_model_type else "text-generation"
 

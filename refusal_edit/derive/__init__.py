@@ -230,7 +230,6 @@ def derive_and_verify(config: Any) -> tuple[ArchSpec, dict[str, float]]:
 
 def derived_spec(model_type: str | None, config: Any = None) -> ArchSpec:
     """The verified spec of a model type outside the table (cached), or a clear error."""
-
     if not model_type:
         raise RefusalEditError("the model config names no model_type")
     if model_type not in _decoder_types():

@@ -23,11 +23,13 @@ from typing import Any
 import torch
 
 from refusal_edit.console import track
+from refusal_edit.directions.attribution import attribution_bypass
 from refusal_edit.directions.candidates import CandidateSet
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.forward import PromptBatch
 from refusal_edit.interventions import ablation, addition
 from refusal_edit.judging.scores import kl_divergence, refusal_scores
+from refusal_edit.packed import packed_or_padded
 
 
 @dataclass
@@ -119,8 +121,6 @@ class Scorer:
         self.cands = cands
         self.refusal_ids = list(refusal_ids)
         if share_prefix:  # the fast path: packed prompts (no padding) where this model computes them exactly
-            from refusal_edit.packed import packed_or_padded
-
             self.harmful, harmful_logits = packed_or_padded(model, tokenizer, harmful_val, batch_size)
             self.harmless, self.base_harmless_logits = packed_or_padded(model, tokenizer, harmless_val, batch_size)
         else:  # the reference: plain padded batches, as in the paper's code
@@ -301,8 +301,6 @@ def select_fast(
 ) -> Selection:
     """Rank candidates by the attribution proxy and score only the best `top_k` exactly (the next `top_k`
     if none of them passes the filters, up to `max_rounds` times)."""
-    from refusal_edit.directions.attribution import attribution_bypass
-
     start = time.perf_counter()
     n_layers = scorer.cands.n_layers
     cands = all_candidates(scorer.cands)

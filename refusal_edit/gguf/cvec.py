@@ -24,6 +24,7 @@ import numpy as np
 from refusal_edit import __version__
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.gguf.file import GGUFFile
 from refusal_edit.gguf.writer import atomic_file
 
 ARCH = "controlvector"
@@ -114,8 +115,6 @@ def write_control_vector(
     values = (coeff * vector.detach().float().numpy()).astype(np.float32)
     hint, n_layers = str(direction.metadata.get("model", "")), direction.n_layers
     if model is not None:
-        from refusal_edit.gguf.file import GGUFFile
-
         gguf = GGUFFile(Path(model))
         hint = gguf.arch
         n_layers = gguf.value(f"{gguf.arch}.block_count")
@@ -160,8 +159,6 @@ def write_control_vector(
 
 def read_control_vector(path: Path) -> dict[int, np.ndarray]:
     """HF layer -> summed vector of a control-vector GGUF, by llama.cpp's loading rules (for checks)."""
-    from refusal_edit.gguf.file import GGUFFile
-
     gguf = GGUFFile(Path(path))
     if gguf.arch != ARCH:
         raise RefusalEditError(f"{gguf.path.name} is a {gguf.arch} GGUF, not a control vector")

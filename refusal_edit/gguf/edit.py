@@ -326,7 +326,6 @@ def write_gguf(
 
 def previous_record(source: GGUFSource) -> Any:
     """The edit record embedded in an edited GGUF (a re-edit carries it), or None."""
-
     text = source.gguf.value(RECORD_KEY)
     return None if text is None else EditRecord.from_json(text, f"{source.path.name}:{RECORD_KEY}")
 

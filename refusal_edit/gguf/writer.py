@@ -27,6 +27,7 @@ from gguf import GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 from refusal_edit.checkpoint.atomic import TMP_MARK, resolve_output
 from refusal_edit.checkpoint.safetensors_io import PositionedWriter
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.gguf.file import GGUFFile
 from refusal_edit.interrupt import output_complete
 
 GGUF_VERSION = 3
@@ -125,7 +126,6 @@ class StreamWriter(PositionedWriter):
 
 
 def _is_tool_gguf(path: Path) -> bool:
-    from refusal_edit.gguf.file import GGUFFile
 
     try:
         return any(k.startswith("refusal_edit.") for k in GGUFFile(path).keys())

@@ -244,7 +244,6 @@ def check_secrets(files: list[UploadFile]) -> None:
 
 def default_repo(record: EditRecord, root: Path) -> str:
     """`<model>-abliterated` (in the token owner's namespace): the base model's name, else the folder's."""
-
     model = record.base_model.split("/")[1] if record.base_model else Path(root).resolve().name
     suffix = f"-{effect_tag(record)}"
     return model if model.lower().endswith(suffix) else model + suffix

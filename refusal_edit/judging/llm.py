@@ -15,6 +15,7 @@ import torch
 
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.forward import PromptBatch
+from refusal_edit.generation import generate
 from refusal_edit.judging.base import Verdict
 from refusal_edit.judging.reasoning import delimiters_from_template, split_reasoning
 from refusal_edit.judging.rubric import (
@@ -170,7 +171,6 @@ class LLMJudge:
     # ------------------------------------------------------------ generate mode
 
     def _judge_generate(self, prompts: Sequence[str], replies: Sequence[str]) -> list[Verdict]:
-        from refusal_edit.generation import generate
 
         texts = [self._message(RUBRIC_GENERATE, p, r) for p, r in zip(prompts, replies, strict=True)]
         gens = generate(

@@ -12,7 +12,9 @@ from typing import Any
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.judging.base import Judge, MarkerJudge
 from refusal_edit.judging.classifier import ClassifierJudge, parse_label_map
+from refusal_edit.judging.llm import LLMJudge
 from refusal_edit.judging.markers import load_markers
+from refusal_edit.loading.model import load_model
 
 CLASSIFIER_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 
@@ -98,9 +100,6 @@ def load_llm_judge(
     (directory, .gguf, recipe, Hub id). `loaded` (a `LoadedModel`) reuses a model already in memory, e.g. the
     base model judging its own and the edit's replies (call the judge with no hooks active).
     """
-    from refusal_edit.judging.llm import LLMJudge
-    from refusal_edit.loading.model import load_model
-
     lm = loaded if loaded is not None else load_model(spec, dtype=dtype, device=device)
     return LLMJudge(
         lm.model,

@@ -77,7 +77,6 @@ def gguf_model(spec: str | Path) -> ModelSource:
     Nothing is dequantized: the GGUF editor reads the file itself. `hf_dir` is the file's folder (a Hub cache
     snapshot there still names the base model); `origin` is the file.
     """
-
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():

@@ -217,7 +217,6 @@ def load_model(
     memory); disk-offloaded weights are read from the checkpoint's own files, or written under `offload_dir`
     (default `<cache>/offload`) when transformers converts them. Says in one line where the layers went.
     """
-
     src = source if isinstance(source, ModelSource) else resolve_source(source, dtype)
     config = src.config()
     spec_for_config(config)  # unsupported architectures fail before any weights are read

@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from refusal_edit.directions.artifacts import DirectionFile
+from refusal_edit.directions.bank import load_bank
 from refusal_edit.edits import DirectionEdit
-from refusal_edit.edits.spec import EditSpec
+from refusal_edit.edits.spec import EditSpec, resolve
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.evaluation.comparison import intervention_from_direction
 from refusal_edit.generation import stream
 from refusal_edit.loading.model import LoadedModel, load_model
 from refusal_edit.paths import read_text
 from refusal_edit.prompts import ChatFormat, chat_format
 from refusal_edit.prompts.template import parse_template_kwargs
+from refusal_edit.tuning.proxies import applied
 from refusal_edit.workflows import defaults
 from refusal_edit.workflows.planning import edit_inputs
 
@@ -124,11 +127,6 @@ class Chat:
 def hook_edit(lm: LoadedModel, d: DirectionFile, variant: EditSpec | None, edit: DirectionEdit) -> tuple[Edit, str]:
     """The edit orthogonalize would write (`d` with `edit`'s mode, coeff, layer, site and unit, or the
     variant / tune front point `variant` of `d`), applied to `lm` in memory, and its description."""
-    from refusal_edit.directions.bank import load_bank
-    from refusal_edit.edits.spec import resolve
-    from refusal_edit.evaluation.comparison import intervention_from_direction
-    from refusal_edit.tuning.proxies import applied
-
     name = d.path.name if d.path is not None else "direction"
     if variant is None:
         intervention = intervention_from_direction(

@@ -16,9 +16,12 @@ from typing import Any
 from refusal_edit import loading
 from refusal_edit.checkpoint.layout import read_config
 from refusal_edit.checkpoint.record import EditRecord, hub_model_id
+from refusal_edit.directions import identity
 from refusal_edit.directions.select import SelectionSettings
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.loading.model import ModelSource
+from refusal_edit.loading import fetch as recipe_fetch  # modules, not names: tests stand in for their functions
+from refusal_edit.loading import gguf as gguf_input
+from refusal_edit.loading.model import ModelSource, conversion_dtype
 from refusal_edit.prompts import PromptSet, load_prompts
 from refusal_edit.recipes import Recipe, load_recipe
 
@@ -58,13 +61,9 @@ class Fetched:
 
 def fetch(spec: str, force: bool = False) -> Fetched:
     """Download a recipe's model (`force`: again, even if a verified copy is cached) and convert it once."""
-    from refusal_edit.loading.fetch import fetch_recipe
-    from refusal_edit.loading.gguf import convert_gguf
-    from refusal_edit.loading.model import conversion_dtype
-
     recipe = load_recipe(expand(spec))
-    path = fetch_recipe(recipe, force=force)
-    hf_dir, sha = convert_gguf(path, conversion_dtype("auto", recipe))
+    path = recipe_fetch.fetch_recipe(recipe, force=force)
+    hf_dir, sha = gguf_input.convert_gguf(path, conversion_dtype("auto", recipe))
     return Fetched(recipe, path, Path(hf_dir), sha)
 
 
@@ -134,8 +133,6 @@ def check_direction(direction: Any, source: ModelSource, allow_foreign: bool = F
     """A direction file (`DirectionFile`) applied to MODEL `source` must come from it (`directions.identity`):
     an error naming both otherwise, unless `allow_foreign`; returns the note to keep (an unknown source, or a
     foreign direction allowed on purpose), None when they match."""
-    from refusal_edit.directions import identity
-
     try:
         edited = EditRecord.load(source.hf_dir) is not None
     except RefusalEditError:

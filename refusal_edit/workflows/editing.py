@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refusal_edit.adapters.peft import write_peft
 from refusal_edit.checkpoint.atomic import check_output
 from refusal_edit.checkpoint.layout import Checkpoint, open_checkpoint
 from refusal_edit.checkpoint.record import EditRecord
@@ -256,8 +257,6 @@ def _unknown_base(record: EditRecord, what: str = "folder") -> list[str]:
 
 def _write_peft(job: EditJob, record: EditRecord, out: Path, **options: Any) -> EditOutcome:
     """The edit as a PEFT LoRA adapter folder, with the record and its card (`library_name: peft`)."""
-    from refusal_edit.adapters.peft import write_peft
-
     result = write_peft(
         job.ckpt,
         job.plan,

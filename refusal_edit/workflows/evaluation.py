@@ -27,6 +27,7 @@ from refusal_edit.evaluation.report import REPORT_JSON, REPORT_PNG, write_report
 from refusal_edit.forward import resolve_batch_size
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging import Judge, MarkerJudge
+from refusal_edit.judging.load import load_judge, load_llm_judge
 from refusal_edit.judging.markers import REFUSAL_MARKERS, load_markers
 from refusal_edit.loading.model import LoadedModel, ModelSource, context_length, load_model
 from refusal_edit.paths import is_within
@@ -58,8 +59,6 @@ def build_judges(
     """The judges `settings` names, loaded: the refusal markers first (the built-in list, or `markers`), then
     each other spec (`markers:FILE`, a classifier `hf:ORG/NAME` or directory), then the LLM judge
     (`judge_llm`: a model, or "base" to reuse the loaded base model)."""
-    from refusal_edit.judging.load import load_judge, load_llm_judge
-
     marker_list, marker_source = _markers(markers)
     judges: list[Judge] = [MarkerJudge(marker_list, marker_source)]
     for spec in settings.judges:

@@ -14,6 +14,7 @@ from refusal_edit.edits import DirectionEdit
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
 from refusal_edit.gguf.hf_view import GGUFSource
+from refusal_edit.gguf.lora import write_gguf_lora
 from refusal_edit.gguf.metadata import default_name
 from refusal_edit.loading.gguf import gguf_model
 from refusal_edit.workflows import defaults
@@ -84,8 +85,6 @@ def orthogonalize_gguf(
     )
     inputs = tuple(p for p in (d.path,) if p is not None)
     if format == "gguf-lora":
-        from refusal_edit.gguf.lora import write_gguf_lora
-
         lora = write_gguf_lora(
             source, plan, Path(out), record=record.to_dict(), force=force, replace_any=replace_any, inputs=inputs
         )

@@ -15,11 +15,13 @@ from refusal_edit.checkpoint.layout import Checkpoint
 from refusal_edit.checkpoint.record import EditRecord
 from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
+from refusal_edit.directions.bank import load_bank
 from refusal_edit.edits import DirectionEdit, plan_direction_edit
 from refusal_edit.edits.plan import EditPlan, plan_edit, resolved_config
 from refusal_edit.edits.spec import EditSpec, describe_variant, resolve
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.workflows import defaults
+from refusal_edit.workflows.tune import load_front_point
 
 
 def build_record(
@@ -73,8 +75,6 @@ def save_record(record: EditRecord, folder: Path) -> Path:
 
 def plan_variant(ckpt: Checkpoint, direction: DirectionFile, spec: EditSpec, keep_tied: bool = False) -> EditPlan:
     """The plan of an edit variant (`EditSpec`): its bases and weights resolved against the direction's bank."""
-    from refusal_edit.directions.bank import load_bank
-
     bank, _ = load_bank(direction)
     n_layers = int(resolved_config(ckpt).num_hidden_layers)
     return plan_edit(ckpt, resolve(spec, bank, n_layers), keep_tied=keep_tied)
@@ -83,8 +83,6 @@ def plan_variant(ckpt: Checkpoint, direction: DirectionFile, spec: EditSpec, kee
 def front_point(spec: str | Path) -> tuple[EditSpec, Path, dict[str, Any]]:
     """A confirmed point of a tune front (`front.json[#ID]`): its spec, the direction it draws on, and what
     the record keeps of it (front file, point id, the numbers confirmed for it)."""
-    from refusal_edit.workflows.tune import load_front_point
-
     data, point = load_front_point(spec)
     direction = (data.get("direction") or {}).get("path")
     if not direction:
