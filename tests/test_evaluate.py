@@ -15,6 +15,7 @@ import torch
 
 from refusal_edit.checkpoint.card import RECORD
 from refusal_edit.directions.artifacts import load_direction, save_direction
+from refusal_edit.edits import DirectionEdit
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.comparison import EvalSettings, intervention_from_direction, teacher_forced
 from refusal_edit.evaluation.metrics import (
@@ -220,7 +221,7 @@ def test_zero_intervention_and_identical_checkpoint_give_zero_kl_and_equal_rates
 
 
 def test_ablation_hook_matches_the_orthogonalized_checkpoint_and_has_positive_kl(env):
-    hook = intervention_from_direction(load_direction(env["direction"]), "ablate")
+    hook = intervention_from_direction(load_direction(env["direction"]))
     by_hook = run_eval(env, intervention=hook)
     by_ckpt = run_eval(env, str(env["edited"]))
     assert by_hook.divergence.first_token_kl > 1e-4
@@ -240,7 +241,7 @@ def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypat
     real = run.generate
     monkeypatch.setattr(run, "generate", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
     base = load_model(str(env["base"]))
-    hook = intervention_from_direction(load_direction(env["direction"]), "ablate")
+    hook = intervention_from_direction(load_direction(env["direction"]))
     settings = replace(FAST, borderline=False)
     fresh = run_eval(env, intervention=hook, settings=settings)
     cache: dict = {}
@@ -279,7 +280,7 @@ def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypat
 
 def test_kl_numbers_teacher_force_at_most_kl_tokens_whatever_the_reply_length(env):
     """Longer judged replies (`max_new_tokens`) leave the KL numbers' definition and cost alone."""
-    hook = intervention_from_direction(load_direction(env["direction"]), "ablate")
+    hook = intervention_from_direction(load_direction(env["direction"]))
     settings = EvalSettings(n=4, max_new_tokens=6, batch_size=4, samples=0, borderline=False)
     short = run_eval(env, intervention=hook, settings=replace(settings, kl_tokens=2))
     full = run_eval(env, intervention=hook, settings=replace(settings, kl_tokens=None))
@@ -302,12 +303,12 @@ def test_default_prompts_are_the_builtin_test_splits(env):
 
 def test_intervention_from_direction_add_uses_mean_diff_at_its_layer(env):
     d = load_direction(env["direction"])
-    add = intervention_from_direction(d, "add", coeff=-2.0)
+    add = intervention_from_direction(d, DirectionEdit("add", coeff=-2.0))
     assert add.kind == "add" and add.layer == 1 and add.coeff == -2.0
     assert torch.equal(add.direction, d.mean_diff)
-    assert torch.equal(intervention_from_direction(d, "add", layer=2, unit=True).direction, d.direction)
+    assert torch.equal(intervention_from_direction(d, DirectionEdit("add", layer=2, unit=True)).direction, d.direction)
     with pytest.raises(RefusalEditError, match="coeff"):
-        intervention_from_direction(d, "ablate", coeff=2.0)
+        intervention_from_direction(d, DirectionEdit("ablate", coeff=2.0))
 
 
 # ---------------------------------------------------------------- CLI

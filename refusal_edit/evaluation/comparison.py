@@ -28,6 +28,7 @@ from typing import Any
 
 from refusal_edit import __version__
 from refusal_edit.directions.artifacts import DirectionFile
+from refusal_edit.edits import DirectionEdit
 from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.evaluation.metrics import ContinuationMetrics, DivergenceStats, aggregate, continuation_metrics
 from refusal_edit.evaluation.stats import wilson
@@ -282,19 +283,14 @@ class EvalReport:
 # ---------------------------------------------------------------- building blocks
 
 
-def intervention_from_direction(
-    direction: DirectionFile,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str = "input",
-    unit: bool = False,
-) -> Intervention:
-    """The hook twin of `orthogonalize`: ablate the unit direction, or add `coeff * mean_diff` at its layer."""
-    vector, at = direction.edit_vector(mode, coeff, layer, unit)
-    if mode == "ablate":
+def intervention_from_direction(direction: DirectionFile, edit: DirectionEdit | None = None) -> Intervention:
+    """The hook twin of `orthogonalize` with the same edit value: ablate the unit direction, or add
+    `coeff * mean_diff` (`unit`: the unit direction) at its layer and site (default: the input)."""
+    edit = (edit or DirectionEdit()).check()
+    vector, at = direction.edit_vector(edit.mode, edit.coeff, edit.layer, edit.unit)
+    if edit.mode == "ablate":
         return Intervention("ablate", vector)
-    return Intervention("add", vector, layer=at, coeff=coeff, site=site)
+    return Intervention("add", vector, layer=at, coeff=edit.coeff, site=edit.site or "input")
 
 
 def _vocab_size(model: Any) -> int:

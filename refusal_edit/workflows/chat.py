@@ -129,9 +129,7 @@ def hook_edit(lm: LoadedModel, d: DirectionFile, variant: EditSpec | None, edit:
     variant / tune front point `variant` of `d`), applied to `lm` in memory, and its description."""
     name = d.path.name if d.path is not None else "direction"
     if variant is None:
-        intervention = intervention_from_direction(
-            d, edit.mode, coeff=edit.coeff, layer=edit.layer, site=edit.site or "input", unit=edit.unit
-        )
+        intervention = intervention_from_direction(d, edit)
         what = "ablate" if edit.mode == "ablate" else f"add {edit.coeff:+g} x {'unit ' if edit.unit else ''}vector"
         return (lambda: intervention.apply(lm.model)), f"{what} {name} (hooks)"
     bank, _ = load_bank(d)

@@ -243,9 +243,9 @@ def evaluate(
     if judges is None:
         _markers(markers)  # a bad markers file fails before any model is loaded
     if direction is not None:
-        check_edit(mode, coeff, layer, site, unit)
+        edit = check_edit(mode, coeff, layer, site, unit)  # the one edit value, before any file is read
         d = direction if isinstance(direction, DirectionFile) else load_direction(defaults.expand(str(direction)))
-        intervention = intervention_from_direction(d, mode, coeff=coeff, layer=layer, site=site or "input", unit=unit)
+        intervention = intervention_from_direction(d, edit)
         edited_info = {
             "direction_file": str(d.path),
             "direction_sha256": d.sha256,
