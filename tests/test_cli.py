@@ -223,7 +223,6 @@ CLI_NOT_YET = {
         "refusal_edit.forward",
         "refusal_edit.judging.reasoning",
     },
-    "options.py": {"refusal_edit.edits.spec"},
     "tune.py": {"refusal_edit.prompts.template", "refusal_edit.forward", "refusal_edit.tuning"},
 }
 

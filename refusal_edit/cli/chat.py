@@ -93,6 +93,7 @@ def chat(
     answered and the command exits: results on stdout, nothing interactive."""
     quiet_libraries()
     from refusal_edit.workflows.chat import one_shot_prompts, open_chat
+    from refusal_edit.workflows.planning import edit_variant
 
     prompts = one_shot_prompts(prompt, prompt_file)
     if as_json and not prompts:
@@ -101,7 +102,7 @@ def chat(
         model,
         edited,
         direction=direction,
-        spec=opt.edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm),
+        spec=edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm),
         mode=mode,
         coeff=coeff,
         layer=layer,

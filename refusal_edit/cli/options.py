@@ -11,8 +11,6 @@ from typing import Any
 
 import typer
 
-from refusal_edit.errors import RefusalEditError
-
 MODEL_HELP = "HF directory, .gguf file, recipe name or .toml file, or Hub id (ORG/NAME)."
 
 # The panels options are grouped in, in every command's help (in this order where a command has several).
@@ -175,23 +173,3 @@ def placement(dtype: str, device: str, max_memory: str | None, offload_dir: Path
 def chat(system_prompt: str | None, template: Path | None) -> dict[str, Any]:
     """The chat format's options, as the workflows take them."""
     return {"system_prompt": system_prompt, "template": template}
-
-
-def edit_variant(
-    spec: str | None,
-    layers: str | None,
-    weight: float | None,
-    per_layer: bool,
-    projected: bool,
-    rank: int,
-    basis: str,
-    preserve_norm: bool,
-) -> Any:
-    """The edit variant the options describe: the `--spec` front point as given, else an `EditSpec` from the
-    variant options, else None (the paper's plain edit). Both at once is an error."""
-    from refusal_edit.edits.spec import variant
-
-    options = variant(layers, weight, "layer" if per_layer else None, projected, rank, basis, preserve_norm)
-    if spec is not None and options is not None:
-        raise RefusalEditError("`spec` already describes the edit: drop the variant options")
-    return spec if spec is not None else options

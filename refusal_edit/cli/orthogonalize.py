@@ -29,7 +29,6 @@ from refusal_edit.cli.options import (
     SPEC,
     UNIT,
     WEIGHT,
-    edit_variant,
     optional,
     switch,
 )
@@ -115,6 +114,7 @@ def orthogonalize(
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
     from refusal_edit.workflows import editing as workflow
+    from refusal_edit.workflows.planning import edit_variant
 
     options = edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm)
     if plan_only:

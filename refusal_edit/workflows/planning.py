@@ -18,7 +18,7 @@ from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.directions.bank import load_bank
 from refusal_edit.edits import DirectionEdit, plan_direction_edit
 from refusal_edit.edits.plan import EditPlan, plan_edit, resolved_config
-from refusal_edit.edits.spec import EditSpec, describe_variant, resolve
+from refusal_edit.edits.spec import EditSpec, describe_variant, resolve, variant
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.workflows import defaults
 from refusal_edit.workflows.tune import load_front_point
@@ -151,3 +151,21 @@ def plan_on(
 def target_identity(config: dict[str, Any], name: str, weights_sha256: str | None, edited: bool) -> dict[str, Any]:
     """The identity of the model an edit is planned on, marked `edited` when it carries an edit record."""
     return {**identity.identity(config, name, weights_sha256), "edited": edited}
+
+
+def edit_variant(
+    spec: str | None,
+    layers: str | None,
+    weight: float | None,
+    per_layer: bool,
+    projected: bool,
+    rank: int,
+    basis: str,
+    preserve_norm: bool,
+) -> EditSpec | str | None:
+    """The edit variant the options describe: the `spec` front point as given, else an `EditSpec` from the
+    variant options, else None (the paper's plain edit). Both at once is an error."""
+    options = variant(layers, weight, "layer" if per_layer else None, projected, rank, basis, preserve_norm)
+    if spec is not None and options is not None:
+        raise RefusalEditError("`spec` already describes the edit: drop the variant options")
+    return spec if spec is not None else options
