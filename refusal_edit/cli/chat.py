@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from refusal_edit.cli import options as opt
+import refusal_edit.cli.options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, out
 from refusal_edit.errors import RefusalEditError

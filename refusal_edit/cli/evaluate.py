@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from refusal_edit.cli import options as opt
+import refusal_edit.cli.options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err
 from refusal_edit.errors import RefusalEditError

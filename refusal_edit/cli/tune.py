@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from refusal_edit.cli import options as opt
+import refusal_edit.cli.options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, show
 from refusal_edit.prompts.template import parse_template_kwargs

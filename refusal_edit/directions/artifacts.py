@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from refusal_edit.directions import identity
+import refusal_edit.directions.identity as identity
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.linalg import unit
 from refusal_edit.loading.cache import sha256_file

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+import refusal_edit.gguf.quants as quants
 from refusal_edit.arch import ArchSpec, get_spec
 from refusal_edit.checkpoint.safetensors_io import ITEMSIZE, TensorInfo
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.gguf import quants
 from refusal_edit.gguf.file import GGUFFile, GGUFTensor
 from refusal_edit.gguf.names import hf_config, weights_map
 

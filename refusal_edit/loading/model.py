@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import refusal_edit.loading.placement as placement
 from refusal_edit.arch import spec_for_config, stock_model_class
 from refusal_edit.checkpoint.layout import TOKENIZER_FILES
 from refusal_edit.console import err
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.loading import placement
 from refusal_edit.loading.fetch import fetch_recipe
 from refusal_edit.loading.gguf import convert_gguf
 from refusal_edit.loading.model_source import ModelSource

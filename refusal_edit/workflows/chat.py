@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import refusal_edit.workflows.defaults as defaults
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.directions.bank import load_bank
 from refusal_edit.edits import DirectionEdit
@@ -27,7 +28,6 @@ from refusal_edit.paths import read_text
 from refusal_edit.prompts import ChatFormat, chat_format
 from refusal_edit.prompts.template import parse_template_kwargs
 from refusal_edit.tuning.proxies import applied
-from refusal_edit.workflows import defaults
 from refusal_edit.workflows.planning import edit_inputs
 
 Edit = Callable[[], AbstractContextManager[Any]]

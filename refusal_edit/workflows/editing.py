@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import refusal_edit.workflows.defaults as defaults
 from refusal_edit.adapters.peft import write_peft
 from refusal_edit.checkpoint.atomic import check_output
 from refusal_edit.checkpoint.layout import Checkpoint, open_checkpoint
@@ -24,7 +25,6 @@ from refusal_edit.edits.preview import PlannedTensor, planned_tensors
 from refusal_edit.edits.spec import EditSpec, describe_variant
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading.model import ModelSource
-from refusal_edit.workflows import defaults
 from refusal_edit.workflows.gguf import orthogonalize_gguf
 from refusal_edit.workflows.planning import build_record, edit_inputs, plan_on, save_record, target_identity
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import refusal_edit.workflows.defaults as defaults
 from refusal_edit.checkpoint.atomic import check_writable
 from refusal_edit.checkpoint.record import RECORD, EditRecord
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
@@ -32,7 +33,6 @@ from refusal_edit.judging.markers import REFUSAL_MARKERS, load_markers
 from refusal_edit.loading.model import LoadedModel, ModelSource, context_length, load_model
 from refusal_edit.paths import is_within
 from refusal_edit.prompts import PromptSet, chat_format
-from refusal_edit.workflows import defaults
 from refusal_edit.workflows.planning import save_record
 
 BORDERLINE = "builtin:borderline@test"  # the built-in over-refusal set's test split

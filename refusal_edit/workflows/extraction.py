@@ -18,6 +18,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+import refusal_edit.workflows.defaults as defaults
 from refusal_edit import __version__
 from refusal_edit.checkpoint.atomic import atomic_dir, check_output
 from refusal_edit.directions import identity
@@ -30,7 +31,6 @@ from refusal_edit.prompts import ChatFormat, PromptSet, chat_format
 from refusal_edit.prompts.sets import HASH_SPLIT
 from refusal_edit.prompts.template import parse_template_kwargs
 from refusal_edit.provenance import versions
-from refusal_edit.workflows import defaults
 
 DIRECTION = "direction.safetensors"
 CANDIDATES = "candidates.safetensors"

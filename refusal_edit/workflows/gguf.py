@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import refusal_edit.workflows.defaults as defaults
 from refusal_edit.edits import DirectionEdit
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
@@ -17,7 +18,6 @@ from refusal_edit.gguf.hf_view import GGUFSource
 from refusal_edit.gguf.lora import write_gguf_lora
 from refusal_edit.gguf.metadata import default_name
 from refusal_edit.loading.gguf import gguf_model
-from refusal_edit.workflows import defaults
 from refusal_edit.workflows.planning import build_record, edit_inputs, plan_on, target_identity
 
 UNKNOWN_BASE = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import refusal_edit.workflows.defaults as defaults
 from refusal_edit.checkpoint.card import render_card
 from refusal_edit.checkpoint.layout import Checkpoint
 from refusal_edit.checkpoint.record import EditRecord
@@ -20,7 +21,6 @@ from refusal_edit.edits import DirectionEdit, plan_direction_edit
 from refusal_edit.edits.plan import EditPlan, plan_edit, resolved_config
 from refusal_edit.edits.spec import EditSpec, describe_variant, resolve, variant
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.workflows import defaults
 from refusal_edit.workflows.tune import load_front_point
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import refusal_edit.workflows.defaults as defaults
 from refusal_edit.checkpoint.atomic import check_writable
 from refusal_edit.console import console
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
@@ -30,7 +31,6 @@ from refusal_edit.tuning import Confirmer, ProxyScorer, TuneResult, TuneSettings
 from refusal_edit.tuning import tune as run_tune
 from refusal_edit.tuning.crossfit import CrossFit, fold_banks
 from refusal_edit.tuning.run import STUDY
-from refusal_edit.workflows import defaults
 
 FRONT_JSON = "front.json"
 FRONT_PNG = "front.png"
