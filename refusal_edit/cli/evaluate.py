@@ -14,7 +14,6 @@ import refusal_edit.cli.options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.prompts.template import parse_template_kwargs
 
 
 @app.command(
@@ -153,13 +152,9 @@ def evaluate(
     written): refusal rates per judge (harmful, harmless, borderline; per category), degenerate replies,
     judge agreement, first-token and multi-token KL, cross-entropy."""
     quiet_libraries()
-    from refusal_edit.evaluation.comparison import EvalSettings
-    from refusal_edit.forward import parse_batch_size
-    from refusal_edit.judging.reasoning import parse_delimiters
     from refusal_edit.workflows import evaluation as workflow
 
     skip_borderline = borderline is not None and borderline.strip().lower() == "none"
-    rows = parse_batch_size(batch_size)  # auto: chosen once the models are loaded
     judging = {
         "judges": ("markers", *(judge or ())),
         "judge_labels": judge_labels,
@@ -170,13 +165,24 @@ def evaluate(
     if rejudge is not None:
         if edited is not None or direction is not None:
             raise RefusalEditError("`rejudge` judges a saved report again: drop EDITED and `direction`")
-        settings = EvalSettings(batch_size=1 if rows == "auto" else int(rows), **judging)
+        settings, _ = workflow.eval_settings(batch_size, **judging)
         done = workflow.rejudge(
             rejudge, base, out=out, force=force, settings=settings, markers=markers, dtype=dtype, device=device
         )
         _show(done, as_json)
         return
 
+    settings, auto = workflow.eval_settings(  # auto: the batch size chosen once the models are loaded
+        batch_size,
+        template_kwargs,
+        reasoning_delimiters,
+        n=n_old if n_old is not None else n_test,
+        max_new_tokens=max_new_tokens,
+        kl_tokens=kl_tokens,
+        samples=samples,
+        **judging,
+        borderline=not skip_borderline,
+    )
     done = workflow.run(
         base,
         edited,
@@ -191,21 +197,11 @@ def evaluate(
         record=record,
         allow_foreign_direction=allow_foreign_direction,
         **opt.placement(dtype, device, max_memory, offload_dir),
-        batch_size=rows if rows == "auto" else None,
+        batch_size=auto,
         harmful=harmful,
         harmless=harmless,
         borderline=None if skip_borderline else borderline,
-        settings=EvalSettings(
-            n=n_old if n_old is not None else n_test,
-            max_new_tokens=max_new_tokens,
-            kl_tokens=kl_tokens,
-            batch_size=1 if rows == "auto" else int(rows),
-            samples=samples,
-            **judging,
-            borderline=not skip_borderline,
-            template_kwargs=parse_template_kwargs(template_kwargs),
-            reasoning_delimiters=parse_delimiters(reasoning_delimiters) if reasoning_delimiters else None,
-        ),
+        settings=settings,
         markers=markers,
         **opt.chat(system_prompt, template),
     )

@@ -25,14 +25,16 @@ from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.comparison import EvalReport, EvalSettings, compare, intervention_from_direction
 from refusal_edit.evaluation.comparison import rejudge as rejudge_saved
 from refusal_edit.evaluation.report import REPORT_JSON, REPORT_PNG, write_report
-from refusal_edit.forward import resolve_batch_size
+from refusal_edit.forward import parse_batch_size, resolve_batch_size
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging import Judge, MarkerJudge
 from refusal_edit.judging.load import load_judge, load_llm_judge
 from refusal_edit.judging.markers import REFUSAL_MARKERS, load_markers
+from refusal_edit.judging.reasoning import parse_delimiters
 from refusal_edit.loading.model import LoadedModel, ModelSource, context_length, load_model
 from refusal_edit.paths import is_within
 from refusal_edit.prompts import PromptSet, chat_format
+from refusal_edit.prompts.template import parse_template_kwargs
 from refusal_edit.workflows.planning import save_record
 
 BORDERLINE = "builtin:borderline@test"  # the built-in over-refusal set's test split
@@ -375,6 +377,24 @@ def run(
 
 
 JUDGE_SETTINGS = ("judges", "judge_labels", "judge_llm", "judge_llm_mode", "judge_llm_rubric")
+
+
+def eval_settings(
+    batch_size: int | str = 32,
+    template_kwargs: Sequence[str] | dict[str, Any] | None = None,
+    reasoning_delimiters: str | None = None,
+    **fields: Any,
+) -> tuple[EvalSettings, str | None]:
+    """`EvalSettings` from the command's values (`fields`: the other settings as they are), and the batch size
+    left to choose once the models are loaded (`auto`), else None: `batch_size` a number or `auto`,
+    `template_kwargs` `key=value` items, `reasoning_delimiters` `OPEN,CLOSE`."""
+    rows = parse_batch_size(batch_size)
+    if template_kwargs is not None:
+        fields["template_kwargs"] = parse_template_kwargs(template_kwargs)
+    if reasoning_delimiters:
+        fields["reasoning_delimiters"] = parse_delimiters(reasoning_delimiters)
+    settings = EvalSettings(batch_size=1 if rows == "auto" else int(rows), **fields)
+    return settings, "auto" if rows == "auto" else None
 
 
 def rejudge(
