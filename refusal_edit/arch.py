@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from refusal_edit.errors import RefusalEditError
+
 TensorKind = Literal["embedding", "linear", "conv1d", "bias", "experts", "experts_t", "experts_bias"]
 RESIDUAL_LAST: frozenset[str] = frozenset({"embedding", "conv1d", "experts_t", "experts_bias"})
 Site = Literal["embedding", "attn", "mlp"]
@@ -472,6 +474,10 @@ _SPECS = (
 ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _SPECS}
 # The spec under verification answers before the table (refusal_edit.derive.verify), only while it is checked.
 VERIFYING: dict[str, ArchSpec] = {}
+# Specs derived for types outside the table, by model type, each with the test of the configs it answers for
+# (`refusal_edit.derive.register` fills it; never by model type alone: a dense and an MoE config of one type,
+# or two `layer_types` mixes, have different writers).
+RESOLVED: dict[str, list[tuple[Callable[[Any], bool], ArchSpec]]] = {}
 # Test-only: every model type goes through the derivation, as if the table were empty.
 NO_TABLE_ENV = "REFUSAL_EDIT_NO_TABLE"
 
@@ -487,35 +493,48 @@ def supported() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def _model_type(config: Any) -> str | None:
+def model_type_of(config: Any) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
 
 
 def get_spec(model_type: str | None, config: Any = None) -> ArchSpec:
-    """The spec for `model_type`: the table's entry, else one derived from the model and verified (from
-    `config`, or the type's default config); a clear error when neither exists (never a partial edit)."""
+    """The spec for `model_type`: the table's entry, else the one derived for `config`'s structure in this
+    process (`refusal_edit.derive.resolve_spec` derives it, above the edits that verify it); a clear error
+    when neither exists (never a partial edit)."""
     key = model_type or ""
-    spec = VERIFYING.get(key) or table().get(key)
-    if spec is not None:
-        return spec
-    from refusal_edit.derive import derived_spec
+    spec = VERIFYING.get(key) or table().get(key) or _resolved(key, config)
+    if spec is None:
+        raise RefusalEditError(
+            f"unsupported architecture {model_type!r}: not in the table and not derived in this process"
+        )
+    return spec
 
-    return derived_spec(model_type, config)
+
+def _resolved(model_type: str, config: Any) -> ArchSpec | None:
+    """The derived spec registered for `config` (the latest of its type when no config is given)."""
+    entries = RESOLVED.get(model_type, [])
+    if config is None:
+        return entries[-1][1] if entries else None
+    return next((spec for matches, spec in reversed(entries) if matches(config)), None)
+
+
+def register(model_type: str, spec: ArchSpec, matches: Callable[[Any], bool]) -> None:
+    """`spec` answers for the configs of `model_type` that `matches` accepts, in this process."""
+    RESOLVED.setdefault(model_type, []).append((matches, spec))
 
 
 def spec_for_config(config: Any) -> ArchSpec:
     """The spec of a config (a `config.json` dict or a transformers config): by its top-level model_type,
     so that a multimodal wrapper is its own entry (its stock class, no relabelling) and never mistaken
     for the bare language model inside."""
-    return get_spec(_model_type(config), config)
+    return get_spec(model_type_of(config), config)
 
 
 def is_recurrent(config: Any) -> bool:
     """Whether some layers carry a state (linear attention, SSM, convolution) that a shared-prefix KV cache
     cannot hold; False for types outside the table and not derived (judges and other helper models)."""
-    from refusal_edit.derive import known_spec
-
-    spec = table().get(_model_type(config) or "") or known_spec(config)
+    model_type = model_type_of(config) or ""
+    spec = table().get(model_type) or _resolved(model_type, config)
     return spec is not None and spec.recurrent
 
 

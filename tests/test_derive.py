@@ -22,6 +22,7 @@ import pytest
 import torch
 from tiny import CONFIGS, build, save
 
+import refusal_edit.arch as arch_module
 import refusal_edit.derive as derive_module
 from refusal_edit.arch import ARCHITECTURES, NO_TABLE_ENV, WriterSite
 from refusal_edit.checkpoint.layout import open_checkpoint
@@ -44,6 +45,7 @@ def registry(monkeypatch):
     """An empty registry of derived specs for the test (the process's own is restored afterwards)."""
     fresh: dict = {}
     monkeypatch.setattr(derive_module, "DERIVED", fresh)
+    monkeypatch.setattr(arch_module, "RESOLVED", {})
     return fresh
 
 
@@ -208,7 +210,7 @@ def test_configs_of_one_type_with_different_structure_never_share_a_spec(tmp_pat
     from transformers import AutoConfig
 
     from refusal_edit.arch import get_spec
-    from refusal_edit.derive import spec_key
+    from refusal_edit.derive import resolve_spec, spec_key
     from refusal_edit.derive.shrink import shrunk
 
     monkeypatch.setenv("REFUSAL_EDIT_CACHE", str(tmp_path / "cache"))
@@ -216,7 +218,7 @@ def test_configs_of_one_type_with_different_structure_never_share_a_spec(tmp_pat
     moe = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2)
     dense = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2, mlp_only_layers=[0, 1])
     assert spec_key(moe) != spec_key(dense) and spec_key(shrunk(moe)) == spec_key(moe)
-    dense_spec, moe_spec = get_spec("qwen3_moe", dense), get_spec("qwen3_moe", moe)
+    dense_spec, moe_spec = resolve_spec(dense), resolve_spec(moe)
 
     def experts(spec):
         return [r.pattern for r in spec.tensors if r.per_expert or r.kind.startswith("experts")]

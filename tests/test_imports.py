@@ -32,10 +32,6 @@ HEAVY = {
     "torch",
     "transformers",
 }
-# The one edge left (issue #30): `arch.get_spec` falls back to deriving a spec, and derivation verifies it with
-# the edits that the table drives (derive -> edits -> arch). Removing it means resolving a derived spec above
-# the edits (loading / workflows) and letting `arch` answer only for known types.
-KNOWN_BACK_EDGES = {("refusal_edit.arch", "refusal_edit.derive")}
 
 
 def _modules() -> dict[str, Path]:
@@ -128,11 +124,11 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _graph(skip: set[tuple[str, str]] = frozenset()) -> dict[str, set[str]]:
+def _graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {m: set() for m in MODULES}
     for module, _, name, _ in _imports():
         target = _known(name)
-        if target is not None and target != module and (module, target) not in skip:
+        if target is not None and target != module:
             edges[module].add(target)
     return edges
 
@@ -171,12 +167,11 @@ def test_the_checker_sees_a_cycle_and_a_local_import():
     assert _cycles({"a": {"b"}, "b": set()}) == []
     assert any(local for *_, local in _imports()) and _heavy("refusal_edit.edits.plan") is not None
     assert _heavy("refusal_edit.errors") is None
-    assert _cycles(_graph()) != [], "the known back edge is a cycle as long as it exists"
 
 
 def test_no_import_cycles_between_modules():
     """Each module can be read, tested and moved on its own only if no import path leads back to it."""
-    assert _cycles(_graph(KNOWN_BACK_EDGES)) == []
+    assert _cycles(_graph()) == []
 
 
 def test_function_local_imports_only_defer_heavy_modules():
@@ -185,10 +180,7 @@ def test_function_local_imports_only_defer_heavy_modules():
     light = [
         f"{module}:{line} {name}"
         for module, line, name, local in _imports()
-        if local
-        and _known(name) is not None
-        and _deferred(module, _known(name)) is None
-        and (module, _known(name)) not in KNOWN_BACK_EDGES
+        if local and _known(name) is not None and _deferred(module, _known(name)) is None
     ]
     assert light == []
 

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from refusal_edit.arch import stock_model_class
+from refusal_edit.derive import resolve_spec
 
 HIDDEN = 32
 VOCAB = 128
@@ -187,6 +188,7 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
     """A tiny random model whose norms and biases are perturbed away from their init, so they matter."""
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
+    resolve_spec(config)  # a type outside the table is derived here, as loading does
     model = stock_model_class(config)._from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
@@ -240,7 +242,9 @@ def load(path: Path):
     """Load a saved tiny model with its stock class (AutoModelForCausalLM has no entry for some wrappers)."""
     import json
 
-    cls = stock_model_class(json.loads((Path(path) / "config.json").read_text()))
+    config = json.loads((Path(path) / "config.json").read_text())
+    resolve_spec(config)
+    cls = stock_model_class(config)
     return cls.from_pretrained(path, dtype=torch.float32).eval()
 
 

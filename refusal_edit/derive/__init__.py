@@ -1,7 +1,9 @@
 """Architectures outside the table: derived from the model itself, verified exact, cached.
 
-`derived_spec` is what `refusal_edit.arch.get_spec` falls back to for a model type the hand-written table
-lacks: a tiny random instance is built from the user's own config (`shrink`), its residual writers are
+`resolve_spec` is how the layers above the edits (loading, the GGUF view, the workflows) ask for a config's
+spec: the table's entry, else one derived for a model type the hand-written table lacks and registered with
+`refusal_edit.arch`, whose `get_spec` answers for it from then on (the edits never derive: derivation verifies
+a spec with them). A tiny random instance is built from the user's own config (`shrink`), its residual writers are
 found numerically (`probe`, `account`, `params`, `build`) and the resulting `ArchSpec` is accepted only if
 the edits it drives are exact on that instance (`verify`). A verified spec is cached as JSON under the
 cache directory by model type, transformers version and the config's structural fingerprint, so the
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import refusal_edit.arch as arch
 from refusal_edit.arch import ArchSpec, TensorRule, WriterSite
 from refusal_edit.console import err
 from refusal_edit.derive.scales import scale_function
@@ -26,7 +29,17 @@ from refusal_edit.errors import RefusalEditError
 # again (2: multimodal wrappers verified whole, not only their language model).
 CHECKS = 2
 
-__all__ = ["DERIVED", "cache_path", "derived_spec", "from_json", "known_spec", "register", "spec_key", "to_json"]
+__all__ = [
+    "DERIVED",
+    "cache_path",
+    "derived_spec",
+    "from_json",
+    "known_spec",
+    "register",
+    "resolve_spec",
+    "spec_key",
+    "to_json",
+]
 
 # Specs derived and verified (or read from the cache) in this process, by `spec_key`: model type, transformers
 # version and structure, as on disk. Never by model type alone: a dense and an MoE config of one type, or two
@@ -122,11 +135,24 @@ def cache_path(config: Any) -> Path:
 
 
 def register(config: Any, spec: ArchSpec) -> None:
-    """`spec` answers for `config` (and for a wrapper's language model, for its text config) in this process."""
-    DERIVED[spec_key(config)] = spec
+    """`spec` answers for `config` (and for a wrapper's language model, for its text config) in this process:
+    here by `spec_key`, and in `refusal_edit.arch.get_spec` for every config of that structure."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    pairs = [(config, spec)]
     if spec.text_model_type is not None and text is not config:
-        DERIVED[spec_key(text)] = spec.derive(spec.text_model_type, text_model_type=None)
+        pairs.append((text, spec.derive(spec.text_model_type, text_model_type=None)))
+    for cfg, answer in pairs:
+        key = spec_key(cfg)
+        DERIVED[key] = answer
+        arch.register(cfg.model_type, answer, lambda other, key=key: _key_of(other) == key)
+
+
+def _key_of(config: Any) -> str | None:
+    """The `spec_key` of a config as the edits hold it (a `config.json` dict or a transformers config)."""
+    try:
+        return spec_key(_config(config["model_type"], config) if isinstance(config, dict) else config)
+    except Exception:
+        return None
 
 
 def known_spec(config: Any) -> ArchSpec | None:
@@ -226,6 +252,16 @@ def derive_and_verify(config: Any) -> tuple[ArchSpec, dict[str, float]]:
         return derived.spec, figures
     finally:
         torch.set_num_threads(threads)
+
+
+def resolve_spec(config: Any) -> ArchSpec:
+    """The spec of a config (a `config.json` dict or a transformers config): the table's entry, else the one
+    derived and verified for its structure (cached), registered so that `refusal_edit.arch.get_spec` answers
+    for it; a clear error when neither exists, before any real weight is read."""
+    model_type = arch.model_type_of(config)
+    if model_type in arch.VERIFYING or model_type in arch.table():
+        return arch.get_spec(model_type, config)
+    return derived_spec(model_type, config)
 
 
 def derived_spec(model_type: str | None, config: Any = None) -> ArchSpec:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 import refusal_edit.gguf.quants as quants
-from refusal_edit.arch import ArchSpec, get_spec
+from refusal_edit.arch import ArchSpec
 from refusal_edit.checkpoint.safetensors_io import ITEMSIZE, TensorInfo
+from refusal_edit.derive import resolve_spec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf.file import GGUFFile, GGUFTensor
 from refusal_edit.gguf.names import hf_config, weights_map
@@ -44,7 +45,7 @@ class GGUFSource:
             )
         self.config: dict[str, Any] = hf_config(self.gguf)
         self.root: Path | None = None
-        self.spec: ArchSpec = get_spec(self.config["model_type"], self.config)  # a derived spec: of this structure
+        self.spec: ArchSpec = resolve_spec(self.config)  # a derived spec: of this structure
         mapping = weights_map(self.gguf, self.config)
         counts = Counter(mapping[n] for n in self.gguf.tensors if n in mapping)
         self.hf_of: dict[str, str] = {}  # GGUF name -> the name the plan sees

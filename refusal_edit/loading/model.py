@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import refusal_edit.loading.placement as placement
-from refusal_edit.arch import spec_for_config, stock_model_class
+from refusal_edit.arch import stock_model_class
 from refusal_edit.checkpoint.layout import TOKENIZER_FILES
 from refusal_edit.console import err
+from refusal_edit.derive import resolve_spec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.loading.fetch import fetch_recipe
 from refusal_edit.loading.gguf import convert_gguf
@@ -219,7 +220,7 @@ def load_model(
     """
     src = source if isinstance(source, ModelSource) else resolve_source(source, dtype)
     config = src.config()
-    spec_for_config(config)  # unsupported architectures fail before any weights are read
+    resolve_spec(config)  # unsupported architectures fail (derived ones are derived) before any weights are read
     dev = _device(device)
     if dev != "auto" and (max_memory is not None or offload_dir is not None):
         raise RefusalEditError("`max_memory` and `offload_dir` apply to `device` auto")

@@ -3,11 +3,11 @@ would change (planned with a probe direction; nothing is written)."""
 
 from __future__ import annotations
 
+import refusal_edit.workflows.defaults as defaults
 from refusal_edit.arch import ARCHITECTURES, ArchSpec
 from refusal_edit.checkpoint.layout import open_checkpoint
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.edits.preview import PlannedTensor, preview_ablation
-from refusal_edit.loading import resolve_source
 
 
 def architectures() -> list[ArchSpec]:
@@ -17,5 +17,5 @@ def architectures() -> list[ArchSpec]:
 
 def preview(model: str, keep_tied: bool = False) -> tuple[EditPlan, list[PlannedTensor]]:
     """The plan of an ablation of MODEL and its rows, without a direction or any output."""
-    source = resolve_source(model)
+    source = defaults.resolve_model(model)
     return preview_ablation(open_checkpoint(source.hf_dir), keep_tied=keep_tied)

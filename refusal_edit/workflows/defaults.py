@@ -16,6 +16,7 @@ from typing import Any
 from refusal_edit import loading
 from refusal_edit.checkpoint.layout import read_config
 from refusal_edit.checkpoint.record import EditRecord, hub_model_id
+from refusal_edit.derive import resolve_spec
 from refusal_edit.directions import identity
 from refusal_edit.directions.select import SelectionSettings
 from refusal_edit.errors import RefusalEditError
@@ -41,11 +42,12 @@ def resolve_model(spec: str | Path | ModelSource, dtype: str = "auto") -> ModelS
     """A MODEL argument (directory, .gguf file, recipe name or .toml, Hub id) as a local HF directory.
 
     Its config.json is checked here, once for every command: a malformed one (a list, a `text_config` that is
-    not an object, ...) is one clear line before any default rule or library reads it."""
+    not an object, ...) is one clear line before any default rule or library reads it; an architecture outside
+    the table is derived here (before the edits, which only read the table and what derivation registered)."""
     if isinstance(spec, ModelSource):
         return spec
     source = loading.resolve_source(expand(str(spec)), dtype)
-    read_config(source.hf_dir)
+    resolve_spec(read_config(source.hf_dir))
     return source
 
 
