@@ -35,5 +35,5 @@ def test_a_plan_that_edits_nothing_says_so_plainly():
 def test_the_model_card_says_which_matrices_in_plain_english():
     fields = {"base_model": "org/base", "direction_sha256": "0" * 64, "name": "tiny-abliterated"}
     assert "every matrix that writes into the residual stream." in render_card(EditRecord(mode="ablate", **fields))
-    spec = render_card(EditRecord(mode="spec", spec={"edit": {"rank": 2}}, **fields))
+    spec = render_card(EditRecord(mode="ablate", spec={"edit": {"rank": 2}}, **fields))
     assert "the matrices that write into the residual stream, as the spec below describes." in spec

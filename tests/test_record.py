@@ -28,7 +28,7 @@ def write(folder: Path, data) -> Path:
 
 
 def test_round_trip_keeps_every_field_and_unknown_keys(tmp_path):
-    r = record(spec={"attn": {"peak": 3}}, mode="spec", format="gguf", template={"system_prompt": "hi"})
+    r = record(spec={"attn": {"peak": 3}}, mode="ablate", format="gguf", template={"system_prompt": "hi"})
     r.extra["future_key"] = [1, 2]
     r.save(tmp_path)  # no card text given: the record alone
     loaded = EditRecord.load(tmp_path)
@@ -65,7 +65,7 @@ def test_base_model_must_be_a_hub_id_or_null(base):
     ("change", "message"),
     [
         ({"mode": "add", "layer": None}, "layer must be set for mode add"),
-        ({"mode": "spec"}, "spec must describe the edit"),
+        ({"mode": "spec"}, "mode must be one of ablate, add"),
         ({"format": "onnx"}, "format must be one of safetensors, gguf"),
         ({"coeff": math.nan}, "coeff must be finite"),
         ({"coeff": "1"}, "coeff must be a number"),
@@ -85,7 +85,7 @@ def test_valid_variants():
     assert record(base_model=None).validate().base_model is None
     assert record(mode="add", coeff=-1, layer=2, site="input").validate().removes_refusal
     assert not record(mode="add", coeff=2.5, layer=2).removes_refusal
-    assert record(mode="spec", spec={"rank": 2}).removes_refusal
+    assert record(mode="ablate", spec={"rank": 2}).removes_refusal
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_card_states_the_edit_and_its_metadata():
     assert yaml.safe_load(card.split("---")[1])["tags"] == ["refusal-edit", "refusal-amplified"]
     assert "2 x the refusal vector is added to the residual stream at layer 3" in card
     assert "will follow harmful requests" in render_card(record(mode="add", coeff=-1.0, layer=3))
-    assert '- spec: `{"rank": 2}`' in render_card(record(mode="spec", spec={"edit": {"rank": 2}}))
+    assert '- spec: `{"rank": 2}`' in render_card(record(mode="ablate", spec={"edit": {"rank": 2}}))
     assert validate_card(render_card(record()), record())["base_model"] == "org/base"
 
 
@@ -169,3 +169,16 @@ def test_unknown_base_model_gives_no_base_model_in_the_card():
     assert "Edited from a base model that was not recorded" in card
     with pytest.raises(RefusalEditError, match="metadata lacks base_model"):
         validate_card(card, unknown)
+
+
+def test_a_variant_record_of_an_older_version_reads_as_an_ablation(tmp_path):
+    """Versions before issue #30 recorded a variant as the pseudo-mode `spec`: such a record still reads (mode
+    ablate, its spec kept) and its card still says the spec decides which matrices; without a spec it is an
+    error naming the field."""
+    old = record().to_dict() | {"mode": "spec", "spec": {"edit": {"rank": 2}}}
+    loaded = EditRecord.load(write(tmp_path / "old", old))
+    assert loaded is not None and loaded.mode == "ablate" and loaded.spec == {"edit": {"rank": 2}}
+    assert "as the spec below describes" in render_card(loaded)
+    assert json.loads(loaded.to_json())["mode"] == "ablate"
+    with pytest.raises(RefusalEditError, match="spec must describe the edit for mode spec"):
+        EditRecord.load(write(tmp_path / "bad", old | {"spec": None}))

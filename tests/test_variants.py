@@ -319,7 +319,7 @@ def test_cli_variant_options_and_plan_only(tmp_path, cli):
     )
     assert res.code == 0, res.text
     record = json.loads((out / "refusal_edit.json").read_text())
-    assert record["mode"] == "spec" and record["spec"]["edit"]["attn"] == {
+    assert record["mode"] == "ablate" and record["spec"]["edit"]["attn"] == {
         "weight": 0.5,
         "start": 1,
         "stop": 3,

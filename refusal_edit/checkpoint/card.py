@@ -60,11 +60,11 @@ def card_metadata(record: EditRecord) -> dict[str, Any]:
 
 
 def _effect(r: EditRecord) -> str:
-    if r.mode in ("ablate", "spec"):
+    if r.mode == "ablate":
         where = (
-            "every matrix that writes into the residual stream"
-            if r.mode == "ablate"
-            else "the matrices that write into the residual stream, as the spec below describes"
+            "the matrices that write into the residual stream, as the spec below describes"
+            if r.spec
+            else "every matrix that writes into the residual stream"
         )
         return (
             f"**Safety warning.** The refusal direction was removed from {where}. This model is designed to "

@@ -25,7 +25,9 @@ from refusal_edit.errors import RefusalEditError
 RECORD = "refusal_edit.json"
 CARD = "README.md"  # the model card beside the record (rendered by `checkpoint.card`)
 TOOL = "refusal-edit"
-MODES = ("ablate", "add", "spec")  # spec: an edit variant or tuned point, described by `spec`
+MODES = ("ablate", "add")  # a variant of the ablation or a tuned point is mode ablate, described by `spec`
+# What versions before issue #30 wrote for a variant: read as mode ablate (its `spec` says which variant).
+LEGACY_VARIANT_MODE = "spec"
 FORMATS = ("safetensors", "gguf", "peft", "gguf-lora")  # a checkpoint, a GGUF, or an adapter of one
 REQUIRED = ("tool", "tool_version", "mode", "base_model")  # base_model may be null (unknown), never absent
 MAX_BYTES = 16 << 20  # a record is a few KB; anything this large is not one
@@ -76,7 +78,7 @@ class EditRecord:
     direction_layer: int | None = None
     direction_position: int | None = None
     direction_model: str | None = None
-    spec: dict[str, Any] | None = None  # mode spec: the variant / tuned point as JSON
+    spec: dict[str, Any] | None = None  # a variant / tuned point of the ablation, as JSON
     format: str = "safetensors"  # one of FORMATS
     template: dict[str, Any] | None = None  # chat template / system prompt the direction was found with
     license: str | None = None  # the parent's licence (its card's `license`, a GGUF's general.license), for the card
@@ -138,8 +140,6 @@ class EditRecord:
             raise bad("coeff", "must be finite")
         if self.mode == "add" and self.layer is None:
             raise bad("layer", "must be set for mode add")
-        if self.mode == "spec" and not self.spec:
-            raise bad("spec", "must describe the edit for mode spec")
         if self.direction_sha256 is not None and not _SHA256.fullmatch(self.direction_sha256):
             raise bad("direction_sha256", "must be 64 lowercase hex digits")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in self.edited_tensors.values()):
@@ -171,6 +171,10 @@ class EditRecord:
         missing = [k for k in REQUIRED if k not in data]
         if missing:
             raise RefusalEditError(f"{where} is not an edit record: it lacks {', '.join(missing)}")
+        if data.get("mode") == LEGACY_VARIANT_MODE:
+            if not data.get("spec"):
+                raise RefusalEditError(f"{where}: spec must describe the edit for mode spec, not {data.get('spec')!r}")
+            data = {**data, "mode": "ablate"}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         return cls(**known, extra={k: v for k, v in data.items() if k not in names}).validate(where)

@@ -96,11 +96,7 @@ class EditJob:
     spec: EditSpec | None
     spec_info: dict[str, Any] | None
     inputs: list[Path]
-    direction_mode: str = "ablate"  # the direction edit's mode; a variant (`spec`) is mode spec
-
-    @property
-    def mode(self) -> str:
-        return "spec" if self.spec is not None else self.direction_mode
+    mode: str = "ablate"  # the edit's mode; a variant (`spec`) is an ablation, described by its spec
 
     def record_spec(self) -> dict[str, Any] | None:
         return None if self.spec is None else {"edit": self.spec.to_json(), **(self.spec_info or {})}

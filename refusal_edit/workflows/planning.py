@@ -42,9 +42,10 @@ def build_record(
 ) -> EditRecord:
     """What was done, for the record and the model card, whatever the output format; a re-edit carries
     `previous` (the input's own record), and with it the original base model (`EditRecord.after`).
-    `edit` is the direction's edit (`at`: the layer an addition went to); a variant (`spec`) records mode spec."""
+    `edit` is the direction's edit (`at`: the layer an addition went to); a variant (`spec`, an ablation) is
+    recorded as mode ablate with its spec."""
     edit = edit or DirectionEdit()
-    mode = "spec" if spec is not None else edit.mode
+    mode = edit.mode
     return EditRecord(
         mode=mode,
         base_model=base_model,
