@@ -179,7 +179,7 @@ def test_spec_written_by_orthogonalize_equals_its_hook_twin(tuned, tmp_path):
     out = tmp_path / "edited"
     assert run("orthogonalize", src, "--spec", f"{root / 'tune' / 'front.json'}#{point['id']}", "--out", out) == 0
     record = json.loads((out / "refusal_edit.json").read_text())
-    assert record["mode"] == "spec" and record["spec"]["edit"] == point["spec"]
+    assert record["mode"] == "ablate" and record["spec"]["edit"] == point["spec"]
     assert record["spec"]["confirmed"]["first_token_kl"] == point["confirmed"]["first_token_kl"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     bank, _ = load_bank(root / "direction")
