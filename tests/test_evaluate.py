@@ -15,7 +15,7 @@ import torch
 
 from refusal_edit.checkpoint.card import RECORD
 from refusal_edit.directions.artifacts import load_direction, save_direction
-from refusal_edit.edits import DirectionEdit
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.comparison import EvalSettings, intervention_from_direction, teacher_forced
 from refusal_edit.evaluation.metrics import (
@@ -303,12 +303,12 @@ def test_default_prompts_are_the_builtin_test_splits(env):
 
 def test_intervention_from_direction_add_uses_mean_diff_at_its_layer(env):
     d = load_direction(env["direction"])
-    add = intervention_from_direction(d, DirectionEdit("add", coeff=-2.0))
+    add = intervention_from_direction(d, EditSpec(mode="add", coeff=-2.0))
     assert add.kind == "add" and add.layer == 1 and add.coeff == -2.0
     assert torch.equal(add.direction, d.mean_diff)
-    assert torch.equal(intervention_from_direction(d, DirectionEdit("add", layer=2, unit=True)).direction, d.direction)
+    assert torch.equal(intervention_from_direction(d, EditSpec(mode="add", layer=2, unit=True)).direction, d.direction)
     with pytest.raises(RefusalEditError, match="coeff"):
-        intervention_from_direction(d, DirectionEdit("ablate", coeff=2.0))
+        intervention_from_direction(d, EditSpec(mode="ablate", coeff=2.0))
 
 
 # ---------------------------------------------------------------- CLI

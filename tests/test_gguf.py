@@ -14,8 +14,8 @@ from gguf_tiny import EXPERTS, FF, HIDDEN, VOCAB, write_tiny
 
 from refusal_edit.checkpoint.record import EditRecord
 from refusal_edit.directions.artifacts import load_direction, save_direction
-from refusal_edit.edits import DirectionEdit
 from refusal_edit.edits.plan import plan_ablation
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf import quants, rounding
 from refusal_edit.gguf.cvec import parse_layers, read_control_vector, tensor_name, write_control_vector
@@ -256,11 +256,11 @@ def test_moe_experts_are_edited_per_expert(tmp, direction):
 def test_addition_at_layer_zero_and_a_clear_error_elsewhere(tmp, qwen, direction):
     d = load_direction(direction)
     out = tmp / "add0.gguf"
-    orthogonalize_gguf(qwen, d, out, DirectionEdit("add", coeff=0.5, layer=0))
+    orthogonalize_gguf(qwen, d, out, EditSpec(mode="add", coeff=0.5, layer=0))
     e, s = _deq(GGUFFile(out), "token_embd.weight"), _deq(GGUFFile(qwen), "token_embd.weight")
     assert _rel(e - s, np.broadcast_to(0.5 * d.mean_diff.numpy(), s.shape)) < 0.05
     with pytest.raises(RefusalEditError, match="export-cvec"):
-        orthogonalize_gguf(qwen, d, tmp / "add1.gguf", DirectionEdit("add", layer=1))
+        orthogonalize_gguf(qwen, d, tmp / "add1.gguf", EditSpec(mode="add", layer=1))
     assert not (tmp / "add1.gguf").exists()
 
 

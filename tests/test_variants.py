@@ -338,3 +338,18 @@ def test_cli_variant_options_and_plan_only(tmp_path, cli):
     assert res.code == 1 and "candidates.safetensors" in res.err and not (tmp_path / "o2").exists()
     res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--layers", "x", "--plan-only")
     assert res.code == 1 and "cannot read --layers 'x'" in res.err
+
+
+def test_one_edit_value_describes_ablation_variants_and_the_addition():
+    """`EditSpec` is the edit of every path: an ablation's JSON is what fronts and records always held (no
+    addition keys), an addition round-trips with its options, and options of the other mode are errors."""
+    assert set(EditSpec().to_json()) == set(EditSpec.__dataclass_fields__) - {"mode", "coeff", "layer", "site", "unit"}
+    add = EditSpec(mode="add", coeff=-2.0, layer=1, site="attn", unit=True).check()
+    assert add.to_json()["mode"] == "add" and EditSpec.from_json(add.to_json()) == add and not add.is_variant
+    assert EditSpec(rank=2).is_variant and not EditSpec().is_variant
+    with pytest.raises(RefusalEditError, match="`coeff` and `layer` apply to `mode` add"):
+        EditSpec(coeff=2.0, layer=1).check()
+    with pytest.raises(RefusalEditError, match="ablation variant; it does not combine with `mode` add"):
+        EditSpec(mode="add", rank=2).check()
+    with pytest.raises(RefusalEditError, match="unknown `site`"):
+        EditSpec(mode="add", site="mlp").check()

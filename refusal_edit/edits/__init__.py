@@ -14,21 +14,19 @@ from dataclasses import dataclass
 from refusal_edit.checkpoint.layout import Checkpoint
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.edits.plan import EditPlan, plan_ablation, plan_addition
+from refusal_edit.edits.spec import MODES, EditSpec
 from refusal_edit.edits.write import WriteResult, write_checkpoint
 from refusal_edit.errors import RefusalEditError
 
 __all__ = [
     "MODES",
-    "DirectionEdit",
     "EditResult",
+    "EditSpec",
     "check_edit",
     "parse_size",
     "plan_direction_edit",
     "write_checkpoint",
 ]
-
-MODES = ("ablate", "add")
-SITES = ("input", "attn")
 
 
 @dataclass
@@ -37,58 +35,18 @@ class EditResult:
     plan: EditPlan
 
 
-@dataclass(frozen=True)
-class DirectionEdit:
-    """How a direction file becomes an edit: ablation of its unit direction from every writer, or the
-    addition of `coeff` times its vector (`unit`: the unit direction) at `layer` (default: the direction's
-    own) and `site`. One value, so the safetensors and GGUF paths and the record read it alike."""
-
-    mode: str = "ablate"
-    coeff: float = 1.0
-    layer: int | None = None
-    site: str | None = None
-    unit: bool = False
-
-    def check(self) -> DirectionEdit:
-        """The options an edit of `mode` takes: ablation removes the unit direction from every layer, so the
-        addition's options (`coeff`, `layer`, `site`, `unit`) are errors there, never silently ignored."""
-        if self.mode not in MODES:
-            raise RefusalEditError(f"unknown `mode` {self.mode!r} ({', '.join(MODES)})")
-        if self.site is not None and self.site not in SITES:
-            raise RefusalEditError(f"unknown `site` {self.site!r} ({', '.join(SITES)})")
-        if self.mode == "ablate":
-            given = [
-                name
-                for name, value in (
-                    ("coeff", self.coeff != 1.0),
-                    ("layer", self.layer is not None),
-                    ("site", self.site is not None),
-                    ("unit", self.unit),
-                )
-                if value
-            ]
-            if given:
-                names = " and ".join(f"`{n}`" for n in given)
-                raise RefusalEditError(
-                    f"{names} {'applies' if len(given) == 1 else 'apply'} to `mode` add; "
-                    "ablation removes the unit direction from every layer completely"
-                )
-        elif not math.isfinite(self.coeff):
-            raise RefusalEditError(f"`coeff` must be a finite number, got {self.coeff}")
-        return self
-
-
 def check_edit(
     mode: str, coeff: float = 1.0, layer: int | None = None, site: str | None = None, unit: bool = False
-) -> DirectionEdit:
-    """`DirectionEdit(...)`, checked."""
-    return DirectionEdit(mode, coeff, layer, site, unit).check()
+) -> EditSpec:
+    """The edit of a direction file that `mode`, `coeff`, `layer`, `site` and `unit` describe, checked."""
+    return EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit).check()
 
 
 def plan_direction_edit(
-    ckpt: Checkpoint, direction: DirectionFile, edit: DirectionEdit, keep_tied: bool = False
+    ckpt: Checkpoint, direction: DirectionFile, edit: EditSpec, keep_tied: bool = False
 ) -> tuple[EditPlan, int | None]:
-    """The plan of an edit by a direction file, and the layer an addition goes to (None for ablation)."""
+    """The plan of the plain edit (no variant) by a direction file, and the layer an addition goes to (None
+    for ablation)."""
     edit.check()
     vector, at = direction.edit_vector(edit.mode, edit.coeff, edit.layer, edit.unit)
     if edit.mode == "ablate":

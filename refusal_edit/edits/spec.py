@@ -9,7 +9,10 @@ whole family of edits:
   (`downstream`), or one interpolated between two layers' candidates (`interpolate`);
 - `projected`: the direction minus its component along the harmless mean at its layer (renormalised);
 - `rank` > 1: the span of several orthonormalised candidates (other positions or neighbouring layers);
-- `preserve_norm`: rescale every written vector to its original norm (no hook twin exists for it).
+- `preserve_norm`: rescale every written vector to its original norm (no hook twin exists for it);
+- `mode` add instead: the baked activation addition of `coeff` times the direction file's vector (`unit`:
+  its unit direction) at `layer` (default: the direction's own) and `site` (default: the input), one edit
+  of the plain direction (no variant fields).
 
 `resolve` turns a spec and a `DirectionBank` into a `ResolvedEdit`: an orthonormal basis and a weight per
 writer site, in the residual basis (the sandwich-norm rule is applied later by whoever knows the gains:
@@ -31,6 +34,11 @@ from refusal_edit.linalg import orthonormal, unit
 DirectionSource = Literal["chosen", "layer", "downstream", "interpolate"]
 DIRECTION_SOURCES: tuple[str, ...] = get_args(DirectionSource)
 BasisSource = Literal["positions", "layers"]
+MODES = ("ablate", "add")
+SITES = ("input", "attn")
+# The fields of an addition (and the mode that selects it): what the direction edit of `chat` and
+# `evaluate` takes besides the variant fields.
+DIRECTION_FIELDS = ("mode", "coeff", "layer", "site", "unit")
 MIN_RELATIVE_NORM = 1e-3  # a candidate this much smaller than the chosen one carries no usable direction
 
 
@@ -142,13 +150,42 @@ class EditSpec:
     rank: int = 1
     basis: BasisSource = "positions"
     preserve_norm: bool = False
+    mode: str = "ablate"
+    coeff: float = 1.0  # add: the multiple of the direction file's vector
+    layer: int | None = None  # add: the layer it goes to (default: the direction's own)
+    site: str | None = None  # add: input (default) or attn
+    unit: bool = False  # add: the unit direction instead of the mean difference
 
     @property
     def has_hook_twin(self) -> bool:
         """Norm preservation rescales weights per input unit: no activation hook computes the same thing."""
         return not self.preserve_norm
 
-    def check(self) -> None:
+    @property
+    def is_variant(self) -> bool:
+        """Whether the ablation differs from the paper's plain one (planned from the direction bank)."""
+        plain = EditSpec(mode=self.mode, coeff=self.coeff, layer=self.layer, site=self.site, unit=self.unit)
+        return self != plain
+
+    def check(self) -> EditSpec:
+        """The spec, checked: an addition takes no variant field, and an ablation none of the addition's
+        options (`coeff`, `layer`, `site`, `unit`): never silently ignored."""
+        if self.mode not in MODES:
+            raise RefusalEditError(f"unknown `mode` {self.mode!r} ({', '.join(MODES)})")
+        if self.site is not None and self.site not in SITES:
+            raise RefusalEditError(f"unknown `site` {self.site!r} ({', '.join(SITES)})")
+        if self.mode == "ablate":
+            given = [name for name in DIRECTION_FIELDS[1:] if getattr(self, name) != getattr(FULL_ABLATION, name)]
+            if given:
+                names = " and ".join(f"`{n}`" for n in given)
+                raise RefusalEditError(
+                    f"{names} {'applies' if len(given) == 1 else 'apply'} to `mode` add; "
+                    "ablation removes the unit direction from every layer completely"
+                )
+        elif not math.isfinite(self.coeff):
+            raise RefusalEditError(f"`coeff` must be a finite number, got {self.coeff}")
+        elif self.is_variant:
+            raise RefusalEditError("`spec` describes an ablation variant; it does not combine with `mode` add")
         if self.direction not in DIRECTION_SOURCES:
             raise RefusalEditError(f"unknown direction source {self.direction!r} ({', '.join(DIRECTION_SOURCES)})")
         if self.direction == "interpolate" and self.index is None:
@@ -161,10 +198,15 @@ class EditSpec:
             raise RefusalEditError("the embedding weight must be finite")
         self.attn.check()
         self.mlp.check()
+        return self
 
     def to_json(self) -> dict[str, Any]:
+        """As JSON; an ablation without the addition's fields (as every front and record before had it)."""
         d = asdict(self)
         d["attn"], d["mlp"] = self.attn.to_json(), self.mlp.to_json()
+        if self.mode == "ablate":
+            for name in DIRECTION_FIELDS:
+                del d[name]
         return d
 
     @classmethod
@@ -209,6 +251,9 @@ class EditSpec:
         if self.preserve_norm:
             parts.append("norm-preserving")
         return ", ".join(parts)
+
+
+FULL_ABLATION = EditSpec()
 
 
 def describe_variant(record_spec: dict[str, Any] | None) -> str | None:

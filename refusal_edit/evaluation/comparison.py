@@ -28,7 +28,7 @@ from typing import Any
 
 from refusal_edit import __version__
 from refusal_edit.directions.artifacts import DirectionFile
-from refusal_edit.edits import DirectionEdit
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.evaluation.metrics import ContinuationMetrics, DivergenceStats, aggregate, continuation_metrics
 from refusal_edit.evaluation.stats import wilson
@@ -283,10 +283,10 @@ class EvalReport:
 # ---------------------------------------------------------------- building blocks
 
 
-def intervention_from_direction(direction: DirectionFile, edit: DirectionEdit | None = None) -> Intervention:
+def intervention_from_direction(direction: DirectionFile, edit: EditSpec | None = None) -> Intervention:
     """The hook twin of `orthogonalize` with the same edit value: ablate the unit direction, or add
     `coeff * mean_diff` (`unit`: the unit direction) at its layer and site (default: the input)."""
-    edit = (edit or DirectionEdit()).check()
+    edit = (edit or EditSpec()).check()
     vector, at = direction.edit_vector(edit.mode, edit.coeff, edit.layer, edit.unit)
     if edit.mode == "ablate":
         return Intervention("ablate", vector)

@@ -18,8 +18,7 @@ from typing import Any
 import refusal_edit.workflows.defaults as defaults
 from refusal_edit.directions.artifacts import DirectionFile
 from refusal_edit.directions.bank import load_bank
-from refusal_edit.edits import DirectionEdit
-from refusal_edit.edits.spec import EditSpec, resolve
+from refusal_edit.edits.spec import DIRECTION_FIELDS, EditSpec, resolve
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.comparison import intervention_from_direction
 from refusal_edit.generation import stream
@@ -124,7 +123,7 @@ class Chat:
         return replies
 
 
-def hook_edit(lm: LoadedModel, d: DirectionFile, variant: EditSpec | None, edit: DirectionEdit) -> tuple[Edit, str]:
+def hook_edit(lm: LoadedModel, d: DirectionFile, variant: EditSpec | None, edit: EditSpec) -> tuple[Edit, str]:
     """The edit orthogonalize would write (`d` with `edit`'s mode, coeff, layer, site and unit, or the
     variant / tune front point `variant` of `d`), applied to `lm` in memory, and its description."""
     name = d.path.name if d.path is not None else "direction"
@@ -179,8 +178,8 @@ def open_chat(
     hooks = direction is not None or spec is not None
     if edited is not None and hooks:
         raise RefusalEditError("give `edited` or `direction` / `spec` (a hook edit), not both")
-    edit = DirectionEdit(mode, coeff, layer, site, unit)
-    given = [f"`{k}`" for k, v in vars(edit).items() if v != getattr(DirectionEdit(), k)]
+    edit = EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit)
+    given = [f"`{k}`" for k in DIRECTION_FIELDS if getattr(edit, k) != getattr(EditSpec(), k)]
     if given and not hooks:
         raise RefusalEditError(f"{' and '.join(given)} describe the hook edit of `direction`: give `direction`")
     d, variant, _ = edit_inputs(direction, spec, edit) if hooks else (None, None, None)  # fails before loading

@@ -19,7 +19,7 @@ from refusal_edit.checkpoint.layout import Checkpoint, open_checkpoint
 from refusal_edit.checkpoint.record import EditRecord
 from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
-from refusal_edit.edits import DirectionEdit, EditResult, parse_size, write_checkpoint
+from refusal_edit.edits import EditResult, parse_size, write_checkpoint
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.edits.preview import PlannedTensor, planned_tensors
 from refusal_edit.edits.spec import EditSpec, describe_variant
@@ -105,13 +105,13 @@ class EditJob:
 def plan_job(
     model: str | Path | ModelSource,
     direction: DirectionFile | str | Path | None,
-    edit: DirectionEdit | None = None,
+    edit: EditSpec | None = None,
     keep_tied: bool = False,
     spec: EditSpec | str | Path | None = None,
     allow_foreign_direction: bool = False,
 ) -> EditJob:
     """Resolve MODEL, the direction and the variant, and plan the edit (nothing written: `plan_only` shows it)."""
-    edit = edit or DirectionEdit()
+    edit = edit or EditSpec()
     d, spec, spec_info = edit_inputs(direction, spec, edit)
     source = defaults.resolve_model(model)
     inputs = [p for p in (d.path, source.origin) if p is not None]
@@ -136,7 +136,12 @@ def preview(
 ) -> tuple[EditJob, list[PlannedTensor]]:
     """`orthogonalize` with `plan_only`: the planned edit and every tensor it would change; nothing is written."""
     job = plan_job(
-        model, direction, DirectionEdit(mode, coeff, layer, site, unit), keep_tied, spec, allow_foreign_direction
+        model,
+        direction,
+        EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit),
+        keep_tied,
+        spec,
+        allow_foreign_direction,
     )
     return job, planned_tensors(job.plan, job.ckpt)
 
@@ -174,7 +179,7 @@ def orthogonalize(
     another model is an error unless `allow_foreign_direction`, which the record and the card then state.
     """
     parse_size(max_shard_size)  # a bad size fails before anything is read
-    edit = DirectionEdit(mode, coeff, layer, site, unit)
+    edit = EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit)
     fmt = output_format(out, format)
     if fmt != "safetensors" and (dtype != "keep" or max_shard_size is not None):
         raise RefusalEditError(f"a {fmt} output keeps its own tensor types: drop `dtype`, `max_shard_size`")
@@ -267,7 +272,7 @@ def _write_peft(job: EditJob, record: EditRecord, out: Path, **options: Any) -> 
 
 
 def _orthogonalize_gguf(
-    model: str | Path | ModelSource, direction: Any, out: Path | str | None, edit: DirectionEdit, **options: Any
+    model: str | Path | ModelSource, direction: Any, out: Path | str | None, edit: EditSpec, **options: Any
 ) -> EditOutcome:
     """GGUF in, GGUF out: the GGUF editor plans on the file itself (`refusal_edit.gguf`); tensors keep their types."""
     if isinstance(model, ModelSource):

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import refusal_edit.workflows.defaults as defaults
-from refusal_edit.edits import DirectionEdit
 from refusal_edit.edits.plan import EditPlan
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.gguf.edit import RECORD_KEY, GGUFWriteResult, previous_record, summary, write_gguf
 from refusal_edit.gguf.hf_view import GGUFSource
 from refusal_edit.gguf.lora import write_gguf_lora
@@ -38,7 +38,7 @@ def orthogonalize_gguf(
     model: str | Path,
     direction: Any,
     out: str | Path | None,
-    edit: DirectionEdit | None = None,
+    edit: EditSpec | None = None,
     *,
     keep_tied: bool = False,
     force: bool = False,
@@ -58,7 +58,7 @@ def orthogonalize_gguf(
     `format` `gguf-lora` writes a llama.cpp LoRA adapter for the file instead of the edited file. Without
     `out`: `runs/<model>/` + ggml's file name for the edit (`gguf.metadata.default_name`).
     """
-    edit = edit or DirectionEdit()
+    edit = edit or EditSpec()
     d, spec, spec_info = edit_inputs(direction, spec, edit)
     model_source = gguf_model(model)
     assert model_source.origin is not None

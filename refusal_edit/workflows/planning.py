@@ -17,7 +17,7 @@ from refusal_edit.checkpoint.record import EditRecord
 from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.directions.bank import load_bank
-from refusal_edit.edits import DirectionEdit, plan_direction_edit
+from refusal_edit.edits import plan_direction_edit
 from refusal_edit.edits.plan import EditPlan, plan_edit, resolved_config
 from refusal_edit.edits.spec import EditSpec, describe_variant, resolve, variant
 from refusal_edit.errors import RefusalEditError
@@ -32,7 +32,7 @@ def build_record(
     base_model: str | None,
     source_model: dict[str, Any],
     previous: EditRecord | None = None,
-    edit: DirectionEdit | None = None,
+    edit: EditSpec | None = None,
     at: int | None = None,
     dtype: str = "keep",
     name: str | None = None,
@@ -44,7 +44,7 @@ def build_record(
     `previous` (the input's own record), and with it the original base model (`EditRecord.after`).
     `edit` is the direction's edit (`at`: the layer an addition went to); a variant (`spec`, an ablation) is
     recorded as mode ablate with its spec."""
-    edit = edit or DirectionEdit()
+    edit = edit or EditSpec()
     mode = edit.mode
     return EditRecord(
         mode=mode,
@@ -99,7 +99,7 @@ def front_point(spec: str | Path) -> tuple[EditSpec, Path, dict[str, Any]]:
 
 
 def edit_inputs(
-    direction: DirectionFile | str | Path | None, spec: EditSpec | str | Path | None, edit: DirectionEdit
+    direction: DirectionFile | str | Path | None, spec: EditSpec | str | Path | None, edit: EditSpec
 ) -> tuple[DirectionFile, EditSpec | None, dict[str, Any] | None]:
     """The direction file and the variant of an edit, whatever it is written to: a tune front point names its
     direction (and must be given that one), an `EditSpec` or none uses `direction`."""
@@ -125,7 +125,7 @@ def plan_on(
     source: Any,
     d: DirectionFile,
     spec: EditSpec | None,
-    edit: DirectionEdit,
+    edit: EditSpec,
     keep_tied: bool,
     target: dict[str, Any] | None = None,
     allow_foreign_direction: bool = False,
