@@ -44,7 +44,7 @@ def error_line(res) -> str:
     """The one error line of a failed command (no traceback, nothing else on stderr)."""
     assert res.code != 0, res.text
     assert "Traceback" not in res.text
-    lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    lines = [ln for ln in res.err.splitlines() if ln.strip() and not ln.startswith("device auto: ")]  # said once loaded
     assert len(lines) == 1, res.err
     return lines[0]
 

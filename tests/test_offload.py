@@ -531,7 +531,7 @@ def test_cli_extract_with_device_auto(env, tmp_path, cli):
     assert "placed by accelerate (float32): layers 0 cpu, 1-2 disk" in res.err and "batch size auto:" in res.err
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["placement"].startswith("layers 0 cpu, 1-2 disk") and run["settings"]["batch_size"] >= 1
-    res = cli("extract", env["base"], "--out", tmp_path / "r2", "--max-memory", "cpu=1GiB")
+    res = cli("extract", env["base"], "--out", tmp_path / "r2", "--device", "cpu", "--max-memory", "cpu=1GiB")
     assert res.code == 1 and "--max-memory and --offload-dir apply to --device auto" in res.err
     res = cli("extract", env["base"], "--out", tmp_path / "r3", "--device", "auto", "--max-memory", "cpu:1GiB")
     assert res.code == 1 and "--max-memory entry 'cpu:1GiB' is not DEVICE=SIZE" in res.err

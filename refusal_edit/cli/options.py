@@ -29,8 +29,9 @@ DTYPE = typer.Option(
     rich_help_panel=DEVICES,
 )
 DEVICE = typer.Option(
-    "cpu",
-    help="cpu|cuda|auto (auto: accelerate places the layers over the GPUs there are, then the CPU, then disk).",
+    "auto",
+    help="auto|cpu|cuda|mps (auto: CUDA, then Apple MPS, then the CPU, said on stderr; on CUDA or the CPU "
+    "accelerate places the layers over the GPUs, then the CPU, then disk).",
     rich_help_panel=DEVICES,
 )
 BATCH_SIZE = typer.Option(

@@ -56,13 +56,15 @@ def load_classifier_judge(
     """A `ClassifierJudge` from a local directory or `hf:ORG/NAME` (stock transformers, no remote code)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from refusal_edit.loading.devices import resolve_device
+
     path = _classifier_dir(spec)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise RefusalEditError(f"cannot load a sequence classifier from {path}: {type(exc).__name__}: {exc}") from exc
-    model.to(device)
+    model.to(resolve_device(device).kind)  # `auto`: the device the chat model's line named
     name = spec[3:].split("/")[-1] if spec.startswith("hf:") else path.name
     return ClassifierJudge(
         model,

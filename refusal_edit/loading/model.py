@@ -18,13 +18,13 @@ from refusal_edit.checkpoint.layout import TOKENIZER_FILES
 from refusal_edit.console import err
 from refusal_edit.derive import resolve_spec
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.loading.devices import resolve_device
 from refusal_edit.loading.fetch import fetch_recipe
 from refusal_edit.loading.gguf import convert_gguf
 from refusal_edit.loading.model_source import ModelSource
 from refusal_edit.recipes import Recipe, find_recipe, load_recipe, recipe_not_found
 
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what a model is loaded in (auto: see _torch_dtype)
-DEVICES = ("cpu", "cuda", "auto")
 
 
 def _check_hf_dir(path: Path) -> None:
@@ -141,7 +141,7 @@ class LoadedModel:
     tokenizer: Any
     source: ModelSource
     dtype: str
-    device: str  # cpu | cuda | auto (spread by accelerate: see `placement`)
+    device: str  # cpu | cuda | mps | auto (spread by accelerate: see `placement`)
     placement: str | None = None  # where the layers went, e.g. "layers 0-9 cpu, 10-23 disk (...)"
 
 
@@ -162,16 +162,6 @@ def _torch_dtype(dtype: str, device: str, config: dict[str, Any], hf_dir: Path |
     except Exception:  # sizing is advisory: load as before (float32 on the CPU)
         return torch.float32, ""
     return placement.choose_dtype(dtype, device, config, f32, psutil.virtual_memory().available)
-
-
-def _device(device: str) -> str:
-    import torch
-
-    if device not in DEVICES:
-        raise RefusalEditError(f"unknown `device` {device!r} ({', '.join(DEVICES)})")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RefusalEditError("`device` cuda was requested but no CUDA device is available")
-    return device
 
 
 def load_tokenizer(hf_dir: Path):
@@ -213,21 +203,24 @@ def load_model(
 ) -> LoadedModel:
     """Instantiate a model in eval mode (stock transformers, never trust_remote_code).
 
-    `device` cpu or cuda: the whole model there. `device` auto: accelerate places the layers over the GPUs
-    there are, then the CPU, then disk, within `max_memory` (`placement.parse_max_memory`; default: the free
-    memory); disk-offloaded weights are read from the checkpoint's own files, or written under `offload_dir`
-    (default `<cache>/offload`) when transformers converts them. Says in one line where the layers went.
+    `device` cpu, cuda or mps: the whole model there. `device` auto picks CUDA, then MPS, then the CPU
+    (`devices.resolve_device`, said on stderr); on CUDA or the CPU accelerate then places the layers over
+    the GPUs there are, then the CPU, then disk, within `max_memory` (`placement.parse_max_memory`; default:
+    the free memory); disk-offloaded weights are read from the checkpoint's own files, or written under
+    `offload_dir` (default `<cache>/offload`) when transformers converts them. Says in one line where the
+    layers went.
     """
     src = source if isinstance(source, ModelSource) else resolve_source(source, dtype)
     config = src.config()
     resolve_spec(config)  # unsupported architectures fail (derived ones are derived) before any weights are read
-    dev = _device(device)
-    if dev != "auto" and (max_memory is not None or offload_dir is not None):
-        raise RefusalEditError("`max_memory` and `offload_dir` apply to `device` auto")
+    placed = resolve_device(device)
+    if not placed.spread and (max_memory is not None or offload_dir is not None):
+        where = " on CUDA or the CPU" if placed.requested == "auto" else ""
+        raise RefusalEditError(f"`max_memory` and `offload_dir` apply to `device` auto{where}")
     limits = placement.parse_max_memory(max_memory)
     kwargs: dict[str, Any] = {"use_safetensors": True}
     unread: frozenset[str] = frozenset()  # offloaded parameters the loader need not read (`read_without_mmap`)
-    if dev == "auto":
+    if placed.spread:
         if dtype not in LOAD_DTYPES:
             raise RefusalEditError(f"unknown `dtype` {dtype!r} ({', '.join(LOAD_DTYPES)})")
         plan = placement.plan_auto(src.hf_dir, config, dtype, limits, Path(offload_dir) if offload_dir else None)
@@ -238,16 +231,16 @@ def load_model(
             folder = placement.offload_folder(plan.offload_dir, src.name.replace("/", "--"))
             kwargs["offload_folder"] = str(folder)
     else:
-        torch_dtype, why = _torch_dtype(dtype, dev, config, src.hf_dir)
-        if dev == "cuda":
-            kwargs["device_map"] = "cuda"
+        torch_dtype, why = _torch_dtype(dtype, placed.kind, config, src.hf_dir)
+        if placed.kind != "cpu":
+            kwargs["device_map"] = placed.kind
     for line in why.splitlines():
         err.print(f"[yellow]note:[/yellow] {line}", soft_wrap=True)
     tok = load_tokenizer(src.hf_dir) if tokenizer else None  # a missing tokenizer fails before the weights load
     chatter = logging.getLogger("accelerate.big_modeling")  # "offloaded to the disk": the placement line says it
     level = chatter.level
     chatter.setLevel(logging.ERROR)
-    to_disk = "disk" in (kwargs.get("device_map") or {}).values() if dev == "auto" else False
+    to_disk = "disk" in (kwargs.get("device_map") or {}).values() if placed.spread else False
     try:
         with placement.read_without_mmap(to_disk, unread, torch_dtype):
             model = stock_model_class(config).from_pretrained(str(src.hf_dir), dtype=torch_dtype, **kwargs)
@@ -269,8 +262,11 @@ def load_model(
         where = describe_placement(model)
     except Exception:  # a model the table cannot take apart still runs: say where its first weight is
         where = f"on {input_device(model)}"
-    if dev == "auto":
-        err.print(f"placed by accelerate ({str(torch_dtype).removeprefix('torch.')}): {where}", soft_wrap=True)
-        if not dispatched(model):
-            dev = input_device(model).type  # it all fit on one device: a plain model there
+    dev = placed.kind
+    said = [placed.said] if placed.said else []
+    if placed.spread:
+        said.append(f"placed by accelerate ({str(torch_dtype).removeprefix('torch.')}): {where}")
+        dev = "auto" if dispatched(model) else input_device(model).type  # all on one device: a plain model there
+    if said:
+        err.print("; ".join(said), soft_wrap=True)
     return LoadedModel(model, tok, src, str(torch_dtype).removeprefix("torch."), dev, where)
