@@ -140,6 +140,7 @@ def evaluate(
     device: str = opt.DEVICE,
     max_memory: str | None = opt.MAX_MEMORY,
     offload_dir: Path | None = opt.OFFLOAD_DIR,
+    load_in: str | None = opt.LOAD_IN,
     allow_foreign_direction: bool = opt.switch(
         "--allow-foreign-direction",
         "Apply a --direction extracted from another model (an error otherwise).",
@@ -197,6 +198,7 @@ def evaluate(
         record=record,
         allow_foreign_direction=allow_foreign_direction,
         **opt.placement(dtype, device, max_memory, offload_dir),
+        load_in=load_in,
         batch_size=auto,
         harmful=harmful,
         harmless=harmless,

@@ -57,6 +57,16 @@ OFFLOAD_DIR = typer.Option(
     metavar="<dir>",
     rich_help_panel=DEVICES,
 )
+LOAD_IN = typer.Option(
+    None,
+    "--load-in",
+    help="4bit|8bit: quantize the linear layers with bitsandbytes while loading (the extra refusal-edit\\[quant]), "
+    "for a model that does not fit in bf16; the whole model on the picked device. The direction comes from the "
+    "quantized model; orthogonalize always edits the full-precision weights.",
+    show_default="full precision",
+    metavar="4bit|8bit",
+    rich_help_panel=DEVICES,
+)
 SYSTEM_PROMPT = typer.Option(
     None,
     "--system-prompt",

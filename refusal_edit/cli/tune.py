@@ -99,6 +99,7 @@ def tune(
     device: str = opt.DEVICE,
     max_memory: str | None = opt.MAX_MEMORY,
     offload_dir: Path | None = opt.OFFLOAD_DIR,
+    load_in: str | None = opt.LOAD_IN,
     resume: bool = opt.switch("--resume", "Continue the study in --out.", panel=opt.OUTPUT),
     force: bool = opt.switch(
         "--force", "Start over in --out (removes only a previous study's files).", panel=opt.OUTPUT
@@ -142,6 +143,7 @@ def tune(
         **opt.chat(system_prompt, template),
         template_kwargs=parse_template_kwargs(template_kwargs),
         **opt.placement(dtype, device, max_memory, offload_dir),
+        load_in=load_in,
         resume=resume,
         force=force,
         batch_size=rows if rows == "auto" else None,

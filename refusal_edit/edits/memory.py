@@ -61,6 +61,11 @@ def _untie_head(model: nn.Module) -> nn.Parameter | None:
 @contextmanager
 def edited_weights(model: nn.Module, edit: ResolvedEdit) -> Iterator[list[str]]:
     """Edit the model's residual writers in place for the block; yields the edited parameter names."""
+    if getattr(model, "is_quantized", False):
+        raise RefusalEditError(
+            "norm preservation edits the weights in memory, and this model's are quantized (`load_in`): "
+            "load it unquantized for that edit"
+        )
     source = ModelTensors(model)
     plan = plan_edit(source, edit)
     if plan.new:

@@ -523,7 +523,7 @@ def compare(
     timings["total_s"] = timings.get("load_s", 0.0) + time.perf_counter() - t0
 
     return EvalReport(
-        base={**base.source.describe(), "dtype": base.dtype, "device": base.device},
+        base={**base.source.describe(), "dtype": base.dtype, "device": base.device, "load_in": base.load_in},
         edited=edited_desc,
         chat_format=fmt.describe(),
         prompts={kind: sets[kind].describe() for kind in kinds},

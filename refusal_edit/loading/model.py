@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from refusal_edit.loading.devices import resolve_device
 from refusal_edit.loading.fetch import fetch_recipe
 from refusal_edit.loading.gguf import convert_gguf
 from refusal_edit.loading.model_source import ModelSource
+from refusal_edit.loading.quantize import check_load_in, describe, quantization_config
 from refusal_edit.recipes import Recipe, find_recipe, load_recipe, recipe_not_found
 
 LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16")  # what a model is loaded in (auto: see _torch_dtype)
@@ -143,6 +144,7 @@ class LoadedModel:
     dtype: str
     device: str  # cpu | cuda | mps | auto (spread by accelerate: see `placement`)
     placement: str | None = None  # where the layers went, e.g. "layers 0-9 cpu, 10-23 disk (...)"
+    load_in: str | None = None  # 4bit | 8bit: linear layers quantized by bitsandbytes (`quantize`)
 
 
 def _torch_dtype(dtype: str, device: str, config: dict[str, Any], hf_dir: Path | None = None) -> tuple[Any, str]:
@@ -200,6 +202,7 @@ def load_model(
     tokenizer: bool = True,
     max_memory: str | dict[Any, Any] | None = None,
     offload_dir: str | Path | None = None,
+    load_in: str | None = None,
 ) -> LoadedModel:
     """Instantiate a model in eval mode (stock transformers, never trust_remote_code).
 
@@ -209,14 +212,20 @@ def load_model(
     the free memory); disk-offloaded weights are read from the checkpoint's own files, or written under
     `offload_dir` (default `<cache>/offload`) when transformers converts them. Says in one line where the
     layers went.
+    `load_in` 4bit or 8bit: bitsandbytes quantizes the linear layers while loading, the whole model on the
+    picked device (`quantize`: what it is for and which commands take it).
     """
     src = source if isinstance(source, ModelSource) else resolve_source(source, dtype)
     config = src.config()
     resolve_spec(config)  # unsupported architectures fail (derived ones are derived) before any weights are read
     placed = resolve_device(device)
+    if check_load_in(load_in) and (max_memory is not None or offload_dir is not None):
+        raise RefusalEditError("`max_memory` and `offload_dir` do not apply with `load_in`: it loads the model whole")
     if not placed.spread and (max_memory is not None or offload_dir is not None):
         where = " on CUDA or the CPU" if placed.requested == "auto" else ""
         raise RefusalEditError(f"`max_memory` and `offload_dir` apply to `device` auto{where}")
+    if load_in:
+        placed = replace(placed, spread=False)  # bitsandbytes layers stay on the device they were quantized on
     limits = placement.parse_max_memory(max_memory)
     kwargs: dict[str, Any] = {"use_safetensors": True}
     unread: frozenset[str] = frozenset()  # offloaded parameters the loader need not read (`read_without_mmap`)
@@ -232,8 +241,10 @@ def load_model(
             kwargs["offload_folder"] = str(folder)
     else:
         torch_dtype, why = _torch_dtype(dtype, placed.kind, config, src.hf_dir)
-        if placed.kind != "cpu":
+        if placed.kind != "cpu" or load_in:
             kwargs["device_map"] = placed.kind
+        if load_in:
+            kwargs["quantization_config"] = quantization_config(load_in, placed.kind, torch_dtype)
     for line in why.splitlines():
         err.print(f"[yellow]note:[/yellow] {line}", soft_wrap=True)
     tok = load_tokenizer(src.hf_dir) if tokenizer else None  # a missing tokenizer fails before the weights load
@@ -264,9 +275,11 @@ def load_model(
         where = f"on {input_device(model)}"
     dev = placed.kind
     said = [placed.said] if placed.said else []
+    if load_in:
+        said.append(describe(load_in, torch_dtype))
     if placed.spread:
         said.append(f"placed by accelerate ({str(torch_dtype).removeprefix('torch.')}): {where}")
         dev = "auto" if dispatched(model) else input_device(model).type  # all on one device: a plain model there
     if said:
         err.print("; ".join(said), soft_wrap=True)
-    return LoadedModel(model, tok, src, str(torch_dtype).removeprefix("torch."), dev, where)
+    return LoadedModel(model, tok, src, str(torch_dtype).removeprefix("torch."), dev, where, load_in)

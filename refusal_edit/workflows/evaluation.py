@@ -225,6 +225,7 @@ def evaluate(
     offload_dir: Path | None = None,
     batch_size: int | str | None = None,
     base_replies: dict[str, Any] | None = None,
+    load_in: str | None = None,
 ) -> EvalReport:
     """Compare `base` with `edited` (a checkpoint) or with `base` under a direction's hooks.
 
@@ -235,6 +236,7 @@ def evaluate(
     split, when `settings.borderline`); `system_prompt` to the recipe's, else the chat template's own.
     Judges are loaded from `settings` (`markers` replaces the built-in marker list), unless `judges` gives
     them ready-made. `device` auto places each model's layers with accelerate, each within `max_memory`;
+    `load_in` (4bit|8bit) loads base and edited checkpoint quantized by bitsandbytes (`loading.quantize`);
     `batch_size` (a number or auto) replaces `settings.batch_size`. `base_replies`: a dict kept across calls
     that judge several edits against one loaded base model, so its replies are generated once (see
     `compare`). Errors the user can fix raise `RefusalEditError`.
@@ -270,6 +272,7 @@ def evaluate(
     if settings.borderline:
         sets["borderline"] = borderline_prompts(base_source, borderline, settings.n)
     placed = {"dtype": dtype, "device": device, "max_memory": max_memory, "offload_dir": offload_dir}
+    placed["load_in"] = load_in
     base_lm = base if isinstance(base, LoadedModel) else load_model(base_source, **placed)
     fmt = chat_format(
         base_lm.tokenizer,

@@ -77,6 +77,7 @@ def provenance(result: ExtractResult, lm: LoadedModel, fmt: ChatFormat, settings
         "dtype": lm.dtype,
         "device": lm.device,
         "placement": lm.placement,
+        "load_in": lm.load_in,
         "chat_format": fmt.describe(),
         "prompts": {name: ps.describe() for name, ps in result.prompts.items()},
         "train_filter": {
@@ -255,6 +256,7 @@ def prepare(
     replace_any: bool = False,
     max_memory: str | dict[Any, Any] | None = None,
     offload_dir: Path | None = None,
+    load_in: str | None = None,
 ) -> ExtractJob:
     """Resolve MODEL, check the output, load prompts and model: every fast failure before the slow part.
 
@@ -282,7 +284,7 @@ def prepare(
     check_output(target, force, _inputs(source), replace_any)
     prompts = defaults.extraction_prompts(source, harmful, harmless)
     split_prompts(prompts["harmful"], prompts["harmless"], settings)  # empty splits fail before loading
-    lm = load_model(source, dtype=dtype, device=device, max_memory=max_memory, offload_dir=offload_dir)
+    lm = load_model(source, dtype=dtype, device=device, max_memory=max_memory, offload_dir=offload_dir, load_in=load_in)
     fmt = chat_format(
         lm.tokenizer,
         system=defaults.system_prompt(source, system_prompt),

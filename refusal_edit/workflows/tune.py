@@ -105,6 +105,7 @@ def tune(
     offload_dir: Path | None = None,
     batch_size: int | str | None = None,
     allow_foreign_direction: bool = False,
+    load_in: str | None = None,
 ) -> TuneOutcome:
     """Search and confirm the refusal-vs-damage front of MODEL's edits by `direction` (module docstring).
 
@@ -119,12 +120,13 @@ def tune(
     defaults.check_direction(d, source, allow_foreign_direction)
     target = Path(out).expanduser() if out is not None else defaults.default_out(source, "tune")
     _prepare_out(target, resume, force)
-    lm = load_model(source, dtype=dtype, device=device, max_memory=max_memory, offload_dir=offload_dir)
-    if settings.preserve_norm and offloaded_modules(lm.model):
+    lm = load_model(source, dtype=dtype, device=device, max_memory=max_memory, offload_dir=offload_dir, load_in=load_in)
+    if settings.preserve_norm and (offloaded_modules(lm.model) or lm.load_in):
         settings = replace(settings, preserve_norm=False)
+        why = f"this model is loaded in {lm.load_in}" if lm.load_in else "some of this model's weights are offloaded"
         console.print(
-            "[yellow]note:[/yellow] norm-preserving edits rewrite weights in memory, and some of this model's "
-            "weights are offloaded: they are left out of the search"
+            f"[yellow]note:[/yellow] norm-preserving edits rewrite weights in memory, and {why}: they are left "
+            "out of the search"
         )
     fmt = chat_format(
         lm.tokenizer,
@@ -190,6 +192,7 @@ def tune(
         "model": lm.source.describe(),
         "dtype": lm.dtype,
         "device": lm.device,
+        "load_in": lm.load_in,
         "direction": {
             "path": str(d.path.resolve()) if d.path else None,
             "sha256": d.sha256,
