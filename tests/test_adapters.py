@@ -307,3 +307,89 @@ def test_what_an_adapter_cannot_carry_is_a_clear_error(extra, why, tmp_path, cli
     res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--format", "peft", "--out", out, *extra)
     assert res.code == 1 and why in res.err, res.err
     assert not out.exists()
+
+
+def _hf_copy(gguf_path, folder):
+    """The GGUF's model as an HF folder: every tensor dequantized under its HF name, and the config from its
+    metadata (what llama.cpp's converter would have started from, to float rounding of an F32 file)."""
+    from safetensors.torch import save_file
+
+    from refusal_edit.gguf.hf_view import GGUFSource
+
+    source = GGUFSource(gguf_path)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(source.config))
+    save_file({i.name: source.read(i.name).contiguous() for i in source.infos()}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_gguf_lora_from_an_hf_model_is_the_gguf_path_s_adapter(moe, tmp_path):
+    """`--format gguf-lora` of an HF model (GGUF names from gguf.names): the same tensors, layout and deltas as
+    the adapter written from the GGUF itself, and llama.cpp applies it to the GGUF as the edit."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf_tiny import HIDDEN, write_tiny
+
+    from refusal_edit.directions.artifacts import save_direction
+    from refusal_edit.gguf.file import GGUFFile
+    from refusal_edit.workflows import orthogonalize
+    from refusal_edit.workflows.gguf import orthogonalize_gguf
+
+    torch.manual_seed(0)
+    save_direction(tmp_path / "d.safetensors", torch.randn(HIDDEN), {"layer": 1, "position": -1, "model": "tiny"})
+    arch = "qwen2moe" if moe else "qwen2"
+    types = {"attn_type": Q.F32, "ffn_type": Q.F32, "embed_type": Q.F32}
+    base = write_tiny(tmp_path / "m.gguf", arch, moe=moe, vocab=True, **types)
+    hf = _hf_copy(base, tmp_path / "hf")
+    d = tmp_path / "d.safetensors"
+    outcome = orthogonalize(hf, d, tmp_path / "from-hf.gguf", format="gguf-lora", allow_foreign_direction=True)
+    orthogonalize_gguf(base, d, tmp_path / "from-gguf.gguf", format="gguf-lora", allow_foreign_direction=True)
+    ours, theirs = GGUFFile(tmp_path / "from-hf.gguf"), GGUFFile(tmp_path / "from-gguf.gguf")
+    assert ours.arch == arch and ours.value("general.type") == "adapter" and ours.value("adapter.type") == "lora"
+    assert set(ours.tensors) == set(theirs.tensors) and len(ours.tensors) == 2 * len(outcome.plan.transforms)
+    assert ours.value("general.name") == "hf abliterated LoRA" and "abliterated" in ours.value("general.tags")
+
+    def values(f, name):
+        t = f.tensors[name]
+        return f.rows(t, 0, t.n_rows).view(np.float32).reshape(t.hf_shape)
+
+    for name in {n.rsplit(".lora_", 1)[0] for n in ours.tensors}:
+        delta = [
+            _ggml_delta(name, values(f, f"{name}.lora_a"), values(f, f"{name}.lora_b"), f.value("adapter.lora.alpha"))
+            for f in (ours, theirs)
+        ]
+        assert np.abs(delta[0] - delta[1]).max() <= 1e-5, name
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    tokens = [1, 5, 9, 12, 33, 40, 7, 21]
+
+    def logits(**kw):
+        llm = llama_cpp.Llama(model_path=str(base), n_ctx=64, verbose=False, logits_all=True, n_threads=1, **kw)
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)])
+
+    original = logits()
+    from_hf, from_gguf = (
+        logits(lora_path=str(tmp_path / "from-hf.gguf")),
+        logits(lora_path=str(tmp_path / "from-gguf.gguf")),
+    )
+    assert np.abs(from_hf - original).max() > 1e-2  # llama.cpp found the tensors by name and applied them
+    assert np.abs(from_hf - from_gguf).max() <= 1e-4 * max(1.0, np.abs(from_gguf).max())
+
+
+@pytest.mark.parametrize(
+    ("model_type", "why"),
+    [
+        ("mixtral", "no GGUF tensor names for model type 'mixtral'"),
+        ("llama", "residual biases (e.g. blk.0.ffn_down.bias): llama.cpp adapters hold lora_a / lora_b pairs only"),
+        ("tied", "ties its output head to its embeddings"),
+    ],
+)
+def test_gguf_lora_from_an_hf_model_refuses_what_llamacpp_cannot_take(model_type, why, tmp_path, cli):
+    model = build("qwen2", tie_word_embeddings=True) if model_type == "tied" else build(model_type)
+    src = save(model, tmp_path / "model")
+    make_direction(tmp_path / "d.safetensors")
+    out = tmp_path / "l.gguf"
+    res = cli("orthogonalize", src, "--direction", tmp_path / "d.safetensors", "--format", "gguf-lora", "--out", out)
+    assert res.code == 1 and why in " ".join(res.err.split()), res.err
+    assert not out.exists()

@@ -75,7 +75,8 @@ def orthogonalize(
         None,
         "--format",
         help="safetensors|gguf|peft|gguf-lora: peft writes a PEFT LoRA adapter folder (megabytes), gguf-lora a "
-        "llama.cpp LoRA for a GGUF MODEL (llama.cpp --lora); both equal the weight edit.",
+        "llama.cpp LoRA (llama.cpp --lora) for a GGUF MODEL, or for an HF MODEL as llama.cpp converts it; both "
+        "equal the weight edit.",
         show_default="from --out: .gguf is gguf, else safetensors",
         metavar="<format>",
         rich_help_panel=OUTPUT,

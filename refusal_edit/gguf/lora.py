@@ -21,7 +21,7 @@ The layout llama.cpp reads (src/llama-adapter.cpp, src/llama-graph.cpp), facts o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,13 @@ import torch
 from refusal_edit import __version__
 from refusal_edit.adapters import AdapterResult
 from refusal_edit.arch import classify
+from refusal_edit.checkpoint.layout import Checkpoint
 from refusal_edit.edits.lowrank import Factors, plan_factors
 from refusal_edit.edits.plan import EditPlan
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf import metadata, quants
 from refusal_edit.gguf.hf_view import GGUFSource
+from refusal_edit.gguf.names import gguf_names
 from refusal_edit.gguf.writer import atomic_file
 
 WHAT = "llama.cpp LoRA adapter"
@@ -62,13 +64,17 @@ def gguf_chunks(source: GGUFSource, name: str) -> Iterator[tuple[int, int, torch
         yield s, e, torch.from_numpy(np.array(values, dtype=np.float32).reshape(e - s, *shape[1:]))
 
 
-def _refuse(source: GGUFSource, factors: list[Factors]) -> None:
+def _refuse_biases(factors: list[Factors], gguf_name: Callable[[str], str], instead: str) -> None:
     biases = [f.name for f in factors if f.layout == "bias"]
     if biases:
         raise RefusalEditError(
             f"a {WHAT} cannot carry the change of {len(biases)} residual biases (e.g. "
-            f"{source.gguf_of[biases[0]]}): llama.cpp adapters hold lora_a / lora_b pairs only; write an edited GGUF"
+            f"{gguf_name(biases[0])}): llama.cpp adapters hold lora_a / lora_b pairs only; {instead}"
         )
+
+
+def _refuse(source: GGUFSource, factors: list[Factors]) -> None:
+    _refuse_biases(factors, lambda n: source.gguf_of[n], "write an edited GGUF")
     tied = "output.weight" not in source.gguf.tensors
     if tied and any(source.gguf_of[f.name] == "token_embd.weight" for f in factors):
         raise RefusalEditError(
@@ -88,8 +94,18 @@ def pair(f: Factors, embedding: bool) -> tuple[np.ndarray, np.ndarray]:
     return a.contiguous().numpy(), b.contiguous().numpy()  # a [r, in], b [out, r]
 
 
+def _is_bias(plan: EditPlan):
+    kinds = {name: classify(plan.spec, name) for name in plan.transforms}
+
+    def is_bias(name: str) -> bool:
+        m = kinds[name]
+        return m is not None and m.rule.kind in ("bias", "experts_bias")
+
+    return is_bias
+
+
 def write_gguf_lora(
-    source: GGUFSource,
+    source: GGUFSource | Checkpoint,
     plan: EditPlan,
     out: Path,
     *,
@@ -99,7 +115,54 @@ def write_gguf_lora(
     replace_any: bool = False,
     inputs: tuple[Path, ...] = (),
 ) -> AdapterResult:
-    """Write the plan as a llama.cpp LoRA adapter GGUF for the base GGUF `source` (atomically)."""
+    """Write the plan as a llama.cpp LoRA adapter GGUF (atomically) for the base GGUF `source`, or for the HF
+    checkpoint `source` as llama.cpp converts it (`convert_hf_to_gguf.py`, any quantization: GGUF names from
+    `gguf.names`; the same factors as the PEFT adapter, the same layout, HF shapes being GGUF shapes reversed)."""
+    base_model = (record or {}).get("base_model")
+    if isinstance(source, GGUFSource):
+        factors = plan_factors(plan, lambda n: gguf_chunks(source, n), _is_bias(plan), WHAT)
+        _refuse(source, factors)
+        general = metadata.derived(source.gguf, base_model)
+        arch, names, paths = source.gguf.arch, source.gguf_of, [source.path]
+    else:
+        arch, names = gguf_names(source.config)
+        factors = _hf_factors(source, plan, names)
+        general = metadata.derived(None, base_model, name=source.root.name)
+        paths = source.input_paths()
+    return _write(arch, general, factors, names, out, record, dtype, force, replace_any, (*paths, *inputs))
+
+
+def _hf_factors(ckpt: Checkpoint, plan: EditPlan, names: Mapping[str, str]) -> list[Factors]:
+    """The factors of an HF checkpoint's edit, refusing what llama.cpp cannot take (see `_refuse`)."""
+    from refusal_edit.adapters.peft import checkpoint_chunks
+
+    if any(t.source is not None for t in plan.new):
+        raise RefusalEditError(
+            f"{ckpt.root.name} ties its output head to its embeddings, and llama.cpp would apply the embedding's "
+            f"adapter to the head too: a {WHAT} cannot carry this edit; write a checkpoint (untied) and convert that"
+        )
+    if plan.new:
+        raise RefusalEditError(f"this edit creates tensors ({plan.new[0].name}), which a {WHAT} cannot carry")
+    factors = plan_factors(plan, lambda n: checkpoint_chunks(ckpt, n), _is_bias(plan), WHAT)
+    _refuse_biases(factors, lambda n: names.get(n, n), "write a checkpoint and convert it")
+    unnamed = [f.name for f in factors if f.name not in names]
+    if unnamed:
+        raise RefusalEditError(f"{unnamed[0]} has no GGUF tensor name in llama.cpp's layout")
+    return factors
+
+
+def _write(
+    arch: str,
+    general: dict[str, Any],
+    factors: list[Factors],
+    gguf_of: Mapping[str, str],
+    out: Path,
+    record: dict[str, Any] | None,
+    dtype: str,
+    force: bool,
+    replace_any: bool,
+    inputs: tuple[Path, ...],
+) -> AdapterResult:
     import json
 
     from gguf import GGUFWriter
@@ -107,26 +170,17 @@ def write_gguf_lora(
     if dtype not in DTYPES:
         raise RefusalEditError(f"unknown adapter type {dtype!r} ({', '.join(DTYPES)})")
     start = time.perf_counter()
-    kinds = {name: classify(plan.spec, name) for name in plan.transforms}
-
-    def is_bias(name: str) -> bool:
-        m = kinds[name]
-        return m is not None and m.rule.kind in ("bias", "experts_bias")
-
-    factors = plan_factors(plan, lambda n: gguf_chunks(source, n), is_bias, WHAT)
-    _refuse(source, factors)
     rank = max((f.rank for f in factors), default=0)
     if rank == 0:
         raise RefusalEditError(f"the edit changes no tensor: there is nothing for a {WHAT} to carry")
     np_type = np.float32 if dtype == "F32" else np.float16
     names: list[str] = []
-    with atomic_file(Path(out), force=force, inputs=(source.path, *inputs), replace_any=replace_any) as tmp:
-        w = GGUFWriter(str(tmp), source.gguf.arch)
+    with atomic_file(Path(out), force=force, inputs=inputs, replace_any=replace_any) as tmp:
+        w = GGUFWriter(str(tmp), arch)
         w.add_type("adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(rank))
-        general = metadata.derived(source.gguf, (record or {}).get("base_model"))
-        general["general.name"] += " LoRA"
+        general = {**general, "general.name": general["general.name"] + " LoRA"}
         for key, value in general.items():
             if isinstance(value, tuple):
                 w.add_uint32(key, value[0])
@@ -139,7 +193,7 @@ def write_gguf_lora(
             w.add_string("refusal_edit.record", json.dumps(record, allow_nan=False, ensure_ascii=False))
         for f in factors:
             f = f.padded(rank)
-            gguf_name = source.gguf_of[f.name]
+            gguf_name = gguf_of[f.name]
             a, b = pair(f, embedding=gguf_name == "token_embd.weight")
             w.add_tensor(f"{gguf_name}.lora_a", a.astype(np_type))
             w.add_tensor(f"{gguf_name}.lora_b", b.astype(np_type))

@@ -35,13 +35,20 @@ def encoding(gguf: GGUFFile) -> str | None:
         return None
 
 
-def derived(gguf: GGUFFile, base_model: str | None, removes_refusal: bool = True) -> dict[str, Any]:
+def derived(
+    gguf: GGUFFile | None, base_model: str | None, removes_refusal: bool = True, name: str | None = None
+) -> dict[str, Any]:
     """The `general.*` entries of an edit of `gguf` (values: str, or list[str] for tags; `(value, type)` for the
-    count). Keys the input has under `REPLACED` and `general.base_model.*` are to be dropped."""
+    count). Keys the input has under `REPLACED` and `general.base_model.*` are to be dropped. `gguf` None: an
+    edit of the HF model `name` (an adapter for its conversion), which has no `general.*` of its own."""
     label = edit_label(removes_refusal)
-    name = gguf.value("general.name") or gguf.path.stem
-    finetune = gguf.value("general.finetune")
-    tags = [t for t in (gguf.value("general.tags") or []) if isinstance(t, str)]
+
+    def value(key: str) -> Any:
+        return gguf.value(key) if gguf is not None else None
+
+    name = value("general.name") or name or (gguf.path.stem if gguf is not None else "model")
+    finetune = value("general.finetune")
+    tags = [t for t in (value("general.tags") or []) if isinstance(t, str)]
     added = TAGS if removes_refusal else AMPLIFIED_TAGS
     out: dict[str, Any] = {
         "general.name": f"{name} {label}",
@@ -50,7 +57,7 @@ def derived(gguf: GGUFFile, base_model: str | None, removes_refusal: bool = True
         "general.base_model.count": (1, GGUFValueType.UINT32),
         "general.base_model.0.name": name,
     }
-    org = gguf.value("general.organization")
+    org = value("general.organization")
     if org or base_model:
         out["general.base_model.0.organization"] = org or base_model.split("/")[0]  # type: ignore[union-attr]
     if base_model:

@@ -78,10 +78,42 @@ def hf_config(gguf: GGUFFile) -> dict[str, Any]:
     return config
 
 
-def weights_map(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, str]:
+def gguf_arch(model_type: str) -> str:
+    """The GGUF architecture of an HF `model_type` whose GGUF tensors are its HF tensors renamed (the reverse
+    of `hf_model_type`); anything else is a one-line error naming those there are."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    covered = {}  # HF model type -> GGUF architecture, for the tables transformers has
+    for key in GGUF_CONFIG_MAPPING:
+        arch, (_, mt) = next(((a, r) for a, r in _ARCH_RENAMES.items() if r[0] == key), (key, (key, key)))
+        if arch not in _TRANSPOSED and mt in ARCHITECTURES:
+            covered[mt] = arch
+    if model_type not in covered:
+        raise RefusalEditError(
+            f"no GGUF tensor names for model type {model_type!r}: transformers' GGUF tables cover "
+            f"{', '.join(sorted(covered))}"
+        )
+    return covered[model_type]
+
+
+def gguf_names(config: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The GGUF architecture of a model of `config` (an HF config.json) and its HF parameter name -> GGUF tensor
+    name, as llama.cpp's converter names them (the inverse of `weights_map`; a name two GGUF tensors claim is
+    left out). A multimodal wrapper is named as its text model."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    model_type = text.get("model_type", config.get("model_type"))
+    arch = gguf_arch(model_type)
+    claimed: dict[str, list[str]] = {}
+    for g, hf in weights_map(None, {**text, "model_type": model_type}).items():
+        claimed.setdefault(hf, []).append(g)
+    return arch, {hf: gs[0] for hf, gs in claimed.items() if len(gs) == 1}
+
+
+def weights_map(gguf: GGUFFile | None, config: dict[str, Any]) -> dict[str, str]:
     """GGUF tensor name -> HF parameter name for every parameter of the architecture (present in the file or
     not: a tied model's `output.weight` maps to `lm_head.weight`). Fused expert parameters have no `.weight`
-    in HF; their entries are given with the `.weight` their GGUF tensors carry."""
+    in HF; their entries are given with the `.weight` their GGUF tensors carry. `gguf`: the file the config
+    came from (None: an HF config), for the error message."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
@@ -92,9 +124,8 @@ def weights_map(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, str]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf)
     except Exception as exc:
-        raise RefusalEditError(
-            f"cannot build the {model_type} layout from {gguf.path.name}'s metadata: {exc}"
-        ) from None
+        where = f"{gguf.path.name}'s metadata" if gguf is not None else "its config"
+        raise RefusalEditError(f"cannot build the {model_type} layout from {where}: {exc}") from None
     arch = next((k for k, (_, mt) in _ARCH_RENAMES.items() if mt == model_type), model_type)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf.to_dict())
     mapping = get_gguf_hf_weights_map(model, processor, model_type=arch, num_layers=int(config["num_hidden_layers"]))

@@ -24,7 +24,9 @@ from refusal_edit.edits.plan import EditPlan
 from refusal_edit.edits.preview import PlannedTensor, planned_tensors
 from refusal_edit.edits.spec import EditSpec, describe_variant
 from refusal_edit.errors import RefusalEditError
+from refusal_edit.gguf.lora import write_gguf_lora
 from refusal_edit.loading.model import ModelSource
+from refusal_edit.recipes import find_recipe
 from refusal_edit.workflows.gguf import orthogonalize_gguf
 from refusal_edit.workflows.planning import build_record, edit_inputs, plan_on, save_record, target_identity
 
@@ -175,8 +177,9 @@ def orthogonalize(
     NaN / inf values the edit or the cast produced, with a warning, instead of failing. `spec` is an edit
     variant (an `EditSpec`) or a tune front point (`front.json[#ID]`, which also names the direction).
     `format` (see `output_format`): `peft` writes a PEFT LoRA adapter folder, `gguf-lora` a llama.cpp LoRA
-    adapter for a GGUF MODEL, instead of the edited model. A direction (or a front's direction) extracted from
-    another model is an error unless `allow_foreign_direction`, which the record and the card then state.
+    adapter for a GGUF MODEL (or for an HF MODEL as llama.cpp converts it), instead of the edited model. A
+    direction (or a front's direction) extracted from another model is an error unless
+    `allow_foreign_direction`, which the record and the card then state.
     """
     parse_size(max_shard_size)  # a bad size fails before anything is read
     edit = EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit)
@@ -185,16 +188,17 @@ def orthogonalize(
         raise RefusalEditError(f"a {fmt} output keeps its own tensor types: drop `dtype`, `max_shard_size`")
     if fmt in ("peft", "gguf-lora") and keep_tied:
         raise RefusalEditError(f"an adapter ({fmt}) is always the exact, untied edit: drop `keep_tied`")
-    if fmt in FILE_FORMATS:
+    if fmt == "gguf" or (fmt == "gguf-lora" and _gguf_input(model)):
         options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec, "format": fmt}
         options["allow_foreign_direction"] = allow_foreign_direction
         return _orthogonalize_gguf(model, direction, out, edit, base_model=base_model, name=name, **options)
-    assert out is not None
-    write = _writer(Path(out))
     d = direction
     if isinstance(direction, str | Path):
         d = load_direction(defaults.expand(str(direction)))
     source = defaults.resolve_model(model)
+    if out is None:  # gguf-lora of an HF model: ggml's file-name convention, as for a GGUF
+        out = defaults.default_out(source, f"{source.name}-abliterated-LoRA.gguf")
+    write = _writer(Path(out))
     protected = [p for p in (source.hf_dir, source.origin, getattr(d, "path", None)) if p is not None]
     check_output(Path(out), force, protected, replace_any)  # a bad `out` fails before planning
     job = plan_job(source, d, edit, keep_tied, spec, allow_foreign_direction)
@@ -217,6 +221,8 @@ def orthogonalize(
     )
     if fmt == "peft":
         return _write_peft(job, record, Path(out), force=force, replace_any=replace_any)
+    if fmt == "gguf-lora":
+        return _write_hf_gguf_lora(job, record, Path(out), force=force, replace_any=replace_any)
     result = write(
         ckpt,
         plan,
@@ -269,6 +275,22 @@ def _write_peft(job: EditJob, record: EditRecord, out: Path, **options: Any) -> 
     )
     job.plan.notes.extend(result.notes)
     return EditOutcome(result, job.plan, record, _unknown_base(record))  # type: ignore[arg-type]
+
+
+def _write_hf_gguf_lora(job: EditJob, record: EditRecord, out: Path, **options: Any) -> EditOutcome:
+    """The edit of an HF model as a llama.cpp LoRA adapter GGUF for its llama.cpp conversion (GGUF names)."""
+    result = write_gguf_lora(job.ckpt, job.plan, out, record=record.to_dict(), inputs=tuple(job.inputs[1:]), **options)
+    job.plan.notes.extend(result.notes)
+    return EditOutcome(result, job.plan, record, _unknown_base(record))  # type: ignore[arg-type]
+
+
+def _gguf_input(model: str | Path | ModelSource) -> bool:
+    """Whether MODEL is a GGUF file to write a GGUF adapter for directly (a .gguf path, or a recipe, which
+    fetches one), rather than an HF model (a folder or a Hub id) whose conversion the adapter is for."""
+    if isinstance(model, ModelSource):
+        return model.origin is not None
+    path = Path(str(model)).expanduser()
+    return path.suffix.lower() == ".gguf" or (not path.is_dir() and find_recipe(str(model)) is not None)
 
 
 def _orthogonalize_gguf(
