@@ -1,15 +1,17 @@
 """Every output of one edit of the demo model, side by side: what it is, its size, and that it equals the edit.
 
 Writes, from one direction file: the full checkpoint, the PEFT adapter, the edited GGUF, the llama.cpp LoRA GGUF
-and a control vector; prints each size. Then checks in their own clients:
+(from the GGUF, and from the dequantized HF checkpoint with GGUF names) and a control vector; prints each size.
+Then checks in their own clients:
 - PEFT: transformers base + adapter (stock `PeftModel`) vs the edited checkpoint, logits on a few chat prompts;
 - llama.cpp (llama-cpp-python, when installed): the base GGUF + LoRA (`lora_path=`) vs the edited GGUF, logits,
-  next to llama.cpp-vs-transformers on the base model (the arithmetic and quantization noise of the runtime);
+  next to llama.cpp-vs-transformers on the base model (the arithmetic and quantization noise of the runtime),
+  and the LoRA written from the HF checkpoint vs the one written from the GGUF, both on the base GGUF;
   and refusal on `--n` harmful test prompts (greedy, `--tokens` new tokens, refusal markers) for base, edited
   GGUF and base + LoRA.
 
     python bench/adapters.py --direction runs/demo/direction [--workdir runs/adapters] [--n 16] [--tokens 48]
-                             [--no-refusal]
+                             [--no-refusal] [--only-lora]
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="harmful test prompts for the refusal rates")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--no-refusal", action="store_true", help="sizes and logits only (any direction shows them)")
+    ap.add_argument("--only-lora", action="store_true", help="only the two llama.cpp LoRAs and their logits")
     args = ap.parse_args()
 
     from refusal_edit.gguf.cvec import write_control_vector
@@ -134,12 +137,23 @@ def main() -> None:
         "peft": w / "peft",
         "gguf": w / "edited.gguf",
         "gguf-lora": w / "lora.gguf",
+        "gguf-lora from HF": w / "lora-from-hf.gguf",
         "control vector": w / "cvec.gguf",
     }
+    timed("gguf-lora", lambda: orthogonalize_gguf(gguf, d, out["gguf-lora"], format="gguf-lora", **opts))
+    hf_lora = {"format": "gguf-lora", "allow_foreign_direction": True, **opts}  # the folder is not the recipe
+    timed("gguf-lora from HF", lambda: orthogonalize(hf_dir, d, out["gguf-lora from HF"], **hf_lora))
+    if args.only_lora:
+        ids = chat_ids(hf_dir)
+        lora_cpp = cpp_logits(gguf, ids, lora_path=str(out["gguf-lora"]))
+        rel, absolute, top = gap(cpp_logits(gguf, ids, lora_path=str(out["gguf-lora from HF"])), lora_cpp)
+        print(f"FIGURE size gguf-lora from HF: {human(size(out['gguf-lora from HF']))}")
+        print(f"FIGURE logits llama.cpp base+LoRA from HF vs base+LoRA from GGUF: rel {rel:.2e}, max |d| "
+              f"{absolute:.2e}, top-1 agree {top:.3f}")  # fmt: skip
+        return
     timed("checkpoint", lambda: orthogonalize(DEMO, d, out["checkpoint"], **opts))
     timed("peft", lambda: orthogonalize(DEMO, d, out["peft"], format="peft", **opts))
     timed("gguf", lambda: orthogonalize_gguf(gguf, d, out["gguf"], **opts))
-    timed("gguf-lora", lambda: orthogonalize_gguf(gguf, d, out["gguf-lora"], format="gguf-lora", **opts))
     from refusal_edit.directions.artifacts import direction_path, load_direction
 
     write_control_vector(load_direction(direction_path(d)), out["control vector"], coeff=-1.0, force=True)
@@ -162,10 +176,12 @@ def main() -> None:
     base_cpp = cpp_logits(gguf, ids)
     edited_cpp = cpp_logits(out["gguf"], ids)
     lora_cpp = cpp_logits(gguf, ids, lora_path=str(out["gguf-lora"]))
+    hf_lora_cpp = cpp_logits(gguf, ids, lora_path=str(out["gguf-lora from HF"]))
     for label, a, b in (
         ("llama.cpp base vs transformers base (runtime + quantization noise)", base_cpp, base_hf),
         ("llama.cpp base+LoRA vs llama.cpp edited GGUF", lora_cpp, edited_cpp),
         ("llama.cpp base+LoRA vs llama.cpp base (the edit itself)", lora_cpp, base_cpp),
+        ("llama.cpp base+LoRA from HF vs base+LoRA from GGUF", hf_lora_cpp, lora_cpp),
     ):
         rel, absolute, top = gap(a, b)
         print(f"FIGURE logits {label}: rel {rel:.4f}, max |d| {absolute:.3f}, top-1 agree {top:.3f}")
