@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import make_direction
+from test_devices import machine
 from tiny import token_batch
 
 from refusal_edit.edits.memory import edited_weights
@@ -63,13 +64,14 @@ def test_hooks_remove_the_direction_from_a_quantized_model(tiny_dir, load_in):
 
 
 @needs_bnb
-def test_extract_and_evaluate_in_4bit_on_the_cpu(tiny_dir, tmp_path, cli):
+def test_extract_and_evaluate_in_4bit_on_the_cpu(tiny_dir, tmp_path, cli, monkeypatch):
+    """Also the CLI's default device, auto, saying what it picked (a machine without a GPU, monkeypatched)."""
+    machine(monkeypatch, cuda=0, mps=False)
     src = tiny_dir("qwen2")
-    res = cli(
-        "extract", src, "--out", tmp_path / "d", "--device", "cpu", "--load-in", "4bit", *FAST_EXTRACT, *PERMISSIVE
-    )
+    res = cli("extract", src, "--out", tmp_path / "d", "--load-in", "4bit", *FAST_EXTRACT, *PERMISSIVE)
     assert res.code == 0, res.text
-    assert "loaded in 4bit by bitsandbytes (computing in float32)" in res.err
+    said = "device auto: cpu (no CUDA or MPS device); loaded in 4bit by bitsandbytes (computing in float32)"
+    assert said in res.err
     run = json.loads((tmp_path / "d" / "run.json").read_text())
     assert run["load_in"] == "4bit" and run["device"] == "cpu"
     res = cli("evaluate", src, "--direction", tmp_path / "d", "--out", tmp_path / "r", "--load-in", "8bit", *FAST_EVAL)
