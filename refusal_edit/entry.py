@@ -16,7 +16,7 @@ import signal
 import sys
 from contextlib import suppress
 
-from refusal_edit.interrupt import Terminated, sigterm_raises
+from refusal_edit.interrupt import Terminated, raise_outside_imports, release_held, sigterm_raises
 
 INTERRUPTED = 130
 
@@ -30,16 +30,29 @@ def _after_the_end(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def _the_end() -> int | None:
+    """From here on a signal means the command has finished; the signal held in an import, if any."""
+    held = release_held()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _after_the_end)
+    return held
+
+
 def _run() -> None:
     try:
         try:
+            signal.signal(signal.SIGINT, raise_outside_imports)  # Ctrl-C held while a module is imported
             with sigterm_raises():
                 from refusal_edit.cli import main as run
 
                 run()
+        except SystemExit as exc:
+            held = _the_end()
+            if held is not None and exc.code in (0, None):  # held in a late import, then the command ended
+                _after_the_end(held, None)
+            raise
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, _after_the_end)
+            _the_end()
     except KeyboardInterrupt:
         sys.stderr.write("interrupted (Ctrl-C): stopped before the end\n")
         sys.exit(INTERRUPTED)

@@ -446,3 +446,29 @@ def test_a_held_out_part_of_a_user_file(tmp_path, cli):
         split_prompts(tiny, tiny, ExtractSettings())
     help_text = flat(cli("extract", "--help").out)
     assert "70/15/15" in help_text and "FILE@test" in help_text
+
+
+def test_a_signal_during_an_import_is_held_until_the_import_is_over(tmp_path, monkeypatch):
+    """A Ctrl-C inside numpy's or torch's initialisation left the module half-made: later imports failed with
+    a RecursionError traceback and exit code 1 instead of the one-line interrupt. The handler holds it."""
+    import importlib
+
+    from refusal_edit.interrupt import raise_outside_imports, release_held
+
+    (tmp_path / "slow_module_for_signals.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.2)\nDONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.signal(signal.SIGINT, raise_outside_imports)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            importlib.import_module("slow_module_for_signals")
+            time.sleep(1)  # the held Ctrl-C arrives here, after the import, within ~20 ms
+        assert sys.modules["slow_module_for_signals"].DONE  # the module was imported whole
+        assert release_held() is None
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # outside an import: at once
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.modules.pop("slow_module_for_signals", None)
