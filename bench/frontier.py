@@ -44,7 +44,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -193,6 +192,7 @@ def _test_numbers(summary: dict[str, Any]) -> dict[str, Any]:
         "multi_token_kl",
         "harmful_prompts",
         "harmless_prompts",
+        "harmful_count",
         "max_new_tokens",
     )
     got = {k: summary.get(k) for k in keys}
@@ -681,10 +681,9 @@ def _refused(p: Point, refusal: str = KEYS[0]) -> tuple[int, int] | None:
     from refusal_edit.evaluation.stats import count
 
     t = p.test or {}
-    found = re.search(r"\((\d+)\)$", str(t.get("harmful_prompts") or ""))
-    if found is None or t.get(refusal) is None:
+    n = t.get("harmful_count")
+    if n is None or t.get(refusal) is None:
         return None
-    n = int(found.group(1))
     return count(t[refusal], n), n
 
 

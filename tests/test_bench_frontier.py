@@ -32,6 +32,7 @@ def _point(method: str, pid: str, refusal: float, ft: float, mt: float):
         "first_token_kl": ft,
         "multi_token_kl": mt,
         "harmful_prompts": "builtin:harmful@test (100)",
+        "harmful_count": 100,
     }
     return frontier.Point(method, pid, f"/x/{pid}", test=test)
 

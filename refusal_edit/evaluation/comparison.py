@@ -235,6 +235,7 @@ class EvalReport:
             "evaluated": self.created,
             "tool_version": __version__,
             **{f"{k}_prompts": f"{self.prompts[k]['source']} ({self.prompts[k]['count']})" for k in self.kinds},
+            **{f"{k}_count": self.prompts[k]["count"] for k in self.kinds},  # the number, for readers of the data
             "max_new_tokens": self.settings["max_new_tokens"],
             "kl_tokens": self.settings.get("kl_tokens"),
         }
