@@ -46,12 +46,12 @@ def _run() -> None:
                 from refusal_edit.cli import main as run
 
                 run()
-        except SystemExit as exc:
+        except BaseException as exc:
             held = _the_end()
-            if held is not None and exc.code in (0, None):  # held in a late import, then the command ended
-                _after_the_end(held, None)
+            if held is not None and isinstance(exc, SystemExit) and exc.code in (0, None):
+                _after_the_end(held, None)  # held in a late import, then the command ended
             raise
-        finally:
+        else:
             _the_end()
     except KeyboardInterrupt:
         sys.stderr.write("interrupted (Ctrl-C): stopped before the end\n")

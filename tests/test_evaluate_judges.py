@@ -118,6 +118,7 @@ def test_every_judge_reports_per_set_and_category_with_pooled_agreement(env):
     assert summary["harmful_refusal_edited_ci95"] == [round(x, 4) for x in wilson(c.refused, c.total)]
     lo, hi = summary["harmful_refusal_edited_ci95"]
     assert lo <= summary["harmful_refusal_edited"] <= hi and hi - lo > 0.3  # 4 replies: a wide interval
+    assert summary["harmful_count"] == c.total  # the number behind each rate, as data (bench/frontier reads it)
     data = json.loads(json.dumps(report.to_dict()))
     assert set(data["agreement"]) == {"all"} | {f"{s}/{k}" for s in ("base", "edited") for k in report.kinds}
     assert data["judging"]["edited"]["harmful"]["stats"]["has-e"]["total"] == 4
