@@ -98,7 +98,7 @@ def main() -> None:
 
     from refusal_edit.directions.artifacts import load_direction
     from refusal_edit.directions.bank import load_bank
-    from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
+    from refusal_edit.edits.spec import DirectionBank, EditSpec
     from refusal_edit.loading.model import load_model
     from refusal_edit.prompts import chat_format
     from refusal_edit.tuning.confirm import Confirmer
@@ -113,7 +113,6 @@ def main() -> None:
     harmful = sets["harmful"].split(args.split)
     harmless = sets["harmless"].split("val").sample(args.kl_prompts)
     print(f"{len(harmful)} harmful {args.split} prompts, {len(harmless)} harmless val prompts", file=sys.stderr)
-    n_layers = int(lm.model.config.get_text_config().num_hidden_layers)
     specs = {label: EditSpec.from_json(spec) for label, spec in points.items()}
     kl_texts = fmt.format_all(harmless.instructions)
     start = time.perf_counter()
@@ -123,11 +122,10 @@ def main() -> None:
         confirmer = Confirmer(
             lm.model, lm.tokenizer, prompts, fmt.format_all(prompts), kl_texts, args.max_new_tokens, args.batch_size
         )
-        resolved = [(label, resolve(spec, edit_bank, n_layers)) for label, spec in specs.items()]
-        measured = confirmer.measure(resolved)
+        measured = confirmer.measure(list(specs.items()), edit_bank)
         return {
             label: {k: v for k, v in m.to_json().items() if k != "samples"}
-            for (label, _), m in zip(resolved, measured, strict=True)
+            for label, m in zip(specs, measured, strict=True)
         }
 
     if not args.cross_fit:

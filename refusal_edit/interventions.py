@@ -11,19 +11,20 @@ exactness tests compare edited checkpoints against these hooks.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from refusal_edit.anatomy import anatomy
-from refusal_edit.edits.spec import ResolvedEdit, full_ablation
+from refusal_edit.edits.memory import edited_weights
+from refusal_edit.edits.spec import DirectionBank, EditSpec, WriterBases, full_ablation, resolve
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.linalg import sandwich, unit
 
-__all__ = ["Intervention", "RowGroups", "ablation", "addition", "edit_hooks", "edit_hooks_by_row", "unit"]
+__all__ = ["Intervention", "RowGroups", "ablation", "addition", "applied", "edit_hooks", "edit_hooks_by_row", "unit"]
 
 
 def _project(x: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -49,7 +50,7 @@ def _projection_hook(q: torch.Tensor, alpha: float):
 
 
 @contextmanager
-def edit_hooks(model: nn.Module, edit: ResolvedEdit) -> Iterator[None]:
+def edit_hooks(model: nn.Module, edit: WriterBases) -> Iterator[None]:
     """Apply `edit` to every residual writer's output while the context is active (the weight edit's twin)."""
     if edit.preserve_norm:
         raise RefusalEditError(
@@ -90,7 +91,7 @@ class RowGroups:
 
 
 @contextmanager
-def edit_hooks_by_row(model: nn.Module, edits: Sequence[ResolvedEdit | None], rows: RowGroups) -> Iterator[None]:
+def edit_hooks_by_row(model: nn.Module, edits: Sequence[WriterBases | None], rows: RowGroups) -> Iterator[None]:
     """Like `edit_hooks`, with `edits[g]` applied to the rows of group g (None: no edit for that group)."""
     anat = anatomy(model)
     if any(e is not None and e.preserve_norm for e in edits):
@@ -183,39 +184,53 @@ def addition(
         handle.remove()
 
 
+def applied(model: nn.Module, edit: WriterBases | None) -> AbstractContextManager[object]:
+    """Resolved bases on a loaded model: hooks where a hook twin exists, else the weights edited in place."""
+    if edit is None:
+        return nullcontext()
+    return edited_weights(model, edit) if edit.preserve_norm else edit_hooks(model, edit)
+
+
 @dataclass(frozen=True)
 class Intervention:
-    """A hook-based edit described by data, so it can be recorded in reports and applied anywhere.
+    """An `EditSpec` applied by hooks (or, for norm preservation, to the weights in memory): the in-memory twin
+    of the edit orthogonalize writes, and what reports record of it (`describe`).
 
-    `ablate`: the paper's full ablation of `direction`; `add`: activation addition; `edit`: any resolved
-    edit variant (`edit`), with `spec` its JSON description for reports.
+    `vector` is what the spec's mode uses (`DirectionFile.edit_vector`): the direction an ablation removes, or
+    the vector an addition adds (before `spec.coeff`) at `spec.layer`; `bank` holds the candidates an ablation
+    variant draws on (None: `vector` alone).
     """
 
-    kind: Literal["ablate", "add", "edit"]
-    direction: torch.Tensor  # unit direction for ablate, the raw vector for add, the leading direction for edit
-    layer: int | None = None
-    coeff: float = 1.0
-    site: str = "input"
-    edit: ResolvedEdit | None = None
-    spec: dict[str, Any] | None = field(default=None)
+    spec: EditSpec
+    vector: torch.Tensor
+    bank: DirectionBank | None = None
+
+    @property
+    def vector_norm(self) -> float:
+        """The norm of what is removed (1: a unit direction) or added (`coeff` x the vector)."""
+        return float(self.vector.float().norm() * abs(self.spec.coeff))
+
+    def bases(self, n_layers: int) -> WriterBases:
+        """An ablation's basis and weight per writer site (what the planner and the hooks apply)."""
+        if self.spec.mode != "ablate":
+            raise RefusalEditError("an addition has no writer bases (it adds a vector)")
+        return resolve(self.spec, self.bank if self.bank is not None else DirectionBank(self.vector), n_layers)
 
     @contextmanager
     def apply(self, model: nn.Module) -> Iterator[None]:
-        with ExitStack() as stack:
-            if self.kind == "ablate":
-                stack.enter_context(ablation(model, self.direction))
-            elif self.kind == "edit":
-                if self.edit is None:
-                    raise RefusalEditError("an edit intervention needs its resolved edit")
-                stack.enter_context(edit_hooks(model, self.edit))
-            else:
-                if self.layer is None:
-                    raise RefusalEditError("an addition needs a layer")
-                stack.enter_context(addition(model, self.direction, self.layer, self.coeff, self.site))
-            yield
+        spec = self.spec.check()
+        if spec.mode == "add":
+            if spec.layer is None:
+                raise RefusalEditError("an addition needs a layer")
+            with addition(model, self.vector, spec.layer, spec.coeff, spec.site or "input"):
+                yield
+        else:
+            with applied(model, self.bases(anatomy(model).num_layers)):
+                yield
 
     def describe(self) -> dict[str, Any]:
-        out = {"kind": self.kind, "layer": self.layer, "coeff": self.coeff, "site": self.site}
-        if self.spec is not None:
-            out["spec"] = self.spec
+        spec = self.spec
+        out = {"kind": spec.mode, "layer": spec.layer, "coeff": spec.coeff, "site": spec.site or "input"}
+        if spec.is_variant:
+            out["spec"] = spec.to_json()
         return out

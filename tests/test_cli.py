@@ -245,12 +245,13 @@ def test_the_command_line_speaks_only_to_workflows():
 
 def test_library_errors_name_parameters_and_the_cli_renders_flags(model, direction, tmp_path):
     from refusal_edit.cli.app import flag_names, in_flags
+    from refusal_edit.edits.spec import EditSpec
     from refusal_edit.errors import RefusalEditError
     from refusal_edit.prompts.template import chat_format
     from refusal_edit.workflows import orthogonalize
 
     with pytest.raises(RefusalEditError) as info:
-        orthogonalize(model, direction, tmp_path / "out", coeff=2.0, layer=0)
+        orthogonalize(model, direction, tmp_path / "out", EditSpec(coeff=2.0, layer=0))
     text = str(info.value)
     assert text.startswith("`coeff` and `layer` apply to `mode` add") and "--" not in text
     rendered = in_flags(text, flag_names(["orthogonalize"]))

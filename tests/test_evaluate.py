@@ -17,7 +17,7 @@ from refusal_edit.checkpoint.card import RECORD
 from refusal_edit.directions.artifacts import load_direction, save_direction
 from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation.comparison import EvalSettings, intervention_from_direction, teacher_forced
+from refusal_edit.evaluation.comparison import EvalSettings, teacher_forced
 from refusal_edit.evaluation.metrics import (
     ContinuationMetrics,
     aggregate,
@@ -30,6 +30,7 @@ from refusal_edit.interventions import Intervention
 from refusal_edit.judging.markers import REFUSAL_MARKERS, is_refusal, load_markers
 from refusal_edit.loading import load_model
 from refusal_edit.workflows import evaluate
+from refusal_edit.workflows.planning import intervention_of
 
 FAST = EvalSettings(n=4, max_new_tokens=4, batch_size=3, samples=3)
 
@@ -180,7 +181,7 @@ def test_teacher_forcing_reads_the_positions_that_predict_the_continuation(env):
     conts = [[40, 41, 42], [], [43]]
     batched = teacher_forced(model, model, tok, texts, conts, batch_size=3, description=None)
     g = torch.Generator().manual_seed(0)
-    direction = Intervention("ablate", torch.randn(tiny.HIDDEN, generator=g))
+    direction = Intervention(EditSpec(), torch.randn(tiny.HIDDEN, generator=g))
     edited = teacher_forced(model, model, tok, texts, conts, intervention=direction, batch_size=2, description=None)
     for i, (text, cont) in enumerate(zip(texts, conts, strict=True)):
         prompt = tok(text, add_special_tokens=False)["input_ids"]
@@ -205,7 +206,7 @@ def test_teacher_forcing_reads_the_positions_that_predict_the_continuation(env):
 
 
 def test_zero_intervention_and_identical_checkpoint_give_zero_kl_and_equal_rates(env):
-    zero = Intervention("add", torch.zeros(tiny.HIDDEN), layer=0, coeff=0.0)
+    zero = Intervention(EditSpec(mode="add", coeff=0.0, layer=0), torch.zeros(tiny.HIDDEN))
     for report in (run_eval(env, intervention=zero), run_eval(env, str(env["same"]))):
         d = report.divergence
         assert d.first_token_kl <= 1e-6 and d.multi_token_kl is not None and d.multi_token_kl <= 1e-6
@@ -221,7 +222,7 @@ def test_zero_intervention_and_identical_checkpoint_give_zero_kl_and_equal_rates
 
 
 def test_ablation_hook_matches_the_orthogonalized_checkpoint_and_has_positive_kl(env):
-    hook = intervention_from_direction(load_direction(env["direction"]))
+    hook = intervention_of(load_direction(env["direction"]), EditSpec())
     by_hook = run_eval(env, intervention=hook)
     by_ckpt = run_eval(env, str(env["edited"]))
     assert by_hook.divergence.first_token_kl > 1e-4
@@ -241,7 +242,7 @@ def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypat
     real = run.generate
     monkeypatch.setattr(run, "generate", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
     base = load_model(str(env["base"]))
-    hook = intervention_from_direction(load_direction(env["direction"]))
+    hook = intervention_of(load_direction(env["direction"]), EditSpec())
     settings = replace(FAST, borderline=False)
     fresh = run_eval(env, intervention=hook, settings=settings)
     cache: dict = {}
@@ -280,7 +281,7 @@ def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypat
 
 def test_kl_numbers_teacher_force_at_most_kl_tokens_whatever_the_reply_length(env):
     """Longer judged replies (`max_new_tokens`) leave the KL numbers' definition and cost alone."""
-    hook = intervention_from_direction(load_direction(env["direction"]))
+    hook = intervention_of(load_direction(env["direction"]), EditSpec())
     settings = EvalSettings(n=4, max_new_tokens=6, batch_size=4, samples=0, borderline=False)
     short = run_eval(env, intervention=hook, settings=replace(settings, kl_tokens=2))
     full = run_eval(env, intervention=hook, settings=replace(settings, kl_tokens=None))
@@ -292,7 +293,7 @@ def test_kl_numbers_teacher_force_at_most_kl_tokens_whatever_the_reply_length(en
 
 
 def test_default_prompts_are_the_builtin_test_splits(env):
-    zero = Intervention("add", torch.zeros(tiny.HIDDEN), layer=0, coeff=0.0)
+    zero = Intervention(EditSpec(mode="add", coeff=0.0, layer=0), torch.zeros(tiny.HIDDEN))
     settings = EvalSettings(n=2, max_new_tokens=2, batch_size=2, samples=0)
     report = evaluate(str(env["base"]), intervention=zero, settings=settings)
     assert report.prompts["harmful"]["source"] == "builtin:harmful@test[:2]"
@@ -301,14 +302,15 @@ def test_default_prompts_are_the_builtin_test_splits(env):
     assert report.samples == []
 
 
-def test_intervention_from_direction_add_uses_mean_diff_at_its_layer(env):
+def test_intervention_of_an_addition_uses_mean_diff_at_its_layer(env):
     d = load_direction(env["direction"])
-    add = intervention_from_direction(d, EditSpec(mode="add", coeff=-2.0))
-    assert add.kind == "add" and add.layer == 1 and add.coeff == -2.0
-    assert torch.equal(add.direction, d.mean_diff)
-    assert torch.equal(intervention_from_direction(d, EditSpec(mode="add", layer=2, unit=True)).direction, d.direction)
+    add = intervention_of(d, EditSpec(mode="add", coeff=-2.0))
+    assert add.spec == EditSpec(mode="add", coeff=-2.0, layer=1)  # the direction's layer, filled in
+    assert add.describe() == {"kind": "add", "layer": 1, "coeff": -2.0, "site": "input"}
+    assert torch.equal(add.vector, d.mean_diff)
+    assert torch.equal(intervention_of(d, EditSpec(mode="add", layer=2, unit=True)).vector, d.direction)
     with pytest.raises(RefusalEditError, match="coeff"):
-        intervention_from_direction(d, EditSpec(mode="ablate", coeff=2.0))
+        intervention_of(d, EditSpec(mode="ablate", coeff=2.0))
 
 
 # ---------------------------------------------------------------- CLI

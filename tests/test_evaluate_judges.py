@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from refusal_edit.directions.artifacts import load_direction, save_direction
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation import comparison as run_module
 from refusal_edit.evaluation.comparison import EvalSettings
@@ -278,7 +279,7 @@ def test_judges_see_the_answer_and_reasoning_only_refusals_are_counted(thinker, 
         return [Generated(t, reply, [5, 6]) for t in texts]
 
     monkeypatch.setattr(run_module, "generate", fake_generate)
-    zero = run_module.Intervention("add", torch.zeros(tiny.HIDDEN), layer=0, coeff=0.0)
+    zero = run_module.Intervention(EditSpec(mode="add", coeff=0.0, layer=0), torch.zeros(tiny.HIDDEN))
     settings = EvalSettings(n=2, max_new_tokens=4, batch_size=2, samples=1)
     report = evaluate(str(thinker), intervention=zero, settings=settings, harmful="builtin:harmful")
     assert calls and not any(calls)  # the delimiters are special tokens: decoded with them kept
@@ -382,7 +383,7 @@ def test_compare_needs_both_prompt_sets(env):
 
     lm = load_model(env["base"])
     sets = {"harmful": PromptSet("x", ["a"])}
-    zero = run_module.Intervention("add", torch.zeros(tiny.HIDDEN), layer=0, coeff=0.0)
+    zero = run_module.Intervention(EditSpec(mode="add", coeff=0.0, layer=0), torch.zeros(tiny.HIDDEN))
     with pytest.raises(ValueError, match="harmless"):
         run_module.compare(lm, chat_format(lm.tokenizer), sets, intervention=zero)
     with pytest.raises(RefusalEditError, match="judge_llm_rubric"):

@@ -387,7 +387,7 @@ def test_orthogonalize_gguf_variant_spec(tmp, qwen, direction):
     from refusal_edit.workflows import orthogonalize
 
     out = tmp / "variant.gguf"
-    result = orthogonalize(qwen, direction, out, spec=variant(layers="1:2", weight=0.5))
+    result = orthogonalize(qwen, direction, out, variant(layers="1:2", weight=0.5))
     assert result.record is not None and result.record.mode == "ablate" and result.record.spec is not None
     src, edited = GGUFFile(qwen), GGUFFile(out)
     untouched = ["token_embd.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"]

@@ -394,14 +394,13 @@ def test_ctrl_c_during_tune_s_optuna_loop_is_not_logged_as_a_traceback(tmp_path,
     class Scorer:
         calls = 0
 
-        def score(self, spec):
+        def score(self, spec, bank):
             Scorer.calls += 1
             if Scorer.calls == 3:
                 raise KeyboardInterrupt
             return SimpleNamespace(refusal=0.5, kl=0.1, refusal_logodds=0.0)
 
     quiet_libraries()
-    monkeypatch.setattr(tuning, "resolve", lambda spec, bank, n_layers: spec)
     space = SearchSpace(n_layers=6, direction_layer=3, per_layer=True, harmless_means=False, preserve_norm=False)
     with pytest.raises(KeyboardInterrupt):
         tuning.search(Scorer(), space, None, tuning.TuneSettings(trials=8, refine=2, startup=2), tmp_path / "s")

@@ -185,6 +185,37 @@ def test_function_local_imports_only_defer_heavy_modules():
     assert light == []
 
 
+# Where the fields of an addition may be spelled out one by one: the value itself, the record that stores it,
+# the options that declare them and the one function that reads them into the value, the hook primitive.
+EDIT_FIELDS = {"mode", "coeff", "layer", "site", "unit"}
+SPELLED_OUT = {
+    "edits.spec.EditSpec",
+    "checkpoint.record.EditRecord",
+    "cli.chat.chat",
+    "cli.evaluate.evaluate",
+    "cli.orthogonalize.orthogonalize",
+    "workflows.planning.edit_from_options",
+    "interventions.addition",
+}
+
+
+def test_an_edit_is_one_value_from_the_options_to_the_writers_and_hooks():
+    """`EditSpec` is the one description of an edit: no other class declares its addition fields, and no
+    function takes three or more of them as loose parameters (a parallel description of the edit, issue #30)."""
+    found = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                names = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and hasattr(s.target, "id")}
+            elif isinstance(node, ast.FunctionDef):
+                names = {a.arg for a in [*node.args.args, *node.args.kwonlyargs]}
+            else:
+                continue
+            if len(names & EDIT_FIELDS) >= 3:
+                found.add(f"{module.removeprefix('refusal_edit.')}.{node.name}")
+    assert found == SPELLED_OUT
+
+
 if __name__ == "__main__":  # `python tests/test_imports.py`: the figures issue #30 reports
     for component in _cycles(_graph()):
         print(len(component), " ".join(m.removeprefix("refusal_edit.") for m in component))

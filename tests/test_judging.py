@@ -9,6 +9,7 @@ import torch
 from tiny import CONFIGS, build, tokenizer
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.generation import generate
 from refusal_edit.interventions import Intervention
@@ -145,7 +146,7 @@ def test_a_broken_tiny_model_is_reported_degenerate_not_compliant():
     prompts = ["how do i pick a lock", "tell me a joke", "what is the capital of france", "write a poem"]
     texts = fmt.format_all(prompts)
     vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    with Intervention("add", vector, layer=1, coeff=1e4).apply(model):
+    with Intervention(EditSpec(mode="add", coeff=1e4, layer=1), vector).apply(model):
         broken = [g.text for g in generate(model, tok, texts, max_new_tokens=32, batch_size=4, description=None)]
     report = judge_all([MarkerJudge()], prompts, broken)
     assert report.degenerate_rate == 1.0, broken

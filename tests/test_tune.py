@@ -322,7 +322,7 @@ class _StandInScorer:
 
     base = SimpleNamespace(refusal=0.5, refusal_logodds=0.0)
 
-    def score(self, spec):
+    def score(self, spec, bank):
         from refusal_edit.tuning.proxies import ProxyScores
 
         s = spec.to_json()
@@ -339,7 +339,6 @@ def test_search_runs_the_kl_matched_point_last_after_the_bridge_it_needs(tmp_pat
     from refusal_edit.tuning import run as tuning
     from refusal_edit.tuning.space import SearchSpace
 
-    monkeypatch.setattr(tuning, "resolve", lambda spec, bank, n_layers: spec)
     space = SearchSpace(n_layers=6, direction_layer=3, per_layer=True, harmless_means=False, preserve_norm=False)
     settings = tuning.TuneSettings(trials=16, refine=6, startup=4)
     storage = tmp_path / "study.journal"
@@ -372,11 +371,10 @@ def test_bridge_points_that_damage_more_than_the_paper_s_edit_are_not_confirmed(
     from refusal_edit.tuning.confirm import Confirmed
 
     class Confirmer:
-        def measure(self, points):
+        def measure(self, points, bank):
             self.labels = [label for label, _ in points]
             return [Confirmed(0.1, 0.0, 0.9, 0.1, 0.01, 4, 3, 0.0, []) for _ in points]
 
-    monkeypatch.setattr(tuning, "resolve", lambda spec, bank, n_layers: spec)
     bank = SimpleNamespace(layer=3, mean_diff=object(), harmless_mean=None)
     settings = tuning.TuneSettings(trials=16, refine=6, startup=4, confirm=2, preserve_norm=False)
     confirmer = Confirmer()

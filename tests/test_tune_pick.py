@@ -178,7 +178,7 @@ class _Scorer:
 
     base = SimpleNamespace(refusal=0.5, refusal_logodds=0.0)
 
-    def score(self, spec):
+    def score(self, spec, bank):
         from refusal_edit.tuning.proxies import ProxyScores
 
         s = spec.to_json()
@@ -195,7 +195,7 @@ def _strength(spec) -> float:
 class _Confirmer:
     """Stand-in confirmation on 32 val prompts: stronger points refuse less; none tells 0-3 refusals apart."""
 
-    def measure(self, points):
+    def measure(self, points, bank):
         from refusal_edit.tuning.confirm import Confirmed
 
         out = []
@@ -227,7 +227,6 @@ def test_tune_judges_contenders_on_held_out_prompts_and_records_why_each_point_l
     confirmed point has a verdict."""
     from refusal_edit.tuning import run as tuning
 
-    monkeypatch.setattr(tuning, "resolve", lambda spec, bank, n_layers: spec)
     bank = SimpleNamespace(layer=3, mean_diff=None, harmless_mean=None)
     settings = tuning.TuneSettings(trials=16, refine=4, startup=4, confirm=4, preserve_norm=False)
     judge, made = _CrossFit(), []
@@ -253,7 +252,6 @@ def test_tune_judges_contenders_on_held_out_prompts_and_records_why_each_point_l
 def test_a_named_point_is_confirmed_even_off_the_front(tmp_path, monkeypatch):
     from refusal_edit.tuning import run as tuning
 
-    monkeypatch.setattr(tuning, "resolve", lambda spec, bank, n_layers: spec)
     bank = SimpleNamespace(layer=3, mean_diff=None, harmless_mean=None)
     settings = tuning.TuneSettings(trials=12, refine=0, startup=4, confirm=1, preserve_norm=False)
     settings.pick = PickRule.parse("t7")

@@ -93,7 +93,7 @@ def chat(
     answered and the command exits: results on stdout, nothing interactive."""
     quiet_libraries()
     from refusal_edit.workflows.chat import one_shot_prompts, open_chat
-    from refusal_edit.workflows.planning import edit_variant
+    from refusal_edit.workflows.planning import edit_from_options
 
     prompts = one_shot_prompts(prompt, prompt_file)
     if as_json and not prompts:
@@ -102,12 +102,21 @@ def chat(
         model,
         edited,
         direction=direction,
-        spec=edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm),
-        mode=mode,
-        coeff=coeff,
-        layer=layer,
-        site=site,
-        unit=unit,
+        edit=edit_from_options(
+            spec,
+            mode=mode,
+            coeff=coeff,
+            layer=layer,
+            site=site,
+            unit=unit,
+            layers=layers,
+            weight=weight,
+            per_layer=per_layer,
+            projected=projected,
+            rank=rank,
+            basis=basis,
+            preserve_norm=preserve_norm,
+        ),
         **opt.chat(system_prompt, template),
         template_kwargs=template_kwargs,
         **opt.placement(dtype, device, max_memory, offload_dir),

@@ -154,6 +154,7 @@ def evaluate(
     judge agreement, first-token and multi-token KL, cross-entropy."""
     quiet_libraries()
     from refusal_edit.workflows import evaluation as workflow
+    from refusal_edit.workflows.planning import edit_from_options
 
     skip_borderline = borderline is not None and borderline.strip().lower() == "none"
     judging = {
@@ -188,11 +189,7 @@ def evaluate(
         base,
         edited,
         direction=direction,
-        mode=intervention or mode,
-        coeff=coeff,
-        layer=layer,
-        site=site,
-        unit=unit,
+        edit=edit_from_options(mode=intervention or mode, coeff=coeff, layer=layer, site=site, unit=unit),
         out=out,
         force=force,
         record=record,

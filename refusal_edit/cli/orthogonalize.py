@@ -115,19 +115,31 @@ def orthogonalize(
     """Write a standalone safetensors model with the direction removed (or a bias baked in)."""
     quiet_libraries()
     from refusal_edit.workflows import editing as workflow
-    from refusal_edit.workflows.planning import edit_variant
+    from refusal_edit.workflows.planning import edit_from_options
 
-    options = edit_variant(spec, layers, weight, per_layer, projected, rank, basis, preserve_norm)
+    edit = edit_from_options(
+        spec,
+        mode=mode,
+        coeff=coeff,
+        layer=layer,
+        site=site,
+        unit=unit,
+        layers=layers,
+        weight=weight,
+        per_layer=per_layer,
+        projected=projected,
+        rank=rank,
+        basis=basis,
+        preserve_norm=preserve_norm,
+    )
     if plan_only:
         from refusal_edit.cli.archs import plan_summary, plan_table
 
-        job, rows = workflow.preview(
-            model, direction, mode, coeff, layer, site, unit, keep_tied, options, allow_foreign_direction
-        )
-        show(plan_table(job.plan, rows, f"{job.mode}: {job.source.name} (plan only, nothing written)"))
+        job, rows = workflow.preview(model, direction, edit, keep_tied, allow_foreign_direction)
+        show(plan_table(job.plan, rows, f"{job.edit.mode}: {job.source.name} (plan only, nothing written)"))
         show(plan_summary(rows))
-        if job.spec is not None:
-            err.print(f"- edit: {escape(job.spec.describe())}", soft_wrap=True)
+        if job.variant is not None:
+            err.print(f"- edit: {escape(job.variant)}", soft_wrap=True)
         for note in job.plan.notes:
             err.print(f"- {escape(note)}", soft_wrap=True)
         return
@@ -135,11 +147,7 @@ def orthogonalize(
         model,
         direction,
         out,
-        mode=mode,
-        coeff=coeff,
-        layer=layer,
-        site=site,
-        unit=unit,
+        edit,
         dtype=dtype,
         max_shard_size=max_shard_size,
         force=force,
@@ -148,7 +156,6 @@ def orthogonalize(
         replace_any=replace_any,
         allow_nonfinite=allow_nonfinite,
         allow_foreign_direction=allow_foreign_direction,
-        spec=options,
         format=format,
     )
     w = result.write

@@ -24,7 +24,7 @@ from torch import nn
 
 from refusal_edit.anatomy import Writer, anatomy
 from refusal_edit.arch import VERIFYING, ArchSpec
-from refusal_edit.edits.spec import ResolvedEdit, full_ablation
+from refusal_edit.edits.spec import WriterBases, full_ablation
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.interventions import _projection_hook, edit_hooks
 from refusal_edit.linalg import orthonormal, sandwich
@@ -73,18 +73,18 @@ def _r_left(states: list[torch.Tensor], r: torch.Tensor) -> float:
     return max(float((h.float() @ r).abs().max()) / max(1.0, float(h.abs().max())) for h in states)
 
 
-def _weight_edited(model: nn.Module, edit: ResolvedEdit, ids: torch.Tensor):
+def _weight_edited(model: nn.Module, edit: WriterBases, ids: torch.Tensor):
     from refusal_edit.edits.memory import edited_weights
 
     with edited_weights(model, edit):
         return _stream(model, ids)
 
 
-def _variant(r: torch.Tensor, n_layers: int, seed: int) -> ResolvedEdit:
+def _variant(r: torch.Tensor, n_layers: int, seed: int) -> WriterBases:
     """A rank-2 edit led by r with a different weight at every site and layer (tune's space, sampled)."""
     g = torch.Generator().manual_seed(seed)
     basis = orthonormal(torch.stack([r, torch.randn(r.numel(), generator=g)]))
-    edit = ResolvedEdit(n_layers)
+    edit = WriterBases(n_layers)
     edit.bases["embedding", None], edit.alphas["embedding", None] = basis, 0.7
     for layer in range(n_layers):
         for site in ("attn", "mlp"):

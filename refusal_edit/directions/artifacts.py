@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import refusal_edit.directions.identity as identity
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.linalg import unit
 from refusal_edit.loading.cache import sha256_file
@@ -53,24 +54,19 @@ class DirectionFile:
         value = self.metadata.get("position")
         return int(value) if value not in (None, "") else None
 
-    def edit_vector(
-        self, mode: str, coeff: float = 1.0, layer: int | None = None, unit: bool = False
-    ) -> tuple[torch.Tensor, int | None]:
-        """What an edit of `mode` uses, and where: the unit direction for `ablate` (all layers); for `add`
-        the raw mean difference (the unit direction with `unit`) at the recorded layer unless `layer` says
+    def edit_vector(self, edit: EditSpec) -> tuple[torch.Tensor, int | None]:
+        """What `edit` uses, and where: the unit direction for an ablation (all layers); for an addition the
+        raw mean difference (the unit direction with `unit`) at the recorded layer unless `edit.layer` says
         otherwise. The caller applies `coeff`."""
-        if mode == "ablate":
-            if coeff != 1.0:
-                raise RefusalEditError("`coeff` applies to `mode` add; ablation removes the direction completely")
+        edit.check()
+        if edit.mode == "ablate":
             return self.direction, None
-        if mode != "add":
-            raise RefusalEditError(f"unknown `mode` {mode!r} (ablate, add)")
-        layer = self.layer if layer is None else layer
+        layer = self.layer if edit.layer is None else edit.layer
         if layer is None:
             raise RefusalEditError("`mode` add needs `layer` (the direction file records none)")
-        if not unit and self.mean_diff is None:
+        if not edit.unit and self.mean_diff is None:
             raise RefusalEditError("the direction file has no mean_diff; pass `unit` to add the unit direction")
-        return (self.direction if unit else self.mean_diff), layer  # type: ignore[return-value]
+        return (self.direction if edit.unit else self.mean_diff), layer  # type: ignore[return-value]
 
 
 def save_direction(path: Path, mean_diff: torch.Tensor, metadata: dict[str, Any]) -> Path:

@@ -1,6 +1,6 @@
 """Permanent weight edits: orthogonalization (ablate) and baked activation addition (add).
 
-`plan_direction_edit` decides what changes (an `EditPlan`, from the checkpoint's tensor list alone);
+`plan_edit` / `plan_addition` decide what changes (an `EditPlan`, from the checkpoint's tensor list alone);
 `write_checkpoint` streams the edited checkpoint out. Resolving MODEL, building the edit record and the
 model card and choosing the output are the workflow's (`refusal_edit.workflows.editing`).
 """
@@ -11,9 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from refusal_edit.checkpoint.layout import Checkpoint
-from refusal_edit.directions.artifacts import DirectionFile
-from refusal_edit.edits.plan import EditPlan, plan_ablation, plan_addition
+from refusal_edit.edits.plan import EditPlan
 from refusal_edit.edits.spec import MODES, EditSpec
 from refusal_edit.edits.write import WriteResult, write_checkpoint
 from refusal_edit.errors import RefusalEditError
@@ -22,9 +20,7 @@ __all__ = [
     "MODES",
     "EditResult",
     "EditSpec",
-    "check_edit",
     "parse_size",
-    "plan_direction_edit",
     "write_checkpoint",
 ]
 
@@ -33,26 +29,6 @@ __all__ = [
 class EditResult:
     write: WriteResult
     plan: EditPlan
-
-
-def check_edit(
-    mode: str, coeff: float = 1.0, layer: int | None = None, site: str | None = None, unit: bool = False
-) -> EditSpec:
-    """The edit of a direction file that `mode`, `coeff`, `layer`, `site` and `unit` describe, checked."""
-    return EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit).check()
-
-
-def plan_direction_edit(
-    ckpt: Checkpoint, direction: DirectionFile, edit: EditSpec, keep_tied: bool = False
-) -> tuple[EditPlan, int | None]:
-    """The plan of the plain edit (no variant) by a direction file, and the layer an addition goes to (None
-    for ablation)."""
-    edit.check()
-    vector, at = direction.edit_vector(edit.mode, edit.coeff, edit.layer, edit.unit)
-    if edit.mode == "ablate":
-        return plan_ablation(ckpt, vector, keep_tied=keep_tied), None
-    assert at is not None
-    return plan_addition(ckpt, edit.coeff * vector, at, site=edit.site or "input", keep_tied=keep_tied), at
 
 
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)

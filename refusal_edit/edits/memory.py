@@ -19,7 +19,7 @@ from torch import nn
 from refusal_edit.checkpoint.safetensors_io import CODE_OF, TensorInfo
 from refusal_edit.edits.ops import apply_whole
 from refusal_edit.edits.plan import plan_edit
-from refusal_edit.edits.spec import ResolvedEdit
+from refusal_edit.edits.spec import WriterBases
 from refusal_edit.errors import RefusalEditError
 
 
@@ -59,7 +59,7 @@ def _untie_head(model: nn.Module) -> nn.Parameter | None:
 
 
 @contextmanager
-def edited_weights(model: nn.Module, edit: ResolvedEdit) -> Iterator[list[str]]:
+def edited_weights(model: nn.Module, edit: WriterBases) -> Iterator[list[str]]:
     """Edit the model's residual writers in place for the block; yields the edited parameter names."""
     if getattr(model, "is_quantized", False):
         raise RefusalEditError(

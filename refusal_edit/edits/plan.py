@@ -28,7 +28,7 @@ from refusal_edit.edits.ops import (
     ProjectFirstDim,
     ProjectLastDim,
 )
-from refusal_edit.edits.spec import ResolvedEdit, full_ablation
+from refusal_edit.edits.spec import WriterBases, full_ablation
 from refusal_edit.edits.tensor_source import TensorSource
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.linalg import sandwich, unit
@@ -262,7 +262,7 @@ def _untie(plan: EditPlan, source: TensorSource, cfg: Any, found: Found, keep_ti
     plan.notes.append(f"untied embeddings: {head} keeps the original matrix (exact)")
 
 
-def plan_edit(ckpt: Checkpoint | TensorSource, edit: ResolvedEdit, keep_tied: bool = False) -> EditPlan:
+def plan_edit(ckpt: Checkpoint | TensorSource, edit: WriterBases, keep_tied: bool = False) -> EditPlan:
     """Project every residual writer by its site's basis and weight (see `refusal_edit.edits.spec`)."""
     source = as_source(ckpt)
     cfg = resolved_config(source)

@@ -14,10 +14,12 @@ whole family of edits:
   its unit direction) at `layer` (default: the direction's own) and `site` (default: the input), one edit
   of the plain direction (no variant fields).
 
-`resolve` turns a spec and a `DirectionBank` into a `ResolvedEdit`: an orthonormal basis and a weight per
-writer site, in the residual basis (the sandwich-norm rule is applied later by whoever knows the gains:
-the weight plan from the checkpoint, the hooks from the loaded model). The plain edit of the paper is
-`EditSpec()`: the chosen direction, weight 1 everywhere.
+`EditSpec` is the one value that describes an edit, from the options to the writers, the hooks and the
+record. `resolve` derives from an ablation spec and a `DirectionBank` its `WriterBases`: an orthonormal basis
+and a weight per writer site, in the residual basis (the sandwich-norm rule is applied later by whoever knows
+the gains: the weight plan from the checkpoint, the hooks from the loaded model) - the geometry the planner
+and the hooks apply, not a second description of the edit. The plain edit of the paper is `EditSpec()`: the
+chosen direction, weight 1 everywhere.
 """
 
 from __future__ import annotations
@@ -306,9 +308,10 @@ class DirectionBank:
 
 
 @dataclass
-class ResolvedEdit:
-    """Per writer site, an orthonormal basis [k, H] (residual basis, before any sandwich-norm rule) and a
-    weight. Keys: ("embedding", None) and (site, layer) for site in attn / mlp."""
+class WriterBases:
+    """What `resolve` derives from an ablation spec on one bank: per writer site, an orthonormal basis [k, H]
+    (residual basis, before any sandwich-norm rule) and a weight. Keys: ("embedding", None) and (site, layer)
+    for site in attn / mlp. `preserve_norm` is the spec's (how the weights apply it)."""
 
     n_layers: int
     bases: dict[tuple[str, int | None], torch.Tensor] = field(default_factory=dict)
@@ -321,7 +324,7 @@ class ResolvedEdit:
         return self.bases[key], self.alphas[key]
 
 
-def full_ablation(direction: torch.Tensor, n_layers: int) -> ResolvedEdit:
+def full_ablation(direction: torch.Tensor, n_layers: int) -> WriterBases:
     """The paper's edit: remove the direction completely from every writer."""
     return resolve(EditSpec(), DirectionBank(direction), n_layers)
 
@@ -336,7 +339,7 @@ def _usable(v: torch.Tensor, reference: torch.Tensor) -> bool:
     return bool(torch.isfinite(v).all()) and float(v.norm()) > MIN_RELATIVE_NORM * float(reference.norm())
 
 
-def resolve(spec: EditSpec, bank: DirectionBank, n_layers: int) -> ResolvedEdit:
+def resolve(spec: EditSpec, bank: DirectionBank, n_layers: int) -> WriterBases:
     """The basis and weight of every writer site for `spec` (see the module docstring)."""
     spec.check()
     spec.attn.check(n_layers)
@@ -345,7 +348,7 @@ def resolve(spec: EditSpec, bank: DirectionBank, n_layers: int) -> ResolvedEdit:
     needs_bank = spec.direction != "chosen" or spec.projected or spec.rank > 1 or spec.position is not None
     if needs_bank and position is None:
         raise RefusalEditError("this edit needs the chosen candidate's position (missing from the direction file)")
-    out = ResolvedEdit(n_layers, preserve_norm=spec.preserve_norm)
+    out = WriterBases(n_layers, preserve_norm=spec.preserve_norm)
     chosen = bank.chosen.float()
     if spec.position is not None and bank.layer is not None:
         chosen = bank.candidate(position, bank.layer)  # type: ignore[arg-type]

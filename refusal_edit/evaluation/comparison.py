@@ -27,8 +27,6 @@ from itertools import combinations
 from typing import Any
 
 from refusal_edit import __version__
-from refusal_edit.directions.artifacts import DirectionFile
-from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.evaluation.metrics import ContinuationMetrics, DivergenceStats, aggregate, continuation_metrics
 from refusal_edit.evaluation.stats import wilson
@@ -284,16 +282,6 @@ class EvalReport:
 # ---------------------------------------------------------------- building blocks
 
 
-def intervention_from_direction(direction: DirectionFile, edit: EditSpec | None = None) -> Intervention:
-    """The hook twin of `orthogonalize` with the same edit value: ablate the unit direction, or add
-    `coeff * mean_diff` (`unit`: the unit direction) at its layer and site (default: the input)."""
-    edit = (edit or EditSpec()).check()
-    vector, at = direction.edit_vector(edit.mode, edit.coeff, edit.layer, edit.unit)
-    if edit.mode == "ablate":
-        return Intervention("ablate", vector)
-    return Intervention("add", vector, layer=at, coeff=edit.coeff, site=edit.site or "input")
-
-
 def _vocab_size(model: Any) -> int:
     emb = model.get_output_embeddings()
     if emb is not None and getattr(emb, "weight", None) is not None:
@@ -455,7 +443,7 @@ def compare(
         edited_desc = {
             "type": "intervention",
             **intervention.describe(),
-            "vector_norm": float(intervention.direction.float().norm() * abs(intervention.coeff)),
+            "vector_norm": intervention.vector_norm,
             **(edited_info or {}),
         }
 

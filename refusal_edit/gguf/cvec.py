@@ -23,6 +23,7 @@ import numpy as np
 
 from refusal_edit import __version__
 from refusal_edit.directions.artifacts import DirectionFile
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.gguf.file import GGUFFile
 from refusal_edit.gguf.writer import atomic_file
@@ -111,7 +112,7 @@ def write_control_vector(
 
     if not np.isfinite(coeff):
         raise RefusalEditError(f"`coeff` must be a finite number, got {coeff}")
-    vector, _ = direction.edit_vector("add", 1.0, direction.layer if direction.layer is not None else 0, unit)
+    vector, _ = direction.edit_vector(EditSpec(mode="add", layer=direction.layer or 0, unit=unit))
     values = (coeff * vector.detach().float().numpy()).astype(np.float32)
     hint, n_layers = str(direction.metadata.get("model", "")), direction.n_layers
     if model is not None:

@@ -20,17 +20,18 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from refusal_edit.anatomy import anatomy
 from refusal_edit.edits.memory import edited_weights
-from refusal_edit.edits.spec import ResolvedEdit
+from refusal_edit.edits.spec import DirectionBank, EditSpec, WriterBases, resolve
 from refusal_edit.evaluation.metrics import aggregate, continuation_metrics
 from refusal_edit.evaluation.stats import count, wilson
 from refusal_edit.forward import BatchView, tail_logits, teacher_forced
 from refusal_edit.generation import Generated, generate
-from refusal_edit.interventions import RowGroups, edit_hooks_by_row
+from refusal_edit.interventions import RowGroups, applied, edit_hooks_by_row
 from refusal_edit.judging import degenerate_reason, is_refusal
-from refusal_edit.tuning.proxies import applied
 
 GROUP_ROWS = 256  # rows generated in one batch at most (memory: KV cache and logits of every row)
+Points = Sequence[tuple[str, EditSpec | None]]  # (label, the edit; None: the base model itself)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Confirmer:
             out[j, lo : lo + lp.shape[0]] = lp
         return out
 
-    def _kl(self, edit: ResolvedEdit, label: str) -> tuple[float, float | None]:
+    def _kl(self, edit: WriterBases, label: str) -> tuple[float, float | None]:
         def edited(view: BatchView, keep: int) -> torch.Tensor:
             with applied(self.model, edit):
                 return tail_logits(self.model, view, keep)
@@ -147,7 +148,11 @@ class Confirmer:
         stats = aggregate(rows)
         return stats.first_token_kl, stats.multi_token_kl
 
-    def _replies(self, points: Sequence[tuple[str, ResolvedEdit | None]]) -> list[list[Generated]]:
+    def _resolved(self, points: Points, bank: DirectionBank) -> list[tuple[str, WriterBases | None]]:
+        n_layers = anatomy(self.model).num_layers
+        return [(label, None if spec is None else resolve(spec, bank, n_layers)) for label, spec in points]
+
+    def _replies(self, points: Sequence[tuple[str, WriterBases | None]]) -> list[list[Generated]]:
         """Greedy replies to the harmful prompts under every point: hookable points share batches."""
         n = len(self.harmful_texts)
         replies: list[list[Generated] | None] = [None] * len(points)
@@ -183,16 +188,18 @@ class Confirmer:
                     )
         return replies  # type: ignore[return-value]
 
-    def judge(self, points: Sequence[tuple[str, ResolvedEdit | None]]) -> list[tuple[int, int]]:
-        """Every point's (refused, degenerate) replies to the harmful prompts, without the KL."""
+    def judge(self, points: Points, bank: DirectionBank) -> list[tuple[int, int]]:
+        """Every point's (refused, degenerate) replies to the harmful prompts, without the KL (the edits draw on
+        `bank`)."""
         out = []
-        for rows in self._replies(points):
+        for rows in self._replies(self._resolved(points, bank)):
             refused, degenerate = judge_replies(self.harmful_prompts, rows)
             out.append((sum(refused), sum(r is not None for r in degenerate)))
         return out
 
-    def measure(self, points: Sequence[tuple[str, ResolvedEdit | None]]) -> list[Confirmed]:
-        """Every point's numbers (None: the base model itself)."""
+    def measure(self, points: Points, bank: DirectionBank) -> list[Confirmed]:
+        """Every point's numbers (None: the base model itself; the edits draw on `bank`)."""
+        points = self._resolved(points, bank)
         start = time.perf_counter()
         replies = self._replies(points)
         shared_seconds = (time.perf_counter() - start) / max(1, len(points))

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from refusal_edit.console import err
 from refusal_edit.directions.bank import bank_from_candidates
 from refusal_edit.directions.candidates import generate_candidates
-from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
+from refusal_edit.edits.spec import DirectionBank, EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.stats import count, wilson
 from refusal_edit.prompts.template import ChatFormat
@@ -114,12 +114,11 @@ class CrossFit:
         tokenizer,
         fmt: ChatFormat,
         folds: Sequence[Fold],
-        n_layers: int,
         max_new_tokens: int = 48,
         batch_size: int = 32,
         judged: int | None = None,
     ) -> None:
-        self.folds, self.n_layers = list(folds), n_layers
+        self.folds = list(folds)
         per_fold = None if judged is None else max(1, judged // len(self.folds))
         self.confirmers = [
             Confirmer(
@@ -143,8 +142,7 @@ class CrossFit:
         per_point: list[list[dict[str, Any]]] = [[] for _ in points]
         for k, (fold, confirmer) in enumerate(zip(self.folds, self.confirmers, strict=True)):
             start = time.perf_counter()
-            edits = [(f"{label}, half {k + 1}", resolve(spec, fold.bank, self.n_layers)) for label, spec in points]
-            counts = confirmer.judge(edits)
+            counts = confirmer.judge([(f"{label}, half {k + 1}", spec) for label, spec in points], fold.bank)
             seconds = (time.perf_counter() - start) / max(1, len(points))
             n = len(confirmer.harmful_prompts)
             for record, (refused, degenerate) in zip(per_point, counts, strict=True):

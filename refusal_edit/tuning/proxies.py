@@ -10,30 +10,19 @@ prefix (see `forward.PromptBatch`), so a trial costs two batched forward passes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from refusal_edit.edits.memory import edited_weights
-from refusal_edit.edits.spec import ResolvedEdit
+from refusal_edit.anatomy import anatomy
+from refusal_edit.edits.spec import DirectionBank, EditSpec, WriterBases, resolve
 from refusal_edit.forward import PromptBatch
-from refusal_edit.interventions import edit_hooks
+from refusal_edit.interventions import applied
 from refusal_edit.judging import kl_divergence, refusal_scores
 from refusal_edit.packed import packed_or_padded
 
-
-def applied(model: nn.Module, edit: ResolvedEdit | None) -> AbstractContextManager[object]:
-    """The edit on a loaded model: hooks where a hook twin exists, else the weights edited in place."""
-    if edit is None:
-        return _nothing()
-    return edited_weights(model, edit) if edit.preserve_norm else edit_hooks(model, edit)
-
-
-@contextmanager
-def _nothing():
-    yield
+__all__ = ["ProxyScorer", "ProxyScores", "applied"]
 
 
 @dataclass
@@ -80,9 +69,10 @@ class ProxyScorer:
         kl = 0.0 if base else float(kl_divergence(self.base_harmless, logits[self.n_harmful :]).mean())
         return ProxyScores(float(torch.sigmoid(logodds).mean()), kl, float(logodds.mean()))
 
-    def _measure(self, edit: ResolvedEdit | None) -> ProxyScores:
+    def _measure(self, edit: WriterBases | None) -> ProxyScores:
         with applied(self.model, edit):
             return self._scores(self.batch.run(self.model))
 
-    def score(self, edit: ResolvedEdit) -> ProxyScores:
-        return self._measure(edit)
+    def score(self, spec: EditSpec, bank: DirectionBank) -> ProxyScores:
+        """The proxies of `spec` drawing on `bank`."""
+        return self._measure(resolve(spec, bank, anatomy(self.model).num_layers))

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_edit.console import progress
-from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
+from refusal_edit.edits.spec import DirectionBank, EditSpec
 from refusal_edit.errors import RefusalEditError, check_at_least
 from refusal_edit.tuning.confirm import Confirmer
 from refusal_edit.tuning.crossfit import CrossFit
@@ -198,7 +198,7 @@ def search(
     def objective(trial: Any) -> tuple[float, float]:
         start = time.perf_counter()
         spec = space.suggest(trial)
-        scores = scorer.score(resolve(spec, bank, space.n_layers))
+        scores = scorer.score(spec, bank)
         trial.set_user_attr("spec", spec.to_json())
         trial.set_user_attr("refusal_logodds", scores.refusal_logodds)
         trial.set_user_attr("seconds", time.perf_counter() - start)
@@ -372,8 +372,7 @@ def tune(
     start = time.perf_counter()
     specs = [EditSpec.from_json(t["spec"]) for t in chosen_trials]
     measured = confirmer.measure(
-        [("base", None)]
-        + [(f"trial {t['number']}", resolve(sp, bank, n_layers)) for t, sp in zip(chosen_trials, specs, strict=True)]
+        [("base", None)] + [(f"trial {t['number']}", sp) for t, sp in zip(chosen_trials, specs, strict=True)], bank
     )
     base = {
         "refusal_proxy": scorer.base.refusal,

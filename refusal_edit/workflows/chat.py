@@ -17,17 +17,14 @@ from typing import Any
 
 import refusal_edit.workflows.defaults as defaults
 from refusal_edit.directions.artifacts import DirectionFile
-from refusal_edit.directions.bank import load_bank
-from refusal_edit.edits.spec import DIRECTION_FIELDS, EditSpec, resolve
+from refusal_edit.edits.spec import DIRECTION_FIELDS, EditSpec
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation.comparison import intervention_from_direction
 from refusal_edit.generation import stream
 from refusal_edit.loading.model import LoadedModel, load_model
 from refusal_edit.paths import read_text
 from refusal_edit.prompts import ChatFormat, chat_format
 from refusal_edit.prompts.template import parse_template_kwargs
-from refusal_edit.tuning.proxies import applied
-from refusal_edit.workflows.planning import edit_inputs
+from refusal_edit.workflows.planning import edit_inputs, intervention_of
 
 Edit = Callable[[], AbstractContextManager[Any]]
 
@@ -123,17 +120,15 @@ class Chat:
         return replies
 
 
-def hook_edit(lm: LoadedModel, d: DirectionFile, variant: EditSpec | None, edit: EditSpec) -> tuple[Edit, str]:
-    """The edit orthogonalize would write (`d` with `edit`'s mode, coeff, layer, site and unit, or the
-    variant / tune front point `variant` of `d`), applied to `lm` in memory, and its description."""
+def hook_edit(lm: LoadedModel, d: DirectionFile, edit: EditSpec, variant: bool) -> tuple[Edit, str]:
+    """The edit orthogonalize would write (`edit` of `d`), applied to `lm` in memory, and its description
+    (`variant`: in the spec's words, for a variant or a tune front point)."""
+    hooks = intervention_of(d, edit)
+    if variant:
+        return (lambda: hooks.apply(lm.model)), f"{edit.describe()} (hooks)"
     name = d.path.name if d.path is not None else "direction"
-    if variant is None:
-        intervention = intervention_from_direction(d, edit)
-        what = "ablate" if edit.mode == "ablate" else f"add {edit.coeff:+g} x {'unit ' if edit.unit else ''}vector"
-        return (lambda: intervention.apply(lm.model)), f"{what} {name} (hooks)"
-    bank, _ = load_bank(d)
-    resolved = resolve(variant, bank, int(lm.model.config.get_text_config().num_hidden_layers))
-    return (lambda: applied(lm.model, resolved)), f"{variant.describe()} (hooks)"
+    what = "ablate" if edit.mode == "ablate" else f"add {edit.coeff:+g} x {'unit ' if edit.unit else ''}vector"
+    return (lambda: hooks.apply(lm.model)), f"{what} {name} (hooks)"
 
 
 def one_shot_prompts(prompt: Sequence[str] | None, prompt_file: Path | None) -> list[str]:
@@ -151,12 +146,7 @@ def open_chat(
     edited: str | Path | None = None,
     *,
     direction: str | Path | None = None,
-    spec: Any = None,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
+    edit: EditSpec | str | Path | None = None,
     system_prompt: str | None = None,
     template: str | Path | None = None,
     template_kwargs: Sequence[str] | dict[str, Any] | None = None,
@@ -169,20 +159,22 @@ def open_chat(
 ) -> Chat:
     """Load MODEL (and EDITED, or MODEL again under a hook edit) and start a chat.
 
-    `edited` is any chat model, whoever made it (it keeps its own chat template); `direction` / `spec` is the
-    edit orthogonalize would write, as hooks on MODEL's own weights (nothing is written or loaded twice).
+    `edited` is any chat model, whoever made it (it keeps its own chat template); `direction` with `edit` (an
+    `EditSpec`, default: the paper's ablation), or a tune front point `edit`, is the edit orthogonalize would
+    write, as hooks on MODEL's own weights (nothing is written or loaded twice).
     `system_prompt` defaults to the recipe's, else the chat template's own; `template_kwargs` is a keyword dict
     or `key=value` items."""
     check_generation(max_new_tokens, temperature)
     template_kwargs = parse_template_kwargs(template_kwargs)
-    hooks = direction is not None or spec is not None
+    front = isinstance(edit, str | Path)
+    hooks = direction is not None or front or (isinstance(edit, EditSpec) and edit.is_variant)
     if edited is not None and hooks:
         raise RefusalEditError("give `edited` or `direction` / `spec` (a hook edit), not both")
-    edit = EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit)
-    given = [f"`{k}`" for k in DIRECTION_FIELDS if getattr(edit, k) != getattr(EditSpec(), k)]
-    if given and not hooks:
-        raise RefusalEditError(f"{' and '.join(given)} describe the hook edit of `direction`: give `direction`")
-    d, variant, _ = edit_inputs(direction, spec, edit) if hooks else (None, None, None)  # fails before loading
+    if isinstance(edit, EditSpec) and not hooks:
+        given = [f"`{k}`" for k in DIRECTION_FIELDS if getattr(edit, k) != getattr(EditSpec(), k)]
+        if given:
+            raise RefusalEditError(f"{' and '.join(given)} describe the hook edit of `direction`: give `direction`")
+    d, edit, spec_info = edit_inputs(direction, edit) if hooks else (None, None, None)  # fails before loading
     placed = {"dtype": dtype, "device": device, "max_memory": max_memory, "offload_dir": offload_dir}
     base_source = defaults.resolve_model(model, dtype)
     edited_source = defaults.resolve_model(edited, dtype) if edited is not None else None
@@ -197,6 +189,7 @@ def open_chat(
     if edited_source is not None:
         speakers.append(speaker(load_model(edited_source, **placed), edited_source.name))
     elif d is not None:
-        apply, label = hook_edit(base, d, variant, edit)
+        assert edit is not None
+        apply, label = hook_edit(base, d, edit, spec_info is not None)
         speakers.append(speaker(base, label, apply))
     return Chat(speakers, max_new_tokens=max_new_tokens, temperature=temperature)

@@ -40,7 +40,7 @@ class EditOutcome(EditResult):
 
     @property
     def variant(self) -> str | None:
-        """The edit variant in words, when the edit is one (`spec`)."""
+        """The edit variant in words, when the edit is one (a variant or a tune front point)."""
         return describe_variant(self.record.spec) if self.record is not None else None
 
 
@@ -95,56 +95,44 @@ class EditJob:
     direction: DirectionFile
     plan: EditPlan
     layer: int | None  # where an addition goes
-    spec: EditSpec | None
-    spec_info: dict[str, Any] | None
+    edit: EditSpec
+    spec_info: dict[str, Any] | None  # what the record keeps of a variant or front point (`edit_inputs`)
     inputs: list[Path]
-    mode: str = "ablate"  # the edit's mode; a variant (`spec`) is an ablation, described by its spec
 
-    def record_spec(self) -> dict[str, Any] | None:
-        return None if self.spec is None else {"edit": self.spec.to_json(), **(self.spec_info or {})}
+    @property
+    def variant(self) -> str | None:
+        """The edit in words, when it is a variant or a tune front point."""
+        return None if self.spec_info is None else self.edit.describe()
 
 
 def plan_job(
     model: str | Path | ModelSource,
     direction: DirectionFile | str | Path | None,
-    edit: EditSpec | None = None,
+    edit: EditSpec | str | Path | None = None,
     keep_tied: bool = False,
-    spec: EditSpec | str | Path | None = None,
     allow_foreign_direction: bool = False,
 ) -> EditJob:
-    """Resolve MODEL, the direction and the variant, and plan the edit (nothing written: `plan_only` shows it)."""
-    edit = edit or EditSpec()
-    d, spec, spec_info = edit_inputs(direction, spec, edit)
+    """Resolve MODEL, the direction and the edit (an `EditSpec` or a tune front point), and plan the edit
+    (nothing written: `plan_only` shows it)."""
+    d, edit, spec_info = edit_inputs(direction, edit)
     source = defaults.resolve_model(model)
     inputs = [p for p in (d.path, source.origin) if p is not None]
     ckpt = open_checkpoint(source.hf_dir)
     weights = identity.known_weights_sha256(source.hf_dir, source.sha256)
     target = target_identity(ckpt.config, source.name, weights, EditRecord.load(ckpt.root) is not None)
-    plan, at = plan_on(ckpt, d, spec, edit, keep_tied, target, allow_foreign_direction)
-    return EditJob(source, ckpt, d, plan, at, spec, spec_info, [source.hf_dir, *inputs], edit.mode)
+    plan, at = plan_on(ckpt, d, edit, keep_tied, target, allow_foreign_direction)
+    return EditJob(source, ckpt, d, plan, at, edit, spec_info, [source.hf_dir, *inputs])
 
 
 def preview(
     model: str | Path | ModelSource,
     direction: DirectionFile | str | Path | None,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
+    edit: EditSpec | str | Path | None = None,
     keep_tied: bool = False,
-    spec: EditSpec | str | Path | None = None,
     allow_foreign_direction: bool = False,
 ) -> tuple[EditJob, list[PlannedTensor]]:
     """`orthogonalize` with `plan_only`: the planned edit and every tensor it would change; nothing is written."""
-    job = plan_job(
-        model,
-        direction,
-        EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit),
-        keep_tied,
-        spec,
-        allow_foreign_direction,
-    )
+    job = plan_job(model, direction, edit, keep_tied, allow_foreign_direction)
     return job, planned_tensors(job.plan, job.ckpt)
 
 
@@ -152,11 +140,8 @@ def orthogonalize(
     model: str | Path | ModelSource,
     direction: DirectionFile | str | Path | None,
     out: Path | str | None,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
+    edit: EditSpec | str | Path | None = None,
+    *,
     dtype: str = "keep",
     max_shard_size: str | int | None = None,
     force: bool = False,
@@ -165,7 +150,6 @@ def orthogonalize(
     name: str | None = None,
     replace_any: bool = False,
     allow_nonfinite: bool = False,
-    spec: EditSpec | str | Path | None = None,
     allow_foreign_direction: bool = False,
     format: str | None = None,
 ) -> EditOutcome:
@@ -174,22 +158,22 @@ def orthogonalize(
     `base_model` (a Hub id) names the model in the card; by default it follows from MODEL (a recipe's, a Hub
     id, the base model of an edited checkpoint) and stays unknown for a local folder - with a warning.
     `force` replaces a previous output of this tool (`replace_any`: any folder); `allow_nonfinite` writes
-    NaN / inf values the edit or the cast produced, with a warning, instead of failing. `spec` is an edit
-    variant (an `EditSpec`) or a tune front point (`front.json[#ID]`, which also names the direction).
+    NaN / inf values the edit or the cast produced, with a warning, instead of failing. `edit` is the edit (an
+    `EditSpec`; default: the paper's ablation) or a tune front point (`front.json[#ID]`, which also names the
+    direction).
     `format` (see `output_format`): `peft` writes a PEFT LoRA adapter folder, `gguf-lora` a llama.cpp LoRA
     adapter for a GGUF MODEL (or for an HF MODEL as llama.cpp converts it), instead of the edited model. A
     direction (or a front's direction) extracted from another model is an error unless
     `allow_foreign_direction`, which the record and the card then state.
     """
     parse_size(max_shard_size)  # a bad size fails before anything is read
-    edit = EditSpec(mode=mode, coeff=coeff, layer=layer, site=site, unit=unit)
     fmt = output_format(out, format)
     if fmt != "safetensors" and (dtype != "keep" or max_shard_size is not None):
         raise RefusalEditError(f"a {fmt} output keeps its own tensor types: drop `dtype`, `max_shard_size`")
     if fmt in ("peft", "gguf-lora") and keep_tied:
         raise RefusalEditError(f"an adapter ({fmt}) is always the exact, untied edit: drop `keep_tied`")
     if fmt == "gguf" or (fmt == "gguf-lora" and _gguf_input(model)):
-        options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "spec": spec, "format": fmt}
+        options = {"keep_tied": keep_tied, "force": force, "replace_any": replace_any, "format": fmt}
         options["allow_foreign_direction"] = allow_foreign_direction
         return _orthogonalize_gguf(model, direction, out, edit, base_model=base_model, name=name, **options)
     d = direction
@@ -201,7 +185,7 @@ def orthogonalize(
     write = _writer(Path(out))
     protected = [p for p in (source.hf_dir, source.origin, getattr(d, "path", None)) if p is not None]
     check_output(Path(out), force, protected, replace_any)  # a bad `out` fails before planning
-    job = plan_job(source, d, edit, keep_tied, spec, allow_foreign_direction)
+    job = plan_job(source, d, edit, keep_tied, allow_foreign_direction)
     check_output(Path(out), force, job.inputs, replace_any)
     ckpt, plan = job.ckpt, job.plan
     record = build_record(
@@ -211,12 +195,12 @@ def orthogonalize(
         base_model=defaults.base_model(source, base_model),
         source_model={"path": str(ckpt.root), "name": ckpt.root.name},
         previous=EditRecord.load(ckpt.root),
-        edit=edit,
+        edit=job.edit,
         at=job.layer,
         dtype=dtype,
         name=name,
         format=fmt,
-        spec=job.record_spec(),
+        spec_info=job.spec_info,
         license=parent_license(ckpt.root),
     )
     if fmt == "peft":
@@ -294,7 +278,7 @@ def _gguf_input(model: str | Path | ModelSource) -> bool:
 
 
 def _orthogonalize_gguf(
-    model: str | Path | ModelSource, direction: Any, out: Path | str | None, edit: EditSpec, **options: Any
+    model: str | Path | ModelSource, direction: Any, out: Path | str | None, edit: Any, **options: Any
 ) -> EditOutcome:
     """GGUF in, GGUF out: the GGUF editor plans on the file itself (`refusal_edit.gguf`); tensors keep their types."""
     if isinstance(model, ModelSource):

@@ -20,9 +20,9 @@ import refusal_edit.workflows.defaults as defaults
 from refusal_edit.checkpoint.atomic import check_writable
 from refusal_edit.checkpoint.record import RECORD, EditRecord
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
-from refusal_edit.edits import check_edit
+from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation.comparison import EvalReport, EvalSettings, compare, intervention_from_direction
+from refusal_edit.evaluation.comparison import EvalReport, EvalSettings, compare
 from refusal_edit.evaluation.comparison import rejudge as rejudge_saved
 from refusal_edit.evaluation.report import REPORT_JSON, REPORT_PNG, write_report
 from refusal_edit.forward import parse_batch_size, resolve_batch_size
@@ -35,7 +35,7 @@ from refusal_edit.loading.model import LoadedModel, ModelSource, context_length,
 from refusal_edit.paths import is_within
 from refusal_edit.prompts import PromptSet, chat_format
 from refusal_edit.prompts.template import parse_template_kwargs
-from refusal_edit.workflows.planning import save_record
+from refusal_edit.workflows.planning import intervention_of, save_record
 
 BORDERLINE = "builtin:borderline@test"  # the built-in over-refusal set's test split
 
@@ -94,11 +94,12 @@ def borderline_prompts(source: ModelSource, given: str | PromptSet | None, n: in
     return defaults.evaluation_prompts(source, "borderline", given if given is not None else BORDERLINE, n)
 
 
-def hook_label(direction: DirectionFile, mode: str = "ablate", coeff: float = 1.0, **_: Any) -> str:
+def hook_label(direction: DirectionFile, edit: EditSpec | None = None) -> str:
     """A hook run's name: the edit and the direction file (its sha256 tells runs of equal file names apart)."""
+    edit = edit or EditSpec()
     stem = direction.path.stem if direction.path else "direction"
-    edit = mode if mode == "ablate" else f"{mode}{coeff:+g}"
-    return f"{edit}-{stem}-{direction.sha256[:8]}" if direction.sha256 else f"{edit}-{stem}"
+    what = edit.mode if edit.mode == "ablate" else f"{edit.mode}{edit.coeff:+g}"
+    return f"{what}-{stem}-{direction.sha256[:8]}" if direction.sha256 else f"{what}-{stem}"
 
 
 def default_out(base: ModelSource, label: str) -> Path:
@@ -204,11 +205,7 @@ def evaluate(
     edited: str | Path | ModelSource | LoadedModel | None = None,
     *,
     direction: DirectionFile | str | Path | None = None,
-    mode: str = "ablate",
-    coeff: float = 1.0,
-    layer: int | None = None,
-    site: str | None = None,
-    unit: bool = False,
+    edit: EditSpec | None = None,
     intervention: Intervention | None = None,
     edited_info: dict[str, Any] | None = None,
     harmful: str | PromptSet | None = None,
@@ -229,8 +226,8 @@ def evaluate(
 ) -> EvalReport:
     """Compare `base` with `edited` (a checkpoint) or with `base` under a direction's hooks.
 
-    Exactly one of `edited`, `direction` (applied with `mode`, `coeff`, `layer`, `site`, `unit`, as
-    orthogonalize would bake it) and `intervention` (a ready-made `Intervention`) is given. `edited` may be
+    Exactly one of `edited`, `direction` (applied with `edit`, default the paper's ablation, as orthogonalize
+    would bake it) and `intervention` (a ready-made `Intervention`) is given. `edited` may be
     any checkpoint of the same architecture and vocabulary, whoever made it. Prompts default to the test
     split of the recipe's sets, else the built-in ones (`borderline`: the built-in borderline set's test
     split, when `settings.borderline`); `system_prompt` to the recipe's, else the chat template's own.
@@ -247,15 +244,15 @@ def evaluate(
     if judges is None:
         _markers(markers)  # a bad markers file fails before any model is loaded
     if direction is not None:
-        edit = check_edit(mode, coeff, layer, site, unit)  # the one edit value, before any file is read
+        edit = (edit or EditSpec()).check()  # before any file is read
         d = direction if isinstance(direction, DirectionFile) else load_direction(defaults.expand(str(direction)))
-        intervention = intervention_from_direction(d, edit)
+        intervention = intervention_of(d, edit)
         edited_info = {
             "direction_file": str(d.path),
             "direction_sha256": d.sha256,
             "direction_layer": d.layer,
             "direction_position": d.position,
-            "unit": unit,
+            "unit": edit.unit,
             **(edited_info or {}),
         }
 
@@ -353,9 +350,9 @@ def run(
     check_one_edit(edited, direction)
     if record and edited is None:
         raise RefusalEditError("`record` writes into an `edited` checkpoint; it does not apply to `direction`")
-    edit = {k: options[k] for k in ("mode", "coeff", "layer", "site", "unit") if k in options}
+    edit = options.get("edit") or EditSpec()
     if direction is not None:
-        check_edit(**edit)
+        edit.check()
         direction = (
             direction if isinstance(direction, DirectionFile) else load_direction(defaults.expand(str(direction)))
         )
@@ -370,7 +367,7 @@ def run(
     if isinstance(direction, DirectionFile):
         defaults.check_direction(direction, base_source, allow_foreign_direction)
     if out is None:
-        label = edited_source.name if edited_source is not None else hook_label(direction, **edit)
+        label = edited_source.name if edited_source is not None else hook_label(direction, edit)
         out = default_out(base_source, label)
     check_report_out(out, force)
     report = evaluate(base_source, edited_source, direction=direction, **options)

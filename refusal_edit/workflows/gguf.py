@@ -38,34 +38,31 @@ def orthogonalize_gguf(
     model: str | Path,
     direction: Any,
     out: str | Path | None,
-    edit: EditSpec | None = None,
+    edit: EditSpec | str | Path | None = None,
     *,
     keep_tied: bool = False,
     force: bool = False,
     replace_any: bool = False,
     base_model: str | None = None,
     name: str | None = None,
-    spec: Any = None,
     allow_foreign_direction: bool = False,
     format: str = "gguf",
 ) -> GGUFEditResult:
     """Edit a GGUF file (a `.gguf` path or a recipe) by a direction file (or `DirectionFile`) as `edit` says
-    (default: ablation), or by an edit variant (`spec`: an `EditSpec` or a tune front point), and write the
-    edited GGUF to `out`.
+    (an `EditSpec`, default: the paper's ablation; or a tune front point), and write the edited GGUF to `out`.
 
-    The same plan as the safetensors path (`plan_direction_edit` / `plan_variant` on a `GGUFSource`) and the
+    The same plan as the safetensors path (`planning.plan_on` on a `GGUFSource`) and the
     same record (`build_record`), embedded as `refusal_edit.record` plus flat `refusal_edit.*` keys.
     `format` `gguf-lora` writes a llama.cpp LoRA adapter for the file instead of the edited file. Without
     `out`: `runs/<model>/` + ggml's file name for the edit (`gguf.metadata.default_name`).
     """
-    edit = edit or EditSpec()
-    d, spec, spec_info = edit_inputs(direction, spec, edit)
+    d, edit, spec_info = edit_inputs(direction, edit)
     model_source = gguf_model(model)
     assert model_source.origin is not None
     source = GGUFSource(model_source.origin)
     previous = previous_record(source)
     target = target_identity(source.config, model_source.name, model_source.sha256, previous is not None)
-    plan, at = plan_on(source, d, spec, edit, keep_tied, target, allow_foreign_direction)
+    plan, at = plan_on(source, d, edit, keep_tied, target, allow_foreign_direction)
     if out is None:
         removes = edit.mode == "ablate" or edit.coeff < 0
         out = defaults.default_out(model_source, default_name(source.gguf, removes, lora=format == "gguf-lora"))
@@ -80,7 +77,7 @@ def orthogonalize_gguf(
         at=at,
         name=name,
         format=format,
-        spec=None if spec is None else {"edit": spec.to_json(), **(spec_info or {})},
+        spec_info=spec_info,
         license=source.gguf.value("general.license"),
     )
     inputs = tuple(p for p in (d.path,) if p is not None)

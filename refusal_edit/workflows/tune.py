@@ -171,7 +171,6 @@ def tune(
             lm.tokenizer,
             fmt,
             folds,
-            n_layers,
             settings.resolve_tokens,
             settings.batch_size,
             settings.resolve_prompts,
