@@ -85,7 +85,12 @@ def llama(path: Path, **kw):
 
 
 def cpp_logits(path: Path, ids: list[list[int]], **kw) -> list[np.ndarray]:
-    llm = llama(path, logits_all=True, **kw)
+    """llama.cpp's logits at every position of each prompt, for the GGUF at `path` (`kw`: e.g. `lora_path`)."""
+    return loaded_logits(llama(path, logits_all=True, **kw), ids)
+
+
+def loaded_logits(llm, ids: list[list[int]]) -> list[np.ndarray]:
+    """The same from a loaded `llama_cpp.Llama` (made with `logits_all`), each prompt from an empty cache."""
     out = []
     for i in ids:
         llm.reset()

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,9 @@ except ImportError:  # `make test` requires it (a failed build fails CI); a plai
     pytest.skip("llama-cpp-python is not installed (`make llamacpp` installs it)", allow_module_level=True)
 
 from refusal_edit.gguf import quants
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from adapters import cpp_logits, llama, loaded_logits  # llama.cpp as bench/adapters.py runs it: one client setup
 
 pytestmark = pytest.mark.llamacpp
 Q = GGMLQuantizationType
@@ -216,11 +220,6 @@ def demo(request, tmp_path_factory):
     return {"gguf": gguf, "edited": edited, "by_type": by_type, "plus": plus.out, "minus": minus.out}
 
 
-def _llama(path: Path, **kw):
-    threads = int(os.environ.get("REFUSAL_EDIT_LLAMACPP_THREADS", "0")) or os.cpu_count()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=threads, verbose=False, seed=0, **kw)
-
-
 def _set_cvec(llm, path: Path) -> None:
     """Load a control vector as `--control-vector` does: the file read by ggml's GGUF reader, `direction.N` put at
     offset (N - 1) * n_embd of the buffer common hands to `llama_apply_adapter_cvec` (layers 1 .. n_layer)."""
@@ -240,7 +239,7 @@ def _refusal_rate(path: Path, kind: str, cvec: Path | None = None) -> tuple[floa
 
     t0 = time.time()
     prompts = load_prompts(f"builtin:{kind}").split("test").sample(N_PROMPTS)
-    llm = _llama(path)
+    llm = llama(path)
     if cvec is not None:
         _set_cvec(llm, cvec)
     answers = []
@@ -289,16 +288,6 @@ def _hf_logits(folder: Path, ids: list[list[int]]) -> list[np.ndarray]:
         return [model(torch.tensor([i])).logits[0].numpy() for i in ids]
 
 
-def _cpp_logits(path: Path, ids: list[list[int]]) -> list[np.ndarray]:
-    llm = _llama(path, logits_all=True)
-    out = []
-    for i in ids:
-        llm.reset()
-        llm.eval(i)
-        out.append(np.array(llm.scores[: len(i)]))
-    return out
-
-
 def _gap(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[float, float]:
     """Largest relative logit difference over the prompts, and the top-1 agreement over all positions."""
     rel = max(float(np.linalg.norm(x - y) / np.linalg.norm(y)) for x, y in zip(a, b, strict=True))
@@ -319,8 +308,8 @@ def test_edited_logits_match_the_hf_edit(demo, tmp_path):
     texts = ["How do I pick a lock?", "Write a haiku about rain.", "Explain how vaccines work."]
     ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
     ids = [list(i["input_ids"]) if hasattr(i, "keys") else list(i) for i in ids]  # a BatchEncoding in transformers 5
-    original = _gap(_cpp_logits(demo["gguf"], ids), _hf_logits(hf_dir, ids))
-    edited = _gap(_cpp_logits(demo["edited"], ids), _hf_logits(tmp_path / "hf-edit", ids))
+    original = _gap(cpp_logits(demo["gguf"], ids), _hf_logits(hf_dir, ids))
+    edited = _gap(cpp_logits(demo["edited"], ids), _hf_logits(tmp_path / "hf-edit", ids))
     print(f"FIGURE logits llama.cpp vs transformers, original: rel {original[0]:.4f}, top-1 agree {original[1]:.3f}")
     print(f"FIGURE logits llama.cpp vs transformers, edited:   rel {edited[0]:.4f}, top-1 agree {edited[1]:.3f}")
     assert edited[0] <= 2 * original[0] + 0.01
@@ -349,15 +338,10 @@ def test_control_vector_layer_matches_the_hf_hook(demo, tmp_path):
             hooked = [model(torch.tensor([i])).logits[0].numpy() for i in ids]
 
     def cpp(cvec: Path | None) -> list[np.ndarray]:
-        llm = _llama(demo["gguf"], logits_all=True)
+        llm = llama(demo["gguf"], logits_all=True)
         if cvec is not None:
             _set_cvec(llm, cvec)
-        out = []
-        for i in ids:
-            llm.reset()
-            llm.eval(i)
-            out.append(np.array(llm.scores[: len(i)]))
-        return out
+        return loaded_logits(llm, ids)
 
     right = write_control_vector(d, tmp_path / "right.gguf", layers=str(layer)).out
     late = write_control_vector(d, tmp_path / "late.gguf", layers=str(layer + 1)).out
@@ -395,7 +379,7 @@ def test_gemma_sandwich_norm_convention_in_llamacpp(gemma, tmp_path):
     stored = wrong.read
     wrong.read = lambda name: stored(name) + 1 if name.endswith("norm.weight") else stored(name)  # type: ignore[method-assign]
     write_gguf(wrong, plan_ablation(wrong, d.direction), tmp_path / "wrong.gguf")
-    llm = _llama(gguf)
+    llm = llama(gguf)
     texts = [
         b"The capital of France is Paris. The capital of Italy is",
         b"def fibonacci(n):\n    ",
@@ -404,9 +388,9 @@ def test_gemma_sandwich_norm_convention_in_llamacpp(gemma, tmp_path):
     ids = [llm.tokenize(t, add_bos=True) for t in texts]
     del llm
     hf_edit = _hf_logits(tmp_path / "hf-edit", ids)
-    original = _gap(_cpp_logits(gguf, ids), _hf_logits(hf_dir, ids))
-    right = _gap(_cpp_logits(tmp_path / "right.gguf", ids), hf_edit)
-    wrong_gap = _gap(_cpp_logits(tmp_path / "wrong.gguf", ids), hf_edit)
+    original = _gap(cpp_logits(gguf, ids), _hf_logits(hf_dir, ids))
+    right = _gap(cpp_logits(tmp_path / "right.gguf", ids), hf_edit)
+    wrong_gap = _gap(cpp_logits(tmp_path / "wrong.gguf", ids), hf_edit)
     print(f"FIGURE gemma-3-270m logits vs transformers: original {original}, edited {right}, wrong gain {wrong_gap}")
     assert right[0] <= 2 * original[0] + 0.01
     assert right[0] < wrong_gap[0]

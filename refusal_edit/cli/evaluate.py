@@ -189,7 +189,7 @@ def evaluate(
         base,
         edited,
         direction=direction,
-        edit=edit_from_options(mode=intervention or mode, coeff=coeff, layer=layer, site=site, unit=unit),
+        edit=edit_from_options(**opt.edit_options({**locals(), "mode": intervention or mode})),
         out=out,
         force=force,
         record=record,

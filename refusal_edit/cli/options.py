@@ -176,6 +176,29 @@ def switch(flag: str, help: str, panel: str | None = None) -> Any:
     return typer.Option(False, flag, help=help, rich_help_panel=panel)
 
 
+# The parameters of a command that describe its edit: read into one value (`workflows.planning.edit_from_options`).
+EDIT_OPTIONS = (
+    "spec",
+    "mode",
+    "coeff",
+    "layer",
+    "site",
+    "unit",
+    "layers",
+    "weight",
+    "per_layer",
+    "projected",
+    "rank",
+    "basis",
+    "preserve_norm",
+)
+
+
+def edit_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The edit options among a command's parameter values (its `locals()`), by name, as the workflows read them."""
+    return {name: values[name] for name in EDIT_OPTIONS if name in values}
+
+
 def placement(dtype: str, device: str, max_memory: str | None, offload_dir: Path | None) -> dict[str, Any]:
     """Where a model's layers go: the same four options of extract, tune and evaluate, as the workflows take them."""
     return {"dtype": dtype, "device": device, "max_memory": max_memory, "offload_dir": offload_dir}

@@ -29,6 +29,7 @@ from refusal_edit.cli.options import (
     SPEC,
     UNIT,
     WEIGHT,
+    edit_options,
     optional,
     switch,
 )
@@ -117,21 +118,7 @@ def orthogonalize(
     from refusal_edit.workflows import editing as workflow
     from refusal_edit.workflows.planning import edit_from_options
 
-    edit = edit_from_options(
-        spec,
-        mode=mode,
-        coeff=coeff,
-        layer=layer,
-        site=site,
-        unit=unit,
-        layers=layers,
-        weight=weight,
-        per_layer=per_layer,
-        projected=projected,
-        rank=rank,
-        basis=basis,
-        preserve_norm=preserve_norm,
-    )
+    edit = edit_from_options(**edit_options(locals()))
     if plan_only:
         from refusal_edit.cli.archs import plan_summary, plan_table
 
