@@ -213,34 +213,21 @@ def test_layers_import_downwards_only():
 # the errors it renders, the interrupt handling of the process and the version it shows.
 CLI_MAY_IMPORT = ("refusal_edit.workflows", "refusal_edit.cli", "refusal_edit.console", "refusal_edit.errors")
 CLI_MAY_IMPORT_EXACTLY = ("refusal_edit", "refusal_edit.interrupt")
-# Left for the next round of #30 (settings built by the workflows from option values, one declaration per
-# option): option parsers and settings types the commands still build themselves. This list only shrinks.
-CLI_NOT_YET = {
-    "evaluate.py": {"refusal_edit.evaluation.report"},  # the report's tables: rendering, to move into cli/
-    "tune.py": {"refusal_edit.prompts.template", "refusal_edit.forward", "refusal_edit.tuning"},
-}
 
 
 def test_the_command_line_speaks_only_to_workflows():
-    """cli/ declares options, calls workflows and renders what they return: it imports no core module (beyond
-    the list left for the next round, which may only shrink)."""
+    """cli/ declares options, calls workflows and renders what they return: it imports no core module."""
     import refusal_edit
 
     cli_dir = Path(refusal_edit.__file__).parent / "cli"
-    wrong, used = [], set()
+    wrong = []
     for path in sorted(cli_dir.glob("*.py")):
         for name in _imports_of(path):
             if not name.startswith("refusal_edit") or name.startswith(CLI_MAY_IMPORT):
                 continue
-            if name in CLI_MAY_IMPORT_EXACTLY:
-                continue
-            if name in CLI_NOT_YET.get(path.name, set()):
-                used.add((path.name, name))
-                continue
-            wrong.append(f"cli/{path.name}: {name}")
+            if name not in CLI_MAY_IMPORT_EXACTLY:
+                wrong.append(f"cli/{path.name}: {name}")
     assert not wrong, wrong
-    left = {(f, n) for f, names in CLI_NOT_YET.items() for n in names}
-    assert left <= used, f"no longer imported, drop from CLI_NOT_YET: {sorted(left - used)}"
 
 
 def test_library_errors_name_parameters_and_the_cli_renders_flags(model, direction, tmp_path):

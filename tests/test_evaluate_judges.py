@@ -12,12 +12,12 @@ import tiny
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from refusal_edit.cli.report import tables
 from refusal_edit.directions.artifacts import load_direction, save_direction
 from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation import comparison as run_module
 from refusal_edit.evaluation.comparison import EvalSettings
-from refusal_edit.evaluation.report import tables
 from refusal_edit.evaluation.stats import wilson
 from refusal_edit.generation import Generated
 from refusal_edit.judging import MarkerJudge, Verdict, cohen_kappa

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 import refusal_edit.cli.options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
+from refusal_edit.cli.report import print_report
 from refusal_edit.console import err
 from refusal_edit.errors import RefusalEditError
 
@@ -208,10 +209,8 @@ def evaluate(
 
 
 def _show(done: Any, as_json: bool) -> None:
-    from refusal_edit.evaluation.report import print_report, report_json
-
     if as_json:
-        sys.stdout.write(report_json(done.report))
+        sys.stdout.write(done.json_text())
         sys.stdout.flush()
         return
     print_report(done.report)

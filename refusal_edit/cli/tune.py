@@ -10,7 +10,6 @@ from rich.table import Table
 import refusal_edit.cli.options as opt
 from refusal_edit.cli.app import app, examples, quiet_libraries
 from refusal_edit.console import err, show
-from refusal_edit.prompts.template import parse_template_kwargs
 
 
 def _pct(x: float) -> str:
@@ -114,24 +113,11 @@ def tune(
     preservation) with Optuna on cheap proxies, confirm the best points by generation, and pick one.
     Write it with `refusal-edit orthogonalize MODEL --spec DIR/front.json[#ID]`."""
     quiet_libraries()
-    from refusal_edit.forward import parse_batch_size
-    from refusal_edit.tuning import PickRule, TuneSettings
     from refusal_edit.workflows.tune import tune as workflow
+    from refusal_edit.workflows.tune import tune_settings
 
-    rows = parse_batch_size(batch_size)  # auto: chosen once the model is loaded
-    settings = TuneSettings(
-        trials=trials,
-        confirm=confirm,
-        refine=refine,
-        pick=PickRule.parse(pick, max_kl),
-        resolve=resolve,
-        resolve_prompts=resolve_prompts,
-        max_new_tokens=max_new_tokens,
-        search_prompts=search_prompts,
-        batch_size=1 if rows == "auto" else int(rows),
-        seed=seed,
-        preserve_norm=not no_preserve_norm,
-    ).check()
+    # The settings by name (auto: the batch size chosen once the model is loaded).
+    settings, auto = tune_settings({**locals(), "preserve_norm": not no_preserve_norm})
     outcome = workflow(
         model,
         direction,
@@ -141,12 +127,12 @@ def tune(
         harmful=harmful,
         harmless=harmless,
         **opt.chat(system_prompt, template),
-        template_kwargs=parse_template_kwargs(template_kwargs),
+        template_kwargs=template_kwargs,
         **opt.placement(dtype, device, max_memory, offload_dir),
         load_in=load_in,
         resume=resume,
         force=force,
-        batch_size=rows if rows == "auto" else None,
+        batch_size=auto,
         allow_foreign_direction=allow_foreign_direction,
     )
     result = outcome.result

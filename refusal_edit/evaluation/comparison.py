@@ -120,6 +120,9 @@ def summary_key(judge: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", judge.lower()).strip("_")
 
 
+KIND_LABEL = {"harmful": "harmful", "harmless": "harmless", "borderline": "borderline (over-refusal)"}
+
+
 @dataclass
 class EvalReport:
     """Everything `evaluate` measured, plus what is needed to reproduce it.
@@ -149,6 +152,29 @@ class EvalReport:
     @property
     def judge_names(self) -> list[str]:
         return list(self.judges)
+
+    @property
+    def induces(self) -> bool:
+        """An addition with a positive coefficient is meant to make the model refuse harmless prompts."""
+        e = self.edited
+        if e.get("type") == "intervention":
+            kind, coeff = e.get("kind"), e.get("coeff")
+        else:  # a checkpoint: its record's edit
+            kind, coeff = (e.get("edit") or {}).get("mode"), (e.get("edit") or {}).get("coeff")
+        return kind == "add" and coeff is not None and float(coeff) > 0
+
+    @property
+    def edited_label(self) -> str:
+        """The edited side in a few words: the checkpoint's name, or the hook edit."""
+        e = self.edited
+        if e.get("type") == "intervention":
+            extra = f", coeff {e['coeff']:g}, layer {e['layer']}" if e.get("kind") == "add" else ""
+            return f"{e.get('kind')} hook{extra}"
+        return str(e.get("name", "edited"))
+
+    def kind_label(self, kind: str, induced: bool = True) -> str:
+        """A prompt set's name in tables; with `induced`, the harmless set under an inducing addition says so."""
+        return "harmless (induced)" if induced and kind == "harmless" and self.induces else KIND_LABEL[kind]
 
     def counts(self, side: str, kind: str, judge: str | None = None) -> Counts:
         """One judge's verdict counts (default: the first judge)."""

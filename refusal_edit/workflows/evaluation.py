@@ -24,7 +24,7 @@ from refusal_edit.edits.spec import EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.comparison import EvalReport, EvalSettings, compare
 from refusal_edit.evaluation.comparison import rejudge as rejudge_saved
-from refusal_edit.evaluation.report import REPORT_JSON, REPORT_PNG, write_report
+from refusal_edit.evaluation.report import REPORT_JSON, REPORT_PNG, report_json, write_report
 from refusal_edit.forward import parse_batch_size, resolve_batch_size
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging import Judge, MarkerJudge
@@ -331,6 +331,10 @@ class Evaluation:
     json_path: Path
     png_path: Path
     recorded: Path | None = None
+
+    def json_text(self) -> str:
+        """The report as `report.json` holds it."""
+        return report_json(self.report)
 
 
 def run(

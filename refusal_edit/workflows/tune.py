@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,13 @@ from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.directions.bank import load_bank
 from refusal_edit.directions.refusal_tokens import derive_refusal_tokens, user_refusal_tokens
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.forward import resolve_batch_size
+from refusal_edit.forward import parse_batch_size, resolve_batch_size
 from refusal_edit.loading.model import LoadedModel, ModelSource, load_model
 from refusal_edit.offload import offloaded_modules
 from refusal_edit.prompts import chat_format
+from refusal_edit.prompts.template import parse_template_kwargs
 from refusal_edit.provenance import versions
-from refusal_edit.tuning import Confirmer, ProxyScorer, TuneResult, TuneSettings, plot_front
+from refusal_edit.tuning import Confirmer, PickRule, ProxyScorer, TuneResult, TuneSettings, plot_front
 from refusal_edit.tuning import tune as run_tune
 from refusal_edit.tuning.crossfit import CrossFit, fold_banks
 from refusal_edit.tuning.run import STUDY
@@ -72,6 +74,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def tune_settings(values: Mapping[str, Any]) -> tuple[TuneSettings, str | None]:
+    """`TuneSettings` from a command's values, each field by its name (`values` may hold more), checked; and the
+    batch size left to choose once the model is loaded (`auto`), else None. `pick` is a rule's text with its
+    `max_kl` cap (`PickRule.parse`), `batch_size` a number or `auto`."""
+    given = {f.name: values[f.name] for f in fields(TuneSettings) if f.name in values}
+    rows = parse_batch_size(given.pop("batch_size", 32))
+    if "pick" in given:
+        given["pick"] = PickRule.parse(given["pick"], values.get("max_kl"))
+    settings = TuneSettings(batch_size=1 if rows == "auto" else int(rows), **given).check()
+    return settings, "auto" if rows == "auto" else None
+
+
 def refusal_ids(lm: LoadedModel, direction: DirectionFile, fmt, harmful: list[str], harmless: list[str]) -> list[int]:
     """The refusal tokens extraction derived (recorded in the direction file), else derived now."""
     recorded = direction.metadata.get("refusal_tokens")
@@ -96,7 +110,7 @@ def tune(
     harmless: str | None = None,
     system_prompt: str | None = None,
     template: str | Path | None = None,
-    template_kwargs: dict[str, Any] | None = None,
+    template_kwargs: Sequence[str] | Mapping[str, Any] | None = None,
     dtype: str = "auto",
     device: str = "cpu",
     resume: bool = False,
@@ -112,6 +126,7 @@ def tune(
     `device` auto places the layers with accelerate within `max_memory`; `batch_size` (a number or auto)
     replaces `settings.batch_size`. A direction from another model is an error unless `allow_foreign_direction`."""
     settings = (settings or TuneSettings()).check()
+    kwargs = parse_template_kwargs(template_kwargs)  # `key=value` items or a keyword dict; bad ones fail first
     if n_val < 2:
         raise RefusalEditError(f"`n_val` must be at least 2, got {n_val}")
     d = direction if isinstance(direction, DirectionFile) else load_direction(defaults.expand(str(direction)))
@@ -132,7 +147,7 @@ def tune(
         lm.tokenizer,
         system=defaults.system_prompt(source, system_prompt),
         template_file=template,
-        template_kwargs=template_kwargs,
+        template_kwargs=kwargs,
     )
     sets = defaults.extraction_prompts(source, harmful, harmless)
     h_val, s_val = sets["harmful"].split("val").sample(n_val), sets["harmless"].split("val").sample(n_val)
