@@ -151,6 +151,29 @@ def _commands() -> dict:
     return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
 
 
+def test_a_commands_settings_default_as_the_library_does():
+    """tune's and evaluate's settings reach the workflow by name (`tune_settings`, `eval_settings`): each option
+    that sets a field defaults to the field's own default, so the command line and the library run the same
+    study and the same evaluation. Options that share a field's name but not its value are listed."""
+    from dataclasses import fields
+
+    from refusal_edit.evaluation.comparison import EvalSettings
+    from refusal_edit.tuning import TuneSettings
+
+    parsed = {"pick": lambda rule: rule.kind, "batch_size": int}  # read by the workflow from the option's text
+    other = {"borderline", "template_kwargs"}  # evaluate: a prompt set; `key=value` items
+    commands = _commands()
+    for command, cls in (("tune", TuneSettings), ("evaluate", EvalSettings)):
+        defaults = {p.name: p.default for p in commands[command].params}
+        named = [f.name for f in fields(cls) if f.name in defaults and f.name not in other]
+        assert len(named) >= 7, command
+        for name in named:
+            want = getattr(cls(), name)
+            want = parsed[name](want) if name in parsed and name != "batch_size" else want
+            got = parsed["batch_size"](defaults[name]) if name == "batch_size" else defaults[name]
+            assert got == want, f"{command} --{name.replace('_', '-')}: {got!r}, the library's {want!r}"
+
+
 def test_library_modules_speak_parameters_not_flags():
     """No string of the library (docstrings aside) names one of our flags: library errors name parameters in
     backticks and the command line turns them into the running command's flags (`in_flags`)."""
