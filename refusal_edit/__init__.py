@@ -25,6 +25,7 @@ _API = {
     "load_direction": "refusal_edit.directions.artifacts",
     "ablation": "refusal_edit.interventions",
     "addition": "refusal_edit.interventions",
+    "EditSpec": "refusal_edit.edits.spec",
     "orthogonalize": "refusal_edit.workflows.editing",
     "evaluate": "refusal_edit.workflows.evaluation",
     "EvalSettings": "refusal_edit.evaluation.comparison",
