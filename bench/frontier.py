@@ -127,30 +127,29 @@ def cli(*args: str) -> list[str]:
 # ---------------------------------------------------------------- the judge (one harness for every method)
 
 
-_BASE_REPLIES: dict[str, Any] = {}  # greedy replies of the base model, shared by every judged point
-
-
-def load_base_replies(path: Path) -> None:
-    """The base model's replies kept by an earlier bench process (they are half the cost of judging a point)."""
+def load_base_replies(path: Path, replies: dict[str, Any]) -> None:
+    """The base model's replies kept by an earlier bench process, into the loaded base's `replies` (they are
+    half the cost of judging a point; `evaluate` reuses them)."""
     if not path.is_file():
         return
     from refusal_edit.generation import Generated
 
     for key, rows in json.loads(path.read_text()).items():
-        _BASE_REPLIES.setdefault(key, [Generated(**r) for r in rows])
+        replies.setdefault(key, [Generated(**r) for r in rows])
 
 
-def save_base_replies(path: Path) -> None:
+def save_base_replies(path: Path, replies: dict[str, Any]) -> None:
     """Keep the base model's replies for the next bench process (keyed by what a greedy reply depends on)."""
-    if _BASE_REPLIES:
-        write_json(path, {k: [asdict(g) for g in v] for k, v in _BASE_REPLIES.items()})
+    if replies:
+        write_json(path, {k: [asdict(g) for g in v] for k, v in replies.items()})
 
 
 def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[str, Any]:
     """Our `evaluate` of `point_dir` against `base` on the built-in test split; the report goes to `out`.
 
     `base` is the base model as `evaluate` takes it (recipe name, directory or a loaded model: load it once
-    to judge many points). Kept in this one function: the evaluate API is still moving.
+    to judge many points; its replies are generated once). Kept in this one function: the evaluate API is
+    still moving.
     """
     report_json = out / "report.json"
     if reuse and _newer(report_json, _newest_file(point_dir)):
@@ -161,7 +160,7 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
     # Explicit, not evaluate's defaults (which moved to 128 tokens + the borderline set): one fixed harness.
     settings = EvalSettings(n=JUDGE["n"], max_new_tokens=JUDGE["max_new_tokens"], borderline=False)
     # test split + default system prompt are evaluate's defaults; the base model's replies are generated once
-    report = evaluate(base, point_dir, settings=settings, base_replies=_BASE_REPLIES)
+    report = evaluate(base, point_dir, settings=settings)
     save_report(report, out, force=True)
     return _test_numbers(report.summary())
 
@@ -522,7 +521,7 @@ def main() -> None:
 
         base = load_model(source)  # loaded once for every point
         replies = args.out / "judge" / "base-replies.json"
-        load_base_replies(replies)
+        load_base_replies(replies, base.replies)
         order = [(m, p) for m in methods for p in m.points if p.path is not None]
         if args.judge_only:  # a short session judges the points that matter first; a later --reuse run adds the rest
             wanted = args.judge_only.split(",")
@@ -534,7 +533,7 @@ def main() -> None:
             t0, load0 = time.perf_counter(), os.getloadavg()
             report_dir = args.out / "judge" / m.name / p.id
             p.test = judge(base, Path(p.path), report_dir, reuse=args.reuse)
-            save_base_replies(replies)
+            save_base_replies(replies, base.replies)
             p.test["judge_wall_s"] = round(time.perf_counter() - t0, 1)  # ~0 when a report was reused
             p.test["judge_load"] = [load0, os.getloadavg()]
             if args.second_judge:

@@ -219,14 +219,11 @@ def test_base_replies_survive_a_new_bench_process(tmp_path: Path):
 
     path = tmp_path / "judge" / "base-replies.json"
     path.parent.mkdir()
-    frontier._BASE_REPLIES.clear()
-    frontier._BASE_REPLIES["64:0:abc"] = [Generated("p", "I can't help with that.", [40, 646])]
-    frontier.save_base_replies(path)
-    frontier._BASE_REPLIES.clear()
-    frontier.load_base_replies(path)
-    loaded = dict(frontier._BASE_REPLIES)
-    assert loaded == {"64:0:abc": [Generated("p", "I can't help with that.", [40, 646])]}
-    frontier._BASE_REPLIES.clear()
+    kept = {"64:0:abc": [Generated("p", "I can't help with that.", [40, 646])]}
+    frontier.save_base_replies(path, kept)
+    loaded: dict = {}
+    frontier.load_base_replies(path, loaded)
+    assert loaded == kept
 
 
 def test_kept_checkpoints_and_reports_are_reused_only_while_they_match(tmp_path: Path):

@@ -235,7 +235,8 @@ def test_ablation_hook_matches_the_orthogonalized_checkpoint_and_has_positive_kl
 
 
 def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypatch):
-    """Judging several edits against one base model reuses its greedy replies, keyed by prompts and length."""
+    """Judging several edits against one loaded base model reuses its greedy replies (kept with the loaded model),
+    keyed by prompts and length."""
     import refusal_edit.evaluation.comparison as run
 
     calls: list[str] = []
@@ -245,14 +246,14 @@ def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypat
     hook = intervention_of(load_direction(env["direction"]), EditSpec())
     settings = replace(FAST, borderline=False)
     fresh = run_eval(env, intervention=hook, settings=settings)
-    cache: dict = {}
+    cache = base.replies
+    assert cache == {}
     first = evaluate(
         base,
         intervention=hook,
         settings=settings,
         harmful=str(env["harmful"]),
         harmless=str(env["harmless"]),
-        base_replies=cache,
     )
     calls.clear()
     again = evaluate(
@@ -261,7 +262,6 @@ def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypat
         settings=settings,
         harmful=str(env["harmful"]),
         harmless=str(env["harmless"]),
-        base_replies=cache,
     )
     assert calls == ["edited, harmful", "edited, harmless"] and len(cache) == 2
     assert again.timings["generate_base_harmful_s"] == 0.0
@@ -274,7 +274,6 @@ def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypat
         settings=replace(settings, max_new_tokens=5),
         harmful=str(env["harmful"]),
         harmless=str(env["harmless"]),
-        base_replies=cache,
     )
     assert len(cache) == 4 and longer.timings["generate_base_harmful_s"] > 0.0
 

@@ -435,7 +435,6 @@ def compare(
     settings: EvalSettings | None = None,
     judges: Sequence[Judge] | None = None,
     timings: dict[str, float] | None = None,
-    base_replies: dict[str, list[Generated]] | None = None,
 ) -> EvalReport:
     """Compare `base` with `edited` (a loaded checkpoint) or with `base` under `intervention`.
 
@@ -444,9 +443,9 @@ def compare(
     refusal markers) judge every reply after generation with no hook active, so the base model can judge
     its own and the edit's replies. `edited_info` is recorded with the edit (the checkpoint's record, or the
     direction file an intervention came from); `timings` are earlier steps (loading) to report with this run's.
-    `base_replies`: a dict kept by the caller across calls that judge several edits against one base model;
-    greedy replies depend only on the model, the formatted prompts and the generation length, so the base
-    side is generated once per such key and reused (it is half the cost of every further comparison).
+    Greedy replies depend only on the model, the formatted prompts and the generation length, so the base side
+    is generated once per such key and kept with the loaded model (`base.replies`): judging several edits
+    against one loaded base model generates its replies once (half the cost of every further comparison).
     """
     settings = settings or EvalSettings()
     settings.check()
@@ -485,8 +484,8 @@ def compare(
             for kind in kinds:
                 t2 = time.perf_counter()
                 key = _replies_key(texts[kind], settings.max_new_tokens, keep_special)
-                if side == "base" and base_replies is not None and key in base_replies:
-                    gens[side][kind] = base_replies[key]
+                if side == "base" and key in base.replies:
+                    gens[side][kind] = base.replies[key]
                     timings[f"generate_{side}_{kind}_s"] = 0.0
                     continue
                 gens[side][kind] = generate(
@@ -499,8 +498,8 @@ def compare(
                     skip_special_tokens=not keep_special,
                 )
                 timings[f"generate_{side}_{kind}_s"] = time.perf_counter() - t2
-                if side == "base" and base_replies is not None:
-                    base_replies[key] = gens[side][kind]
+                if side == "base":
+                    base.replies[key] = gens[side][kind]
         timings[f"generate_{side}_s"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()

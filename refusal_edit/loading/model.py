@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,9 @@ class LoadedModel:
     device: str  # cpu | cuda | mps | auto (spread by accelerate: see `placement`)
     placement: str | None = None  # where the layers went, e.g. "layers 0-9 cpu, 10-23 disk (...)"
     load_in: str | None = None  # 4bit | 8bit: linear layers quantized by bitsandbytes (`quantize`)
+    # Greedy replies this model has given, by what they depend on (prompts, length): `evaluate` generates a base
+    # model's replies once for every edit compared with it (`evaluation.comparison.compare`).
+    replies: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def _torch_dtype(dtype: str, device: str, config: dict[str, Any], hf_dir: Path | None = None) -> tuple[Any, str]:

@@ -221,7 +221,6 @@ def evaluate(
     max_memory: str | dict[Any, Any] | None = None,
     offload_dir: Path | None = None,
     batch_size: int | str | None = None,
-    base_replies: dict[str, Any] | None = None,
     load_in: str | None = None,
 ) -> EvalReport:
     """Compare `base` with `edited` (a checkpoint) or with `base` under a direction's hooks.
@@ -234,9 +233,9 @@ def evaluate(
     Judges are loaded from `settings` (`markers` replaces the built-in marker list), unless `judges` gives
     them ready-made. `device` auto places each model's layers with accelerate, each within `max_memory`;
     `load_in` (4bit|8bit) loads base and edited checkpoint quantized by bitsandbytes (`loading.quantize`);
-    `batch_size` (a number or auto) replaces `settings.batch_size`. `base_replies`: a dict kept across calls
-    that judge several edits against one loaded base model, so its replies are generated once (see
-    `compare`). Errors the user can fix raise `RefusalEditError`.
+    `batch_size` (a number or auto) replaces `settings.batch_size`. A loaded `base` keeps its replies: several
+    edits compared with it generate them once (see `compare`). Errors the user can fix raise
+    `RefusalEditError`.
     """
     check_one_edit(edited, direction, intervention)
     settings = settings or EvalSettings()
@@ -303,7 +302,6 @@ def evaluate(
         settings=settings,
         judges=judges,
         timings=timings,
-        base_replies=base_replies,
     )
 
 
