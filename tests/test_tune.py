@@ -389,3 +389,23 @@ def test_bridge_points_that_damage_more_than_the_paper_s_edit_are_not_confirmed(
     (matched,) = [t for t in bridge if t["matched"]]
     assert matched["kl_proxy"] == pytest.approx(paper_kl, rel=0.1)
     assert confirmer.labels[0] == "base" and len(confirmer.labels) == len(result.confirmed) + 1
+
+
+def test_confirm_cross_fits_every_front_point_on_the_train_prompts(tuned, tmp_path):
+    """`refusal-edit confirm --cross-fit` (bench/confirm.py's, moved into the package): every front point judged
+    on the half of the 240 built-in train prompts its candidates never saw, the counts pooled, the KLs measured."""
+    src, root, run = tuned
+    out = tmp_path / "crossfit.json"
+    front = root / "tune" / "front.json"
+    given = ["--direction", root / "direction", "--points", front, "--out", out, "--kl-prompts", "3"]
+    given += ["--max-new-tokens", "6", "--batch-size", "8", "--device", "cpu"]
+    assert run("confirm", src, *given, "--cross-fit") == 0
+    data = json.loads(out.read_text())
+    ids = [p["id"] for p in json.loads(front.read_text())["confirmed"]]
+    assert data["split"] == "train" and data["cross_fit"] and list(data["points"]) == ids
+    for numbers in data["points"].values():
+        assert numbers["prompts"] == 240 and [f["prompts"] for f in numbers["folds"]] == [120, 120]
+        failed = numbers["refused"] + numbers["degenerate"]
+        assert failed <= 240 and numbers["first_token_kl"] >= 0 and numbers["multi_token_kl"] is not None
+        assert tuple(numbers["failure_ci95"]) == pytest.approx(wilson(failed, 240), abs=1e-4)
+    assert run("confirm", src, *given) == 1  # the result exists: replaced only with --force

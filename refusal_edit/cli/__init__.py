@@ -19,6 +19,7 @@ from rich.markup import escape
 from refusal_edit.cli import (  # noqa: F401  (each module registers its command)
     archs,
     chat,
+    confirm,
     evaluate,
     export_cvec,
     extract,

@@ -97,6 +97,13 @@ SITE = typer.Option(
     rich_help_panel=EDIT,
 )
 UNIT = typer.Option(False, "--unit", help="add: add the unit direction instead of mean_diff.", rich_help_panel=EDIT)
+DIRECTION = typer.Option(
+    ...,
+    "--direction",
+    help="direction.safetensors (or its run folder) written by extract.",
+    metavar="<file>",
+    rich_help_panel=INPUT,
+)
 FORCE = typer.Option(
     False, "--force", help="Replace an existing output (a previous output of this tool).", rich_help_panel=OUTPUT
 )

@@ -27,13 +27,7 @@ def _pct(x: float) -> str:
 )
 def tune(
     model: str = typer.Argument(..., metavar="MODEL", help=opt.MODEL_HELP),
-    direction: Path = typer.Option(
-        ...,
-        "--direction",
-        help="direction.safetensors (or its run folder) written by extract.",
-        metavar="<file>",
-        rich_help_panel=opt.INPUT,
-    ),
+    direction: Path = opt.DIRECTION,
     out: Path | None = opt.optional("--out", "Study folder.", "runs/<model>/tune", "<dir>", panel=opt.OUTPUT),
     trials: int = typer.Option(32, help="Optuna trials in all (the seed points included).", rich_help_panel=opt.SEARCH),
     refine: int = typer.Option(

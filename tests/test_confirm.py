@@ -1,41 +1,39 @@
-"""bench/confirm.py without models: the points it reads, what --out may replace, how --cross-fit (tune's
-`tuning.crossfit`) pools."""
+"""`refusal-edit confirm` without models (moved from bench/confirm.py, which now passes its options on): the
+points it reads, what --out may replace, how --cross-fit (tune's `tuning.crossfit`) pools. A run on a tiny
+model is in tests/test_tune.py (it reuses that module's tune)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from refusal_edit.cli.confirm import line
+from refusal_edit.edits.spec import EditSpec, Strength
+from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.stats import wilson
+from refusal_edit.tuning.crossfit import halves, pooled
+from refusal_edit.workflows import confirm
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-_spec = importlib.util.spec_from_file_location("bench_confirm", BENCH / "confirm.py")
-assert _spec is not None and _spec.loader is not None
-confirm = importlib.util.module_from_spec(_spec)
-sys.modules["bench_confirm"] = confirm
-_spec.loader.exec_module(confirm)
-
-from refusal_edit.tuning.crossfit import halves, pooled  # noqa: E402  (moved from the bench into tune)
 
 
 def test_points_come_from_a_label_map_or_every_confirmed_point_of_a_front(tmp_path):
     labels = tmp_path / "points.json"
     labels.write_text(json.dumps({"paper": {}, "weaker": {"attn": {"weight": 0.9}}}))
-    assert confirm.load_points(labels) == {"paper": {}, "weaker": {"attn": {"weight": 0.9}}}
+    assert confirm.load_points(labels) == {"paper": EditSpec(), "weaker": EditSpec(attn=Strength(weight=0.9))}
     front = tmp_path / "front.json"
     front.write_text(json.dumps({"confirmed": [{"id": "t0", "spec": {}}, {"id": "t26", "spec": {"embedding": 0.7}}]}))
-    assert confirm.load_points(front) == {"t0": {}, "t26": {"embedding": 0.7}}
+    assert confirm.load_points(front) == {"t0": EditSpec(), "t26": EditSpec(embedding=0.7)}
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (None, "cannot read --points"),
-        ("{", "cannot read --points"),
+        (None, "cannot read `points`"),
+        ("{", "cannot read `points`"),
         ("[1]", "expected {label: spec}"),
         ("{}", "expected"),
     ],
@@ -44,9 +42,9 @@ def test_bad_points_files_are_one_error_line(tmp_path, text, message):
     path = tmp_path / "points.json"
     if text is not None:
         path.write_text(text)
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(RefusalEditError) as exc:
         confirm.load_points(path)
-    assert str(exc.value).startswith("error: ") and message in str(exc.value) and "\n" not in str(exc.value)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_out_never_replaces_the_points_file_or_an_existing_file_without_force(tmp_path):
@@ -57,11 +55,11 @@ def test_out_never_replaces_the_points_file_or_an_existing_file_without_force(tm
     other = tmp_path / "old.json"
     other.write_text("keep")
     for out, force in ((points, True), (link, True)):
-        with pytest.raises(SystemExit, match="is the --points file"):
+        with pytest.raises(RefusalEditError, match="is the `points` file"):
             confirm.check_out(out, points, force)
-    with pytest.raises(SystemExit, match=r"exists \(--force replaces it\)"):
+    with pytest.raises(RefusalEditError, match=r"exists \(`force` replaces it\)"):
         confirm.check_out(other, points, False)
-    with pytest.raises(SystemExit, match="is a directory"):
+    with pytest.raises(RefusalEditError, match="is a directory"):
         confirm.check_out(tmp_path, points, True)
     confirm.check_out(other, points, True)  # allowed: --force names a file that is not the input
     confirm.check_out(tmp_path / "new.json", points, False)
@@ -110,7 +108,7 @@ def test_pooled_counts_every_judged_prompt_and_averages_the_kls():
     assert got["refusal_ci95"][0] < 3 / 240 < got["refusal_ci95"][1] and got["folds"] == folds
     assert tuple(got["failure_ci95"]) == pytest.approx(wilson(4, 240), abs=1e-4)
     assert pooled([{**folds[0], "multi_token_kl": None}, folds[1]])["multi_token_kl"] is None
-    assert "refused   1.2 %" in confirm.line("t0", got)
+    assert "refused   1.2 %" in line("t0", got)
 
 
 def test_cross_fit_needs_the_train_split(tmp_path):
