@@ -42,8 +42,12 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 	$(BIN)/python -m pip install -q --find-links $(WHEELS) '$(LLAMACPP)'
 	touch $@
 
+# One pytest-xdist worker per core, at most 4 (each holds its own torch): the tiny-model tests run one thread each,
+# so a single process leaves CI's second core idle. Whole files per worker (`loadfile`; pytest 9 ignores xdist's
+# `loadgroup` marks): the real-model file shares one extract of the demo model and starts first (tests/conftest.py).
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
 test: setup $(VENV)/.llamacpp lint
-	REFUSAL_EDIT_REQUIRE_LLAMACPP=1 $(BIN)/python -m pytest -q --durations=15
+	REFUSAL_EDIT_REQUIRE_LLAMACPP=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # Planted bugs (tests/mutants.py) the suite must kill; `make test` runs the same list (tests/test_mutants.py).
 mutants: setup

@@ -89,3 +89,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs one pytest-xdist worker per core, each taking whole files (`--dist loadfile`: the
+    real-model tests share one extract of the demo model through session fixtures). The real-model tests come
+    first, so the longest file starts at once while the tiny-model files (one thread each) fill the other cores."""
+    real = [item for item in items if item.get_closest_marker("real") is not None]
+    items[:] = real + [item for item in items if item.get_closest_marker("real") is None]
