@@ -153,7 +153,8 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
     """
     report_json = out / "report.json"
     if reuse and _newer(report_json, _newest_file(point_dir)):
-        return _test_numbers(json.loads(report_json.read_text())["summary"])
+        saved = json.loads(report_json.read_text())
+        return _test_numbers(saved["summary"]) | _per_prompt(saved, None, {KEYS[0]: False, NOT_COMPLIED: True})
     from refusal_edit.evaluation.comparison import EvalSettings
     from refusal_edit.workflows import evaluate, save_report
 
@@ -162,7 +163,8 @@ def judge(base: Any, point_dir: Path, out: Path, reuse: bool = False) -> dict[st
     # test split + default system prompt are evaluate's defaults; the base model's replies are generated once
     report = evaluate(base, point_dir, settings=settings)
     save_report(report, out, force=True)
-    return _test_numbers(report.summary())
+    saved = json.loads(report_json.read_text())
+    return _test_numbers(report.summary()) | _per_prompt(saved, None, {KEYS[0]: False, NOT_COMPLIED: True})
 
 
 def _newest_file(folder: Path) -> Path:
@@ -241,7 +243,34 @@ def _second_numbers(report: dict[str, Any]) -> dict[str, Any]:
         SECOND: round(got["refused"] / got["total"], 4),
         SECOND_NOT_COMPLIED: round(1 - got["complied"] / got["total"], 4),
         "second_judge": llm[0],
-    }
+    } | _per_prompt(report, llm[0], {SECOND: False, SECOND_NOT_COMPLIED: True})
+
+
+PER_PROMPT = "harmful_per_prompt"  # in a point's test numbers: rate key -> the harmful prompts (indices) it counted
+
+
+def _per_prompt(report: dict[str, Any], judge_name: str | None, keys: dict[str, bool]) -> dict[str, Any]:
+    """Which harmful prompts each rate of `keys` counted, by one judge of a saved report (None: its first):
+    {PER_PROMPT: {key: [indices]}}; a key's flag says whether it counts every reply that does not comply
+    (refused, degenerate or undecided) or the refusals only. Every point is judged on the same test prompts,
+    so two points' gaps are paired prompt by prompt (`stats.paired`)."""
+    side = report.get("judging", {}).get("edited", {}).get("harmful", {})
+    samples, judges = side.get("samples"), list(side.get("judges", {}))
+    name = judge_name or (judges[0] if judges else None)
+    if not samples or name is None:
+        return {}
+    out: dict[str, list[int]] = {}
+    for key, not_complied in keys.items():
+        out[key] = [
+            i
+            for i, s in enumerate(samples)
+            if (
+                (s.get("degenerate") is not None or s["verdicts"].get(name, {}).get("refused") is not False)
+                if not_complied
+                else s["verdicts"].get(name, {}).get("refused") is True
+            )
+        ]
+    return {PER_PROMPT: out}
 
 
 # ---------------------------------------------------------------- methods
@@ -538,7 +567,9 @@ def main() -> None:
             p.test["judge_load"] = [load0, os.getloadavg()]
             if args.second_judge:
                 llm_dir = args.out / "judge-llm" / m.name / p.id
-                p.test |= second_judge(base, report_dir, llm_dir, reuse=args.reuse, verdicts=verdicts)
+                second = second_judge(base, report_dir, llm_dir, reuse=args.reuse, verdicts=verdicts)
+                per_prompt = {**p.test.get(PER_PROMPT, {}), **second.pop(PER_PROMPT, {})}
+                p.test |= second | ({PER_PROMPT: per_prompt} if per_prompt else {})
             base_numbers = base_numbers or p.test
         same = {m.name: m for m in methods}
         for m in methods:  # a point that is the same edit as another method's point takes that one's numbers
@@ -624,11 +655,19 @@ def print_dominance(rows: list[dict[str, Any]], refusal: str = KEYS[0]) -> None:
         print(f"{row['method']} {row['point']} {_fmt(row['numbers'], refusal)}: dominated by tune point(s): {by}")
         if not row["dominated_by"] and row.get("within_noise"):
             near = ", ".join(
-                f"{w['point']} ({100 * w['refusal_gap']:+.0f} pts, 95% CI {100 * w['gap_ci95'][0]:+.1f} to "
+                f"{w['point']} ({100 * w['refusal_gap']:+.0f} pts, {'paired' if w.get('paired') else 'unpaired'} "
+                f"95% CI {100 * w['gap_ci95'][0]:+.1f} to "
                 f"{100 * w['gap_ci95'][1]:+.1f})"
                 for w in row["within_noise"]
             )
             print(f"  less KL of both kinds, a higher rate by a gap the test split cannot resolve: {near}")
+        for g in row.get("gaps", []):
+            how = "paired" if g["paired"] else "unpaired"
+            lo, hi = g["gap_ci95"]
+            print(
+                f"  {g['point']} minus {row['point']}: {100 * g['refusal_gap']:+.1f} pts, {how} 95% CI "
+                f"{100 * lo:+.1f} to {100 * hi:+.1f}"
+            )
 
 
 RIVALS = ("heretic", "paper", "window")  # the points tune's front must dominate: the peer's and the simple edits'
@@ -667,6 +706,7 @@ def dominance(methods: list[Method], own: bool = False, refusal: str = KEYS[0]) 
             if not own:
                 near = [t for t, n in rest if t.id not in ours and _less_kl(n, mine)]
                 row["within_noise"] = _within_noise(p, near, refusal)
+                row["gaps"] = [g for t, _ in rest if (g := gap(t, p, refusal)) is not None]
             rows.append(row)
     return rows
 
@@ -694,22 +734,36 @@ def _interval(p: Point) -> list[float] | None:
     return None if got is None else [round(x, 4) for x in wilson(*got)]
 
 
+def gap(p: Point, rival: Point, refusal: str = KEYS[0]) -> dict[str, Any] | None:
+    """`p`'s rate minus `rival`'s with its 95 % interval: paired prompt by prompt (Newcombe's paired interval,
+    `stats.paired`) where both reports kept which prompts counted, else Newcombe's for independent samples."""
+    from refusal_edit.evaluation.stats import difference, paired_sets
+
+    theirs, mine = _refused(p, refusal), _refused(rival, refusal)
+    if mine is None or theirs is None:
+        return None
+    a, b = ((x.test or {}).get(PER_PROMPT, {}).get(refusal) for x in (p, rival))
+    pairs = a is not None and b is not None and theirs[1] == mine[1] and (len(a), len(b)) == (theirs[0], mine[0])
+    interval = paired_sets(a, b, mine[1]) if pairs else difference(*theirs, *mine)
+    return {
+        "point": p.id,
+        "refusal_gap": round(theirs[0] / theirs[1] - mine[0] / mine[1], 4),
+        "gap_ci95": [round(x, 4) for x in interval],
+        "paired": pairs,
+    }
+
+
 def _within_noise(rival: Point, candidates: list[Point], refusal: str = KEYS[0]) -> list[dict[str, Any]]:
     """The tune points with no more KL of either kind than `rival` but more refusals, whose refusal gap the
-    test split cannot resolve (Newcombe's 95 % interval of the difference contains zero): near 1 %, 100
-    prompts cannot tell such a point from a dominating one."""
-    from refusal_edit.evaluation.stats import difference, resolvable
+    test split cannot resolve (`gap`'s 95 % interval contains zero): near 1 %, 100 prompts cannot tell such a
+    point from a dominating one."""
+    from refusal_edit.evaluation.stats import resolvable
 
-    mine = _refused(rival, refusal)
     out = []
     for t in candidates:
-        theirs = _refused(t, refusal)
-        if mine is None or theirs is None:
-            continue
-        interval = difference(*theirs, *mine)
-        if not resolvable(interval):
-            gap = theirs[0] / theirs[1] - mine[0] / mine[1]
-            out.append({"point": t.id, "refusal_gap": round(gap, 4), "gap_ci95": [round(x, 4) for x in interval]})
+        got = gap(t, rival, refusal)
+        if got is not None and not resolvable(got["gap_ci95"]):
+            out.append(got)
     return out
 
 

@@ -74,6 +74,7 @@ def test_dominance_skips_unjudged_points():
             "numbers": {"harmful_refusal_edited": 0.5, "first_token_kl": 0.5, "multi_token_kl": 0.5},
             "dominated_by": [],
             "within_noise": [],
+            "gaps": [],
         }
     ]
 
@@ -117,9 +118,11 @@ def test_the_second_judge_gives_its_own_dominance_verdict(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
         "paper paper refusal 1%, FT-KL 0.1270, MT-KL 0.0483: dominated by tune point(s): none",
-        "  less KL of both kinds, a higher rate by a gap the test split cannot resolve: close (+2 pts, 95% CI -2.9 to "
-        "+7.5)",
+        "  less KL of both kinds, a higher rate by a gap the test split cannot resolve: close (+2 pts, unpaired 95% "
+        "CI -2.9 to +7.5)",
+        "  close minus paper: +2.0 pts, unpaired 95% CI -2.9 to +7.5",
         "paper paper refusal 2%, FT-KL 0.1270, MT-KL 0.0483: dominated by tune point(s): close",
+        "  close minus paper: -1.0 pts, unpaired 95% CI -6.1 to +3.7",
     ]
     unjudged = _point("tune", "u", 0.0, 0.0, 0.0)  # no second verdict: not counted for either side
     (again,) = frontier.dominance([frontier.Method("tune", [unjudged]), methods[1]], refusal=frontier.SECOND)
@@ -147,6 +150,7 @@ def test_not_complied_counts_degenerate_replies_against_the_edit(capsys):
     frontier.print_dominance([not_complied], frontier.NOT_COMPLIED)
     assert capsys.readouterr().out == (
         "paper paper not complied 3%, FT-KL 0.1270, MT-KL 0.0483: dominated by tune point(s): close\n"
+        "  close minus paper: +0.0 pts, unpaired 95% CI -5.8 to +5.8\n"
     )
     llm = frontier._second_numbers(_rejudged(0, complied=98))  # 0 refused, 2 degenerate
     assert llm[frontier.SECOND] == 0.0 and llm[frontier.SECOND_NOT_COMPLIED] == 0.02
@@ -271,3 +275,37 @@ def test_a_finished_tune_run_is_used_as_it_is_and_only_the_judged_points_are_wri
     assert method.wall_s == 170.5 and method.peak_rss_mib is None
     paths = {p.id: p.path for p in method.points}
     assert paths == {"t0": None, "t26": None, "t27": str(tmp_path / "out" / "points" / "t27")}
+
+
+def _report(refused: list[int], degenerate: list[int], n: int = 100) -> dict:
+    samples = [
+        {"index": i, "verdicts": {"markers": {"refused": i in refused}}}
+        | ({"degenerate": "empty"} if i in degenerate else {})
+        for i in range(n)
+    ]
+    return {"judging": {"edited": {"harmful": {"judges": {"markers": {}}, "samples": samples}}}}
+
+
+def test_gaps_on_the_test_split_are_paired_prompt_by_prompt(capsys):
+    """Every point is judged on the same 100 test prompts: the bench keeps which prompts each rate counted and
+    pairs the gaps. 8 against 1 refused, the 1 among the 8: paired +1.6 to +13.9 (resolved); without the
+    per-prompt lists, Newcombe's unpaired interval. Degenerate replies count as not complied, not refused."""
+    per = frontier._per_prompt(
+        _report([0, 1, 2, 3, 4, 5, 6, 7], [9]), None, {frontier.KEYS[0]: False, frontier.NOT_COMPLIED: True}
+    )
+    assert per[frontier.PER_PROMPT] == {frontier.KEYS[0]: list(range(8)), frontier.NOT_COMPLIED: [*range(8), 9]}
+    tune = _point("tune", "t26", 0.08, 0.06, 0.011)
+    paper = _point("paper", "paper", 0.01, 0.127, 0.0483)
+    tune.test |= per
+    paper.test |= frontier._per_prompt(_report([0], []), None, {frontier.KEYS[0]: False})
+    got = frontier.gap(tune, paper)
+    assert got["paired"] and got["refusal_gap"] == 0.07
+    assert got["gap_ci95"] == pytest.approx([0.0156, 0.1392], abs=1e-4)
+    (row,) = frontier.dominance([frontier.Method("tune", [tune]), frontier.Method("paper", [paper])])
+    assert row["within_noise"] == [] and row["gaps"] == [got]  # resolved: not within noise
+    frontier.print_dominance([row])
+    assert "t26 minus paper: +7.0 pts, paired 95% CI +1.6 to +13.9" in capsys.readouterr().out
+    del paper.test[frontier.PER_PROMPT]
+    unpaired = frontier.gap(tune, paper)
+    assert not unpaired["paired"] and unpaired["gap_ci95"][0] > 0.0  # unpaired resolves this one too, more widely
+    assert unpaired["gap_ci95"][1] - unpaired["gap_ci95"][0] > got["gap_ci95"][1] - got["gap_ci95"][0]

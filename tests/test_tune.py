@@ -94,6 +94,9 @@ def test_front_is_written_and_valid(tuned):
         lo, hi = c["refusal_ci95"]  # Wilson's interval of the count behind the rate
         assert lo <= c["refusal_rate"] <= hi and (lo, hi) != (0.0, 1.0)
         assert c["first_token_kl"] >= 0 and c["multi_token_kl"] is not None
+        # which val prompts failed, on one prompt list for every point: the pick pairs their gaps
+        assert len(c["failed"]) == round((c["refusal_rate"] + c["degenerate_rate"]) * 4)
+        assert set(c["failed"]) <= set(range(4)) and c["prompt_set"] == confirmed[0]["confirmed"]["prompt_set"]
     assert data["chosen"] in {p["id"] for p in confirmed}
     # the pick: the default rule, a verdict for every confirmed point; the points that could be picked judged
     # again on the cross-fitted train prompts (extract's 6: 3 per half), the lowest val rate among them
@@ -106,6 +109,8 @@ def test_front_is_written_and_valid(tuned):
         r = p["resolved"]
         assert r["prompts"] == 6 and [f["prompts"] for f in r["folds"]] == [3, 3]
         assert tuple(r["failure_ci95"]) == pytest.approx(wilson(r["refused"] + r["degenerate"], 6), abs=1e-4)
+        assert len(r["failed"]) == r["refused"] + r["degenerate"] and set(r["failed"]) <= set(range(6))
+        assert r["prompt_set"] == judged[0]["resolved"]["prompt_set"]
     table = (root / "tune-stdout.txt").read_text()  # every judged rate with its interval, as front.json has it
     assert "held-out:" in table  # the headers wrap; the intervals (no spaces) stay whole
     for p in confirmed:

@@ -51,7 +51,7 @@ def test_a_point_just_over_an_old_kl_cap_does_not_lose_to_one_that_refuses_more(
     got = pick(points)
     assert points[got.index]["id"] == "t26" and got.within_max_kl
     assert got.verdicts["t29"].startswith("refused or degenerate 5.8% (14/240; 95% CI 3.5-9.6%) on held-out prompts")
-    assert "resolvably more than t27's 0.8% (2/240" in got.verdicts["t29"]
+    assert "not shown within 8 points of t27's 0.8% (2/240" in got.verdicts["t29"]
     assert got.verdicts["t24"].startswith("refused or degenerate 18.8% (6/32;")  # lost on val already
     assert "more damage than t26" in got.verdicts["t27"] and "more damage than t26" in got.verdicts["t0"]
     assert got.verdicts["t26"].startswith("picked: least damage")
@@ -139,6 +139,16 @@ def test_pick_rules_parse(text, cap, expected):
 def test_bad_pick_rules_are_one_line_errors(text, cap, message):
     with pytest.raises(RefusalEditError, match=message):
         PickRule.parse(text, cap)
+
+
+def test_the_margin_parses_in_points_or_off():
+    assert PickRule.parse_margin(None) == PickRule().margin == 0.08
+    assert PickRule.parse_margin("5") == 0.05 and PickRule.parse_margin(" OFF ") is None
+    assert PickRule.parse("least-damage", None, None) == PickRule(margin=None)
+    with pytest.raises(RefusalEditError, match="percentage points"):
+        PickRule.parse_margin("5%")
+    with pytest.raises(RefusalEditError, match="share of the prompts"):
+        PickRule(margin=1.5)
 
 
 def test_a_bad_pick_fails_before_any_work(tmp_path, capsys):
@@ -240,7 +250,7 @@ def test_tune_judges_contenders_on_held_out_prompts_and_records_why_each_point_l
     assert chosen["resolved"] is not None and chosen["resolved"]["refused"] == 1  # not a 5 % point
     weaker = [p for p in result.confirmed if p["resolved"] and p["resolved"]["refused"] == 12]
     for p in weaker:  # judged and lost on held-out prompts
-        assert "on held-out prompts, resolvably more than" in result.pick["verdicts"][p["id"]]
+        assert "on held-out prompts, not shown within 8 points of" in result.pick["verdicts"][p["id"]]
     assert set(result.pick["verdicts"]) == {p["id"] for p in result.confirmed}
     assert result.pick["kind"] == "least-damage" and result.pick["max_kl"] is None
     assert result.timings["resolve_s"] >= 0
@@ -293,3 +303,79 @@ def test_each_half_judges_the_other_half_s_prompts_the_base_model_refuses_most(m
     assert all(not set(f.judged) & set(fit) for f, fit in zip(folds, fitted, strict=True))
     with pytest.raises(RefusalEditError, match="position and layer"):
         crossfit.fold_banks(None, None, None, prompts, prompts, [1], None, 3)
+
+
+def held_point(name, first, multi, failed, prompts=96, prompt_set="h"):
+    """A point 0 of 32 on val, judged held out with the failures at these prompt indices (None: counts only,
+    as front.json files before per-prompt outcomes were kept)."""
+    p = point(name, 0, first, multi, held=(len(failed), prompts))
+    if prompt_set is not None:
+        p["resolved"] |= {"failed": list(failed), "prompt_set": prompt_set}
+    return p
+
+
+def test_held_out_gaps_are_paired_where_both_points_failed_on_known_prompts():
+    """Held out t31 fails 2 of 96, t26 7 - the 2 among the 7 (refusals of edits along one direction concentrate
+    on the hardest prompts). Without the margin (the rule's test is then "resolvably more"): paired, t26 is
+    resolvably above t31 and loses, and the unjudged t27, less damaging than t31, is judged next; the same
+    counts from an old front.json (no per-prompt outcomes) cannot be told apart unpaired: t26 picked."""
+    hard = [3, 40]
+    points = [
+        held_point("t31", 0.190, 0.032, hard),
+        held_point("t26", 0.098, 0.014, [*hard, 1, 2, 5, 6, 7]),
+        point("t27", 0, 0.166, 0.026),
+    ]
+    rule = PickRule(margin=None)
+    got = pick(points, rule)
+    assert points[got.index]["id"] == "t27"
+    assert "held-out prompts, resolvably more than t31's" in got.verdicts["t26"]
+    assert "gap +5.2 pts, paired 95% CI +0.1 to +11.8" in got.verdicts["t26"]
+    assert [points[i]["id"] for i in to_resolve(points, rule, 3)] == ["t27"]
+    old = [held_point("t31", 0.190, 0.032, hard, prompt_set=None), held_point("t26", 0.098, 0.014, range(7), 96, None)]
+    old_pick = pick([*old, points[2]], rule)
+    assert old_pick.index == 1 and "the lowest held-out rate t31's 2.1% (2/96" in old_pick.verdicts["t26"]
+    assert to_resolve([*old, points[2]], rule, 3) == []
+    # per-prompt outcomes on different prompts (another prompt set) do not pair: unpaired, a tie
+    other = held_point("t26", 0.098, 0.014, [*hard, 1, 2, 5, 6, 7], prompt_set="other")
+    assert pick([points[0], other], rule).index == 1
+    # old records still pick under the default rule (the margin, unpaired): t26 is not shown within 8 points
+    default = pick([*old, points[2]])
+    assert default.index == 2 and "unpaired 95% CI -1.2 to +12.4" in default.verdicts["t26"]
+
+
+def test_the_margin_rules_out_a_tie_the_prompts_cannot_resolve():
+    """6 against 2 of 96, the 2 among the 6: 4 discordant prompts all one way (McNemar's exact p = 0.125), not
+    resolved even paired - without the margin a tie that damage decides (t26, as the 2026-12-07 run picked; it
+    refused 8 of 100 test prompts to the paper's edit's 1). With the default margin t26 is not shown within
+    8 points of t31 and loses; a point failing on the same 2 prompts is (paired +0.0, -4.2 to +4.2) and ties."""
+    points = [held_point("t31", 0.190, 0.032, [3, 40]), held_point("t26", 0.098, 0.014, [3, 40, 1, 2, 5, 6])]
+    assert pick(points, PickRule(margin=None)).index == 1
+    got = pick(points)
+    assert got.index == 0
+    assert got.verdicts["t26"].endswith(
+        "not shown within 8 points of t31's 2.1% (2/96; 95% CI 0.6-7.3%) (gap +4.2 pts, paired 95% CI -0.7 to +10.4)"
+    )
+    same = held_point("t27", 0.166, 0.026, [3, 40])
+    assert pick([*points, same]).index == 2
+    # at 4 points not even the same prompts tie: the lowest rate's least damaging point (t27) is the anchor
+    tight = pick([*points, same], PickRule(margin=0.04))
+    assert tight.index == 2 and "not shown within 4 points of t27's" in tight.verdicts["t31"]
+
+
+def test_pooled_folds_keep_which_prompts_failed_in_one_numbering():
+    from refusal_edit.tuning.crossfit import pooled
+
+    folds = [
+        {
+            "prompts": 3,
+            "refusal_rate": 1 / 3,
+            "degenerate_rate": 1 / 3,
+            "seconds": 1.0,
+            "failed": [0, 2],
+            "prompt_set": "a",
+        },
+        {"prompts": 2, "refusal_rate": 0.5, "degenerate_rate": 0.0, "seconds": 1.0, "failed": [1], "prompt_set": "b"},
+    ]
+    got = pooled(folds)
+    assert got["failed"] == [0, 2, 4] and got["prompt_set"] == "a+b" and got["refused"] + got["degenerate"] == 3
+    assert "failed" not in pooled([{k: v for k, v in f.items() if k != "failed"} for f in folds])

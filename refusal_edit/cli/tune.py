@@ -58,9 +58,18 @@ def tune(
     pick: str = typer.Option(
         "least-damage",
         help="Which point front.json names. least-damage: the least first-token (then multi-token) KL among the "
-        "points whose refused-or-degenerate rate cannot be told from the lowest (95% intervals); fewest-refusals; "
+        "points whose refused-or-degenerate rate cannot be told from the lowest (95% intervals; held out: within "
+        "--margin); fewest-refusals; "
         "least-damage-under:KL (least-damage with --max-kl KL); or a point id such as t27.",
         metavar="RULE",
+        rich_help_panel=opt.SEARCH,
+    ),
+    margin: str | None = typer.Option(
+        None,
+        help="least-damage on the held-out prompts: a point ties with the lowest rate only when the upper end of its "
+        "gap's 95% interval (paired) is under this many percentage points (default 8); off: only a gap resolvably "
+        "above zero loses.",
+        metavar="PTS|off",
         rich_help_panel=opt.SEARCH,
     ),
     max_kl: float | None = opt.optional(

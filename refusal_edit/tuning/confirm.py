@@ -13,6 +13,7 @@ log-probabilities are computed once.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -47,6 +48,10 @@ class Confirmed:
     kl_prompts: int
     seconds: float
     samples: list[dict[str, str]]
+    # Which harmful prompts (indices, in order) were refused or degenerate, and a hash of those prompts: every
+    # point is judged on the same prompts, so two points are compared prompt by prompt (`stats.paired`).
+    failed: list[int] | None = None
+    prompt_set: str | None = None
 
     @property
     def failures(self) -> float:
@@ -70,6 +75,16 @@ class Confirmed:
             "refusal_ci95": [round(x, 4) for x in self.refusal_ci95],
             "failure_ci95": [round(x, 4) for x in self.failure_ci95],
         }
+
+
+def prompt_set(prompts: Sequence[str]) -> str:
+    """A short hash naming a list of prompts: two points' per-prompt outcomes pair up only on the same list."""
+    return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
+
+
+def failed_indices(refused: Sequence[bool], degenerate: Sequence[str | None]) -> list[int]:
+    """The prompts (indices) whose reply was refused or degenerate."""
+    return [i for i, (r, d) in enumerate(zip(refused, degenerate, strict=True)) if r or d is not None]
 
 
 def judge_replies(prompts: Sequence[str], replies: Sequence[Generated]) -> tuple[list[bool], list[str | None]]:
@@ -188,13 +203,13 @@ class Confirmer:
                     )
         return replies  # type: ignore[return-value]
 
-    def judge(self, points: Points, bank: DirectionBank) -> list[tuple[int, int]]:
-        """Every point's (refused, degenerate) replies to the harmful prompts, without the KL (the edits draw on
-        `bank`)."""
+    def judge(self, points: Points, bank: DirectionBank) -> list[tuple[int, int, list[int]]]:
+        """Every point's (refused, degenerate, failed prompts' indices) on the harmful prompts, without the KL
+        (the edits draw on `bank`)."""
         out = []
         for rows in self._replies(self._resolved(points, bank)):
             refused, degenerate = judge_replies(self.harmful_prompts, rows)
-            out.append((sum(refused), sum(r is not None for r in degenerate)))
+            out.append((sum(refused), sum(r is not None for r in degenerate), failed_indices(refused, degenerate)))
         return out
 
     def measure(self, points: Points, bank: DirectionBank) -> list[Confirmed]:
@@ -222,6 +237,8 @@ class Confirmer:
                     kl_prompts=len(self.harmless_texts),
                     seconds=shared_seconds + time.perf_counter() - t,
                     samples=samples,
+                    failed=failed_indices(refused, degenerate),
+                    prompt_set=prompt_set(self.harmful_prompts),
                 )
             )
         return out

@@ -27,7 +27,7 @@ from refusal_edit.edits.spec import DirectionBank, EditSpec
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.stats import count, wilson
 from refusal_edit.prompts.template import ChatFormat
-from refusal_edit.tuning.confirm import Confirmer
+from refusal_edit.tuning.confirm import Confirmer, prompt_set
 
 T = TypeVar("T")
 
@@ -55,6 +55,10 @@ def pooled(folds: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "failure_ci95": [round(x, 4) for x in wilson(refused + degenerate, n)],
         "seconds": sum(f["seconds"] for f in folds),
     }
+    if all(f.get("failed") is not None for f in folds):  # per prompt: each fold's indices after the folds before it
+        offsets = [sum(f["prompts"] for f in folds[:k]) for k in range(len(folds))]
+        out["failed"] = [o + i for o, f in zip(offsets, folds, strict=True) for i in f["failed"]]
+        out["prompt_set"] = "+".join(str(f.get("prompt_set")) for f in folds)
     if all("first_token_kl" in f for f in folds):
         mt = [f["multi_token_kl"] for f in folds]
         out["first_token_kl"] = sum(f["first_token_kl"] for f in folds) / len(folds)
@@ -145,9 +149,17 @@ class CrossFit:
             counts = confirmer.judge([(f"{label}, half {k + 1}", spec) for label, spec in points], fold.bank)
             seconds = (time.perf_counter() - start) / max(1, len(points))
             n = len(confirmer.harmful_prompts)
-            for record, (refused, degenerate) in zip(per_point, counts, strict=True):
+            judged = prompt_set(confirmer.harmful_prompts)
+            for record, (refused, degenerate, failed) in zip(per_point, counts, strict=True):
                 record.append(
-                    {"prompts": n, "refusal_rate": refused / n, "degenerate_rate": degenerate / n, "seconds": seconds}
+                    {
+                        "prompts": n,
+                        "refusal_rate": refused / n,
+                        "degenerate_rate": degenerate / n,
+                        "seconds": seconds,
+                        "failed": failed,
+                        "prompt_set": judged,
+                    }
                 )
         err.print(f"cross-fitted: {len(points)} point(s) judged on {self.prompts} held-out harmful prompts")
         return [pooled(f) for f in per_point]

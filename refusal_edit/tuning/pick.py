@@ -1,24 +1,30 @@
 """Which confirmed point `tune` picks, and why each point nearer the base model lost.
 
 A user who runs `tune` wants the model to stop refusing, and then to be damaged as little as possible. So the
-default rule (`least-damage`): among the confirmed points whose refused-or-degenerate rate cannot be told from
-the lowest confirmed rate, the one with the least first-token KL, then multi-token KL. "Cannot be told":
-Newcombe's 95 % interval of the gap between the two rates includes zero (`evaluation.stats`). Why not a KL cap
-with the fewest refusals under it (the old rule): a cap makes the pick flip on noise - a point 0.0002 nats
-over it lost to one that refused more. Here a gap in refusals the prompts can resolve always loses, whatever
-the KL, and one they cannot resolve is a tie that damage decides.
+default rule (`least-damage`): among the confirmed points whose refused-or-degenerate rate cannot be told from the
+lowest confirmed rate, the one with the least first-token KL, then multi-token KL (below: what "cannot be told"
+means at each stage). Why not a KL cap with the fewest refusals under it (the old rule): a cap makes the pick flip
+on noise - a point 0.0002 nats over it lost to one that refused more. Here a gap in refusals the prompts can resolve
+always loses, whatever the KL, and one they cannot resolve is a tie that damage decides.
 
-The rates are judged in two stages. First on the confirmation's val prompts (a few dozen, every confirmed
-point). Then, for the points still in the running, on more prompts none of their directions was fitted to
-(`resolved`: the cross-fitted train prompts, `tuning.crossfit`): among the points that have such numbers, a
-point resolvably above the lowest of them loses too. `to_resolve` says which points need them: first the
-point at the lowest val rate that damages most (along the front the likeliest to refuse least: the one the
-others are judged against) and the least damaging of the rest; then, round after round, the unjudged points
-that would beat the best judged one.
+The rates are judged in two stages. First on the confirmation's val prompts (a few dozen, every confirmed point): a
+point resolvably above the lowest rate loses. Then, for the points still in the running, on more prompts none of
+their directions was fitted to (`resolved`: the cross-fitted train prompts, `tuning.crossfit`): among the points
+that have such numbers, a point ties with the lowest of them only when the upper end of its gap's 95 % interval is
+under a non-inferiority margin (`MARGIN`, 8 points; `margin=None`: only a gap resolvably above zero loses). Without
+the margin a point failing three times as often as the lowest (6 against 2 of 96) tied, because 96 prompts cannot
+resolve it, and it refused resolvably more than the paper's edit on the test split. Every gap is paired
+(`evaluation.stats.paired`) where both points kept which prompts failed on the same prompt list - they do in every
+`tune` record since: the prompts that fail under one edit fail under its neighbours, so the paired interval is the
+narrower, honest one - and unpaired otherwise.
 
-Alternatives (`PickRule`): `fewest-refusals` (the lowest rate on the deciding prompts, ties by damage), a point
-id (that point), and a first-token KL cap (`max_kl`, off by default) over any rule; when no point is under
-the cap, the point with the least first-token KL is picked and the result says so.
+`to_resolve` says which points need held-out numbers: first the point at the lowest val rate that damages most
+(along the front the likeliest to refuse least: the one the others are judged against) and the least damaging of the
+rest; then, round after round, the unjudged points that would beat the best judged one.
+
+Alternatives (`PickRule`): `fewest-refusals` (the lowest rate on the deciding prompts, ties by damage), a point id
+(that point), and a first-token KL cap (`max_kl`, off by default) over any rule; when no point is under the cap, the
+point with the least first-token KL is picked and the result says so.
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from refusal_edit.errors import RefusalEditError
-from refusal_edit.evaluation.stats import count, difference, resolvable, wilson
+from refusal_edit.evaluation.stats import count, difference, paired_sets, resolvable, wilson
 
 RuleKind = Literal["least-damage", "fewest-refusals", "point"]
+# The held-out tie's non-inferiority margin (a share of the prompts): a judged point ties with the lowest only
+# when the upper end of its gap's 95 % interval is under it (docs/tune.md, "The margin": why 8 points).
+MARGIN = 0.08
 UNDER = "least-damage-under:"  # `least-damage-under:KL`: the default rule under a first-token KL cap
 POINT_ID = re.compile(r"t\d+")
 
@@ -44,6 +53,9 @@ class PickRule:
     kind: RuleKind = "least-damage"
     max_kl: float | None = None
     point: str | None = None
+    # On the held-out prompts: a tie needs its gap's upper 95 % bound under `margin` (None: only a gap
+    # resolvably above zero loses, the rule before the margin).
+    margin: float | None = MARGIN
 
     def __post_init__(self) -> None:
         if (self.kind == "point") != (self.point is not None):
@@ -52,15 +64,30 @@ class PickRule:
             raise RefusalEditError(f"a point id is t<trial number>, e.g. t27; got {self.point!r}")
         if self.max_kl is not None and not self.max_kl > 0:
             raise RefusalEditError(f"the KL cap must be positive, got {self.max_kl:g}")
+        if self.margin is not None and not 0 < self.margin < 1:
+            raise RefusalEditError(f"the margin is a share of the prompts in (0, 1), got {self.margin:g}")
 
     @property
     def trial(self) -> int | None:
         """The trial number of a point pick."""
         return None if self.point is None else int(self.point[1:])
 
+    @staticmethod
+    def parse_margin(text: str | None) -> float | None:
+        """A margin in percentage points (`8`: 0.08), `off` (None), or None: the default (`MARGIN`)."""
+        if text is None:
+            return MARGIN
+        if text.strip().lower() == "off":
+            return None
+        try:
+            return float(text) / 100
+        except ValueError:
+            raise RefusalEditError(f"a margin is percentage points (e.g. 8) or off; got {text!r}") from None
+
     @classmethod
-    def parse(cls, text: str, max_kl: float | None = None) -> PickRule:
-        """`least-damage`, `fewest-refusals`, `least-damage-under:KL` or a point id (`t27`), with an optional cap."""
+    def parse(cls, text: str, max_kl: float | None = None, margin: float | None = MARGIN) -> PickRule:
+        """`least-damage`, `fewest-refusals`, `least-damage-under:KL` or a point id (`t27`), with an optional cap
+        and the held-out tie's margin."""
         text = text.strip()
         if text.startswith(UNDER):
             try:
@@ -69,11 +96,11 @@ class PickRule:
                 raise RefusalEditError(f"{text!r}: expected {UNDER}KL, e.g. {UNDER}0.1") from None
             if max_kl is not None and max_kl != cap:
                 raise RefusalEditError(f"two KL caps given ({cap:g} and {max_kl:g}); give one")
-            return cls("least-damage", cap)
+            return cls("least-damage", cap, margin=margin)
         if text in ("least-damage", "fewest-refusals"):
-            return cls(text, max_kl)  # type: ignore[arg-type]
+            return cls(text, max_kl, margin=margin)  # type: ignore[arg-type]
         if POINT_ID.fullmatch(text):
-            return cls("point", max_kl, text)
+            return cls("point", max_kl, text, margin)
         raise RefusalEditError(
             f"unknown pick {text!r}: least-damage, fewest-refusals, {UNDER}KL or a point id such as t27"
         )
@@ -84,18 +111,25 @@ class PickRule:
             return f"the point named: {self.point}"
         if self.kind == "fewest-refusals":
             return f"fewest refused-or-degenerate replies{cap}; ties: less first-token KL, then multi-token KL"
-        return (
-            f"least damage (first-token KL, then multi-token KL) among the points whose refused-or-degenerate rate "
-            f"cannot be told from the lowest (95% intervals){cap}"
+        tie = (
+            "cannot be told from the lowest (95% intervals, paired where judged on the same prompts)"
+            if self.margin is None
+            else f"cannot be told from the lowest on val, and on held-out prompts is within {100 * self.margin:g} "
+            f"points of the lowest (the upper end of the gap's 95% interval, paired where judged on the same prompts)"
         )
+        damage = "least damage (first-token KL, then multi-token KL)"
+        return f"{damage} among the points whose refused-or-degenerate rate {tie}{cap}"
 
 
 @dataclass
 class Judged:
-    """Refused-or-degenerate replies of a point on one set of prompts."""
+    """Refused-or-degenerate replies of a point on one set of prompts: how many, and which (prompt indices,
+    with a hash of the prompt list) where the record keeps them."""
 
     failures: int
     prompts: int
+    failed: frozenset[int] | None = None
+    prompt_set: str | None = None
 
     @property
     def rate(self) -> float:
@@ -105,8 +139,22 @@ class Judged:
     def ci95(self) -> tuple[float, float]:
         return wilson(self.failures, self.prompts)
 
+    def pairs_with(self, other: Judged) -> bool:
+        """Whether both were judged on the same prompts with per-prompt outcomes kept: then they pair up."""
+        return (
+            self.failed is not None
+            and other.failed is not None
+            and self.prompt_set is not None
+            and self.prompt_set == other.prompt_set
+            and self.prompts == other.prompts
+        )
+
     def gap(self, other: Judged) -> tuple[float, float]:
-        """Newcombe's 95 % interval of this rate minus `other`'s."""
+        """The 95 % interval of this rate minus `other`'s: paired (`stats.paired`) where both were judged on
+        the same prompts, prompt by prompt - the same prompts fail under edits along one direction, so the
+        paired interval is the honest, narrower one -, else Newcombe's for independent samples (old records)."""
+        if self.pairs_with(other):
+            return paired_sets(self.failed, other.failed, self.prompts)  # type: ignore[arg-type]
         return difference(self.failures, self.prompts, other.failures, other.prompts)
 
     def text(self) -> str:
@@ -114,17 +162,24 @@ class Judged:
         return f"{100 * self.rate:.1f}% ({self.failures}/{self.prompts}; 95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
 
 
+def _judged(failures: int, prompts: int, record: dict[str, Any]) -> Judged:
+    failed = record.get("failed")
+    if failed is None or len(set(failed)) != failures:  # none kept (an old record), or not these counts
+        return Judged(failures, prompts)
+    return Judged(failures, prompts, frozenset(failed), record.get("prompt_set"))
+
+
 def val_numbers(point: dict[str, Any]) -> Judged:
     """A point's refused-or-degenerate replies on the confirmation's val prompts."""
     c = point["confirmed"]
     n = int(c["prompts"])
-    return Judged(count(c["refusal_rate"], n) + count(c["degenerate_rate"], n), n)
+    return _judged(count(c["refusal_rate"], n) + count(c["degenerate_rate"], n), n, c)
 
 
 def held_out_numbers(point: dict[str, Any]) -> Judged | None:
     """The same on the prompts no direction of the point was fitted to (`resolved`), when measured."""
     r = point.get("resolved")
-    return None if not r else Judged(int(r["refused"]) + int(r["degenerate"]), int(r["prompts"]))
+    return None if not r else _judged(int(r["refused"]) + int(r["degenerate"]), int(r["prompts"]), r)
 
 
 def damage(point: dict[str, Any]) -> tuple[float, float]:
@@ -149,7 +204,8 @@ class Picked:
 
 def _gap_text(a: Judged, b: Judged) -> str:
     lo, hi = a.gap(b)
-    return f"gap {100 * (a.rate - b.rate):+.1f} pts, 95% CI {100 * lo:+.1f} to {100 * hi:+.1f}"
+    how = "paired" if a.pairs_with(b) else "unpaired"
+    return f"gap {100 * (a.rate - b.rate):+.1f} pts, {how} 95% CI {100 * lo:+.1f} to {100 * hi:+.1f}"
 
 
 @dataclass
@@ -178,29 +234,45 @@ def _lowest(points: Sequence[dict[str, Any]], indices: Sequence[int], numbers) -
 
 
 def _above(
-    points: Sequence[dict[str, Any]], indices: Sequence[int], lowest: int, numbers, where: str
+    points: Sequence[dict[str, Any]],
+    indices: Sequence[int],
+    lowest: int,
+    numbers,
+    where: str,
+    margin: float | None = None,
 ) -> dict[int, str]:
-    """The points whose rate is resolvably above the lowest point's, each with why."""
+    """The points that lose to the lowest point, each with why: with no `margin`, those whose rate is resolvably
+    above its; with one, those not shown within `margin` of it (the gap's upper 95 % bound above the margin)."""
     base = numbers(points[lowest])
     out = {}
     for i in indices:
         mine = numbers(points[i])
-        if i != lowest and resolvable(mine.gap(base)) and mine.rate > base.rate:
+        if i == lowest:
+            continue
+        gap = mine.gap(base)
+        if margin is None and resolvable(gap) and mine.rate > base.rate:
             out[i] = (
                 f"refused or degenerate {mine.text()} on {where}, resolvably more than {points[lowest]['id']}'s "
                 f"{base.text()} ({_gap_text(mine, base)})"
             )
+        elif margin is not None and gap[1] > margin:
+            out[i] = (
+                f"refused or degenerate {mine.text()} on {where}, not shown within {100 * margin:g} points of "
+                f"{points[lowest]['id']}'s {base.text()} ({_gap_text(mine, base)})"
+            )
     return out
 
 
-def _stages(points: Sequence[dict[str, Any]], eligible: list[int]) -> _Stages:
+def _stages(points: Sequence[dict[str, Any]], eligible: list[int], margin: float | None = None) -> _Stages:
+    """Val can only rule out (32 prompts cannot show anything within a few points); the held-out prompts
+    apply `margin`."""
     lowest_val = _lowest(points, eligible, val_numbers)
     out_val = _above(points, eligible, lowest_val, val_numbers, "the val prompts")
     held = [i for i in eligible if i not in out_val and held_out_numbers(points[i]) is not None]
     if not held:
         return _Stages(eligible, lowest_val, out_val, None, {})
     lowest_held = _lowest(points, held, held_out_numbers)
-    out_held = _above(points, held, lowest_held, held_out_numbers, "held-out prompts")
+    out_held = _above(points, held, lowest_held, held_out_numbers, "held-out prompts", margin)
     return _Stages(eligible, lowest_val, out_val, lowest_held, out_held)
 
 
@@ -244,7 +316,7 @@ def pick(points: Sequence[dict[str, Any]], rule: PickRule | None = None) -> Pick
                 )
         verdicts[ids[index]] = "picked"
         return Picked(index, text, True, verdicts)
-    stages = _stages(points, eligible)
+    stages = _stages(points, eligible, rule.margin)
     index = min(stages.contenders, key=lambda i: damage(points[i]))
     for i in eligible:
         verdicts[ids[i]] = stages.out_val.get(i) or stages.out_held.get(i) or _more_damage(points[i], points[index])
@@ -280,7 +352,7 @@ def to_resolve(points: Sequence[dict[str, Any]], rule: PickRule, limit: int) -> 
     eligible = _eligible(points, rule)
     if not eligible:
         return []
-    stages = _stages(points, eligible)
+    stages = _stages(points, eligible, rule.margin)
     unmeasured = [i for i in stages.contenders if held_out_numbers(points[i]) is None]
     if stages.lowest_held is None:  # nothing measured yet
         low = val_numbers(points[stages.lowest_val]).rate

@@ -77,11 +77,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def tune_settings(values: Mapping[str, Any]) -> tuple[TuneSettings, str | None]:
     """`TuneSettings` from a command's values, each field by its name (`values` may hold more), checked; and the
     batch size left to choose once the model is loaded (`auto`), else None. `pick` is a rule's text with its
-    `max_kl` cap (`PickRule.parse`), `batch_size` a number or `auto`."""
+    `max_kl` cap and its held-out `margin` (`PickRule.parse`, `PickRule.parse_margin`: points or `off`; absent:
+    the default), `batch_size` a number or `auto`."""
     given = {f.name: values[f.name] for f in fields(TuneSettings) if f.name in values}
     rows = parse_batch_size(given.pop("batch_size", 32))
     if "pick" in given:
-        given["pick"] = PickRule.parse(given["pick"], values.get("max_kl"))
+        margin = PickRule.parse_margin(values.get("margin"))
+        given["pick"] = PickRule.parse(given["pick"], values.get("max_kl"), margin)
     settings = TuneSettings(batch_size=1 if rows == "auto" else int(rows), **given).check()
     return settings, "auto" if rows == "auto" else None
 
