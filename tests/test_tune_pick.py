@@ -333,7 +333,10 @@ def test_held_out_gaps_are_paired_where_both_points_failed_on_known_prompts():
     assert [points[i]["id"] for i in to_resolve(points, rule, 3)] == ["t27"]
     old = [held_point("t31", 0.190, 0.032, hard, prompt_set=None), held_point("t26", 0.098, 0.014, range(7), 96, None)]
     old_pick = pick([*old, points[2]], rule)
-    assert old_pick.index == 1 and "the lowest held-out rate t31's 2.1% (2/96" in old_pick.verdicts["t26"]
+    assert old_pick.verdicts["t26"].endswith(
+        "not resolvably above the lowest held-out rate (t31's 2.1% (2/96; 95% CI 0.6-7.3%))"
+    )
+    assert old_pick.index == 1
     assert to_resolve([*old, points[2]], rule, 3) == []
     # per-prompt outcomes on different prompts (another prompt set) do not pair: unpaired, a tie
     other = held_point("t26", 0.098, 0.014, [*hard, 1, 2, 5, 6, 7], prompt_set="other")
@@ -341,6 +344,9 @@ def test_held_out_gaps_are_paired_where_both_points_failed_on_known_prompts():
     # old records still pick under the default rule (the margin, unpaired): t26 is not shown within 8 points
     default = pick([*old, points[2]])
     assert default.index == 2 and "unpaired 95% CI -1.2 to +12.4" in default.verdicts["t26"]
+    assert default.verdicts["t27"].endswith(
+        "and within 8 points of the lowest held-out rate (t31's 2.1% (2/96; 95% CI 0.6-7.3%))"
+    )
 
 
 def test_the_margin_rules_out_a_tie_the_prompts_cannot_resolve():

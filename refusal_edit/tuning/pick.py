@@ -320,7 +320,7 @@ def pick(points: Sequence[dict[str, Any]], rule: PickRule | None = None) -> Pick
     index = min(stages.contenders, key=lambda i: damage(points[i]))
     for i in eligible:
         verdicts[ids[i]] = stages.out_val.get(i) or stages.out_held.get(i) or _more_damage(points[i], points[index])
-    verdicts[ids[index]] = "picked: " + _picked_why(points, stages, index)
+    verdicts[ids[index]] = "picked: " + _picked_why(points, stages, rule.margin)
     return Picked(index, text, True, verdicts)
 
 
@@ -332,14 +332,15 @@ def _more_damage(point: dict[str, Any], chosen: dict[str, Any]) -> str:
     )
 
 
-def _picked_why(points: Sequence[dict[str, Any]], stages: _Stages, index: int) -> str:
-    where = [
-        f"the lowest val rate is {points[stages.lowest_val]['id']}'s {val_numbers(points[stages.lowest_val]).text()}"
-    ]
-    if stages.lowest_held is not None:
-        low = points[stages.lowest_held]
-        where.append(f"the lowest held-out rate {low['id']}'s {held_out_numbers(low).text()}")  # type: ignore[union-attr]
-    return "least damage among the points not resolvably above the lowest rate (" + "; ".join(where) + ")"
+def _picked_why(points: Sequence[dict[str, Any]], stages: _Stages, margin: float | None) -> str:
+    low = points[stages.lowest_val]
+    lowest = f"{low['id']}'s {val_numbers(low).text()}"
+    why = f"least damage among the points not resolvably above the lowest val rate ({lowest})"
+    if stages.lowest_held is None:
+        return why
+    held = points[stages.lowest_held]
+    within = "not resolvably above" if margin is None else f"within {100 * margin:g} points of"
+    return f"{why} and {within} the lowest held-out rate ({held['id']}'s {held_out_numbers(held).text()})"  # type: ignore[union-attr]
 
 
 def to_resolve(points: Sequence[dict[str, Any]], rule: PickRule, limit: int) -> list[int]:
