@@ -128,3 +128,24 @@ def test_relaxation_steps_until_a_candidate_passes_and_hints_never_tighten():
     with pytest.raises(RefusalEditError) as err:
         pick([c], s)
     assert "kl_threshold" not in str(err.value) and "`induce_threshold` -0.40" in str(err.value)
+
+
+def test_fast_path_names_each_pass_for_progress_and_the_memory_benches(scorer_factory, monkeypatch):
+    """KL and induce of the top candidates are a progress task of their own (bench/big.py and
+    bench/offload_passes.py attribute memory to the passes the progress names; unnamed, they were 'other')."""
+    import refusal_edit.directions.select as select
+
+    passes: dict[str, int] = {}
+
+    def recording(items, description, total=None):
+        for item in items:
+            passes[description] = passes.get(description, 0) + 1
+            yield item
+
+    monkeypatch.setattr(select, "track", recording)
+    scorer, h_val = scorer_factory(True)
+    sel = select_fast(scorer, SelectionSettings(kl_threshold=1e9, induce_threshold=-1e9, top_k=2), tokenizer(), h_val)
+    assert passes["bypass of the top candidates (1)"] == 2
+    # the lowest bypass passes the filters at once: one KL and one induce, then the loop stops
+    assert passes["KL and induce of the top candidates (1)"] == 1
+    assert sum(c.kl is not None for c in sel.candidates) == 1

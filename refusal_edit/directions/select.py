@@ -337,7 +337,8 @@ def select_fast(
         for c in track(batch, f"bypass of the top candidates ({round_ + 1})"):
             c.bypass = scorer.bypass(c.position, c.layer)
             evaluated.append(c)
-        for c in sorted(evaluated, key=lambda c: c.bypass):  # type: ignore[arg-type,return-value]
+        by_bypass = sorted(evaluated, key=lambda c: c.bypass)  # type: ignore[arg-type,return-value]
+        for c in track(by_bypass, f"KL and induce of the top candidates ({round_ + 1})"):  # a named pass
             if c.kl is None:
                 c.kl = scorer.kl(c.position, c.layer)
                 if c.kl <= settings.kl_threshold:
