@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test mutants lint format bench clean archs archs-real
+.PHONY: setup demo test mutants lint format bench clean archs archs-real real-tune
 
 # torch first, pinned to the CPU build that resolves locally; everything else from pyproject.toml.
 $(VENV)/.installed: pyproject.toml
@@ -72,6 +72,11 @@ clean:
 # the CLI (bench/archs.py; ~300 types, one forked child each with a time limit). `make test` runs a sample.
 archs: setup
 	$(BIN)/python bench/archs.py --out runs/archs.json
+
+# A small tune on the demo model whose pick keeps its val refusal rate on test prompts: the real-model file is the
+# critical path of `make test` under xdist, and this test was its longest part after extract (519 s under load).
+real-tune: setup
+	REFUSAL_EDIT_REAL_TUNE=1 $(BIN)/python -m pytest -q tests/test_real_model.py -k tuned_point
 
 # The demo model, SmolLM2 and gemma-3-270m edited through the derived path give byte-identical checkpoints.
 archs-real: setup

@@ -197,6 +197,10 @@ def test_real_weights_edit_is_exact(recipe, workdir):
     assert (logits - original).abs().max().item() > 1e-2
 
 
+@pytest.mark.skipif(
+    os.environ.get("REFUSAL_EDIT_REAL_TUNE") != "1",
+    reason="make real-tune (REFUSAL_EDIT_REAL_TUNE=1): 5-9 min of tune on the demo model, the longest of CI's path",
+)
 def test_tuned_point_keeps_its_refusal_rate_on_test(extracted, demo_model, workdir):
     """A small `tune` on the val split; its picked point, applied with the same in-memory edit, refuses on
     30 held-out test prompts within 20 points of what confirmation measured on val (n = 32 vs 30 prompts:
