@@ -45,7 +45,8 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 # One pytest-xdist worker per core, at most 4 (each holds its own torch): the tiny-model tests run one thread each,
 # so a single process leaves CI's second core idle. Whole files per worker (`loadfile`; pytest 9 ignores xdist's
 # `loadgroup` marks): the real-model file shares one extract of the demo model and starts first (tests/conftest.py).
-TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
+# (sched_getaffinity is Linux's; macOS has only cpu_count.)
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; a = getattr(os, 'sched_getaffinity', None); print(min(4, len(a(0)) if a else os.cpu_count() or 1))")
 test: setup $(VENV)/.llamacpp lint
 	REFUSAL_EDIT_REQUIRE_LLAMACPP=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
