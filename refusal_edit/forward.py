@@ -209,6 +209,18 @@ def output_cache(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+def reusable_prefix(model: nn.Module, prefix: int, longest: int) -> int:
+    """How much of a shared `prefix` (tokens) may be computed once and its KV cache reused by every row, for
+    sequences up to `longest` tokens: 0 where a sliding window would drop it, or where a layer carries a
+    recurrent state (hybrids: a state cannot be copied per row, nor cross left padding)."""
+    if is_recurrent(model.config):
+        return 0
+    window = getattr(text_config(model.config), "sliding_window", None)
+    if window and longest > window:
+        return 0
+    return prefix
+
+
 @dataclass
 class BatchView:
     """One batch: `rows` are indices into the original prompt order."""
@@ -249,14 +261,8 @@ class PromptBatch:
         return p + sum(len(s) - p for s in self.ids)
 
     def prefix_len(self, model: nn.Module) -> int:
-        """Length of the prefix to reuse with this model: 0 where a sliding window would drop it, or where a
-        layer carries a recurrent state (hybrids: a state cannot be copied per row, nor cross left padding)."""
-        if is_recurrent(model.config):
-            return 0
-        window = getattr(text_config(model.config), "sliding_window", None)
-        if window and max(len(s) for s in self.ids) > window:
-            return 0
-        return len(self.prefix)
+        """Length of the prefix to reuse with this model (`reusable_prefix`)."""
+        return reusable_prefix(model, len(self.prefix), max(len(s) for s in self.ids))
 
     def view(self, rows: list[int], device: torch.device, p: int = 0) -> BatchView:
         """Rows as a left-padded batch of the tokens after the first `p` (the reused prefix)."""

@@ -1,15 +1,30 @@
 """Greedy generation in batches (the batching engine's left padding and pad-id rule), shared by
-refusal-token derivation and evaluation; and one reply streamed as it is generated (chat)."""
+refusal-token derivation, evaluation and tune; and one reply streamed as it is generated (chat).
+
+The chat template's shared start (system prompt, role tokens: about half of each prompt's tokens on the demo
+model) is computed once per batch - once per row group where rows run under different edits - and its KV
+cache copied to every row (`forward.reusable_prefix` says where that is exact); the rows' own tokens follow
+it after their left padding, which the attention mask hides and the position ids skip."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from refusal_edit.forward import left_pad, length_batches, model_device, pad_id, run_batches
+from refusal_edit.forward import (
+    cache_kwarg,
+    common_prefix,
+    left_pad,
+    length_batches,
+    model_device,
+    output_cache,
+    pad_id,
+    reusable_prefix,
+    run_batches,
+)
 
 
 @dataclass
@@ -29,12 +44,15 @@ def generate(
     description: str | None = "generating",
     skip_special_tokens: bool = True,
     before_batch: Callable[[list[int]], None] | None = None,
+    row_keys: Sequence[Hashable] | None = None,
 ) -> list[Generated]:
     """Greedy continuations of already chat-formatted `texts`, in the original order.
 
     `skip_special_tokens=False` keeps special tokens in the text (reasoning delimiters such as `<think>`
     that a judge must see to split the reasoning off). `before_batch(rows)` is told which rows (indices into
-    `texts`, in batch order) the next batch holds, e.g. for hooks that treat rows differently."""
+    `texts`, in batch order) the next batch holds, e.g. for hooks that treat rows differently; `row_keys`
+    then says which rows those hooks treat alike (equal keys), so that the shared prefix is computed once per
+    key - without it, rows under `before_batch` do not share their prefix."""
     device = model_device(model)
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     # Batches by character length: the batches (and so the figures measured with them) stay as they were.
@@ -42,14 +60,42 @@ def generate(
     out: list[Generated | None] = [None] * len(texts)
     pad = pad_id(tokenizer)
     eos = model.generation_config.eos_token_id
+    keys = list(row_keys) if row_keys is not None else None
+    if keys is None and before_batch is None:
+        keys = [0] * len(texts)
+    if keys is not None and len(keys) != len(texts):
+        raise ValueError("row_keys must name every text's rows")
 
     def step(rows: list[int]) -> None:
+        seqs = [prompt_ids[i] for i in rows]
+        # Every row keeps at least one token of its own after the prefix (the batch's first forward reads it).
+        shared = common_prefix(seqs)[: min(len(q) for q in seqs) - 1] if keys is not None else []
+        p = reusable_prefix(model, len(shared), max(len(q) for q in seqs) + max_new_tokens) if shared else 0
+        extra: dict = {}
+        if p:
+            firsts = list(dict.fromkeys(keys[i] for i in rows))  # type: ignore[index]
+            reps = [next(i for i in rows if keys[i] == k) for k in firsts]  # type: ignore[index]
+            if before_batch is not None:
+                before_batch(reps)
+            cache = output_cache(
+                model(input_ids=torch.tensor([shared[:p]] * len(reps), device=device), use_cache=True, logits_to_keep=1)
+            )
+            if cache is None or not hasattr(cache, "batch_select_indices"):
+                p = 0
+            else:
+                where = {k: j for j, k in enumerate(firsts)}
+                cache.batch_select_indices(torch.tensor([where[keys[i]] for i in rows], device=device))  # type: ignore[index]
+                extra = {cache_kwarg(model): cache}
         if before_batch is not None:
             before_batch(rows)
-        input_ids, mask = left_pad([prompt_ids[i] for i in rows], pad)
+        input_ids, mask = left_pad([q[p:] for q in seqs], pad)
+        if p:
+            input_ids = torch.cat([torch.tensor([shared[:p]] * len(rows), dtype=input_ids.dtype), input_ids], 1)
+            mask = torch.cat([torch.ones((len(rows), p), dtype=mask.dtype), mask], 1)
         gen = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
+            **extra,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             temperature=None,

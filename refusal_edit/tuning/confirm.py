@@ -175,7 +175,8 @@ class Confirmer:
         per_batch = max(1, GROUP_ROWS // n)
         for start in range(0, len(shared), per_batch):
             chunk = shared[start : start + per_batch]
-            groups = RowGroups([g for g in range(len(chunk)) for _ in range(n)])
+            keys = [g for g in range(len(chunk)) for _ in range(n)]
+            groups = RowGroups(keys)
             edits = [points[i][1] for i in chunk]
             labels = ", ".join(points[i][0] for i in chunk)
             with edit_hooks_by_row(self.model, edits, groups):
@@ -187,6 +188,7 @@ class Confirmer:
                     max(self.batch_size, n * len(chunk)),
                     f"replies ({labels})",
                     before_batch=groups.select,
+                    row_keys=keys,
                 )
             for g, i in enumerate(chunk):
                 replies[i] = out[g * n : (g + 1) * n]
