@@ -84,3 +84,78 @@ def test_row_groups_share_the_prefix_per_edit():
     n = len(texts)
     replies = [[x.token_ids for x in together[k * n : (k + 1) * n]] for k in range(len(edits))]
     assert replies[0] != replies[1] != replies[2]  # the edits change the replies: each group saw its own
+
+
+def test_groups_with_their_own_prompts_and_edits_share_batches_and_get_their_own_replies(monkeypatch):
+    """tune's held-out judging generates both folds' prompts in one batch, each fold under its own bank's edit;
+    a norm-preserving edit (no hook twin) is generated alone with its weights rewritten."""
+    from refusal_edit.edits.memory import edited_weights
+    from refusal_edit.tuning import confirm
+
+    model = build("qwen2")
+    model.generation_config.eos_token_id = 2
+    g = torch.Generator().manual_seed(5)
+    banks = [DirectionBank(torch.randn(HIDDEN, generator=g)) for _ in range(2)]
+    texts = _texts()
+    groups = [
+        ("a, half 1", resolve(EditSpec(), banks[0], 3), texts[:4]),
+        ("b, half 1", None, texts[:4]),
+        ("a, half 2", resolve(EditSpec(), banks[1], 3), texts[4:] + texts[:1]),
+        ("norm", resolve(EditSpec(preserve_norm=True), banks[0], 3), texts[1:3]),
+    ]
+    seen: list[int] = []
+    real = confirm.generate
+    monkeypatch.setattr(
+        confirm, "generate", lambda m, t, texts, *a, **k: seen.append(len(texts)) or real(m, t, texts, *a, **k)
+    )
+    monkeypatch.setattr(confirm, "GROUP_ROWS", 9)  # 11 hookable rows in groups of 4, 4, 3: two batches
+    got = confirm.replies_by_group(model, tokenizer(), groups, max_new_tokens=8, batch_size=2)
+    for (_, edit, group_texts), replies in zip(groups, got, strict=True):
+        if edit is None:
+            ref = _whole(model, group_texts, max_new_tokens=8, batch_size=8)
+        elif edit.preserve_norm:
+            with edited_weights(model, edit):
+                ref = _whole(model, group_texts, max_new_tokens=8, batch_size=8)
+        else:
+            with edit_hooks(model, edit):
+                ref = _whole(model, group_texts, max_new_tokens=8, batch_size=8)
+        assert [r.prompt for r in replies] == list(group_texts)
+        assert [r.token_ids for r in replies] == [r.token_ids for r in ref]
+    assert seen == [8, 3, 2]  # then the norm-preserving group alone
+    assert [r.token_ids for r in got[0]] != [r.token_ids for r in got[1]]
+
+
+def test_cross_fit_pools_each_points_replies_from_both_folds(monkeypatch):
+    """One batch for both folds: each point's numbers come from its own groups, fold by fold."""
+    from types import SimpleNamespace
+
+    from refusal_edit.generation import Generated
+    from refusal_edit.tuning import crossfit
+
+    model = build("qwen2")
+    folds = [
+        SimpleNamespace(bank=DirectionBank(torch.randn(HIDDEN)), judged=["q1", "q2", "q3", "q4"]),
+        SimpleNamespace(bank=DirectionBank(torch.randn(HIDDEN)), judged=["q5", "q6", "q7", "q8"]),
+    ]
+    refusing = {("t1", 0): {0}, ("t1", 1): {1, 2}, ("t2", 0): set(), ("t2", 1): {3}}
+
+    def fake(_model, _tok, groups, _tokens, _rows):
+        out = []
+        for label, _edit, texts in groups:
+            point, half = label.split(", half ")
+            out.append(
+                [
+                    Generated(t, "I'm sorry, I can't help with that." if i in refusing[point, int(half) - 1] else
+                              "Sure, here is a detailed plan for you to follow step by step.", [1])
+                    for i, t in enumerate(texts)
+                ]
+            )  # fmt: skip
+        return out
+
+    monkeypatch.setattr(crossfit, "replies_by_group", fake)
+    judge = crossfit.CrossFit(model, tokenizer(), chat_format(tokenizer()), folds, judged=6)
+    t1, t2 = judge.measure([("t1", EditSpec()), ("t2", EditSpec(embedding=0.5))])
+    assert judge.prompts == 6  # 3 per fold, each fold's first (most refused) prompts
+    assert [f["failed"] for f in t1["folds"]] == [[0], [1, 2]] and t1["refused"] == 3
+    assert [f["failed"] for f in t2["folds"]] == [[], []] and t2["refused"] == 0  # q8 (index 3) is not judged
+    assert t1["failed"] == [0, 4, 5] and t1["prompts"] == 6

@@ -31,7 +31,7 @@ from refusal_edit.generation import Generated, generate
 from refusal_edit.interventions import RowGroups, applied, edit_hooks_by_row
 from refusal_edit.judging import degenerate_reason, is_refusal
 
-GROUP_ROWS = 256  # rows generated in one batch at most (memory: KV cache and logits of every row)
+GROUP_ROWS = 320  # rows generated in one batch at most (memory: KV cache and logits of every row)
 Points = Sequence[tuple[str, EditSpec | None]]  # (label, the edit; None: the base model itself)
 
 
@@ -95,6 +95,55 @@ def judge_replies(prompts: Sequence[str], replies: Sequence[Generated]) -> tuple
         degenerate.append(reason)
         refused.append(reason is None and is_refusal(g.text))
     return refused, degenerate
+
+
+def replies_by_group(
+    model: nn.Module,
+    tokenizer,
+    groups: Sequence[tuple[str, WriterBases | None, Sequence[str]]],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[list[Generated]]:
+    """Greedy replies to each group's texts under its edit (label, edit or None for the base model, texts).
+
+    Groups with a hook twin share batches of up to `GROUP_ROWS` rows, cut into as few batches as they need
+    and balanced between them (a CPU computes a batch of a few hundred rows at a better rate than one of a
+    hundred); norm-preserving edits rewrite the weights, one group at a time."""
+    replies: list[list[Generated] | None] = [None] * len(groups)
+    shared = [i for i, (_, e, _) in enumerate(groups) if e is None or not e.preserve_norm]
+    rows = sum(len(groups[i][2]) for i in shared)
+    cuts = max(1, -(-rows // GROUP_ROWS))
+    per_cut = -(-rows // cuts)
+    chunks: list[list[int]] = [[]]
+    for i in shared:
+        filled = sum(len(groups[j][2]) for j in chunks[-1])
+        if chunks[-1] and (filled >= per_cut or filled + len(groups[i][2]) > GROUP_ROWS):
+            chunks.append([])
+        chunks[-1].append(i)
+    for chunk in (c for c in chunks if c):
+        keys = [g for g, i in enumerate(chunk) for _ in groups[i][2]]
+        texts = [t for i in chunk for t in groups[i][2]]
+        row_groups = RowGroups(keys)
+        with edit_hooks_by_row(model, [groups[i][1] for i in chunk], row_groups):
+            out = generate(
+                model,
+                tokenizer,
+                texts,
+                max_new_tokens,
+                max(batch_size, len(texts)),
+                f"replies ({', '.join(groups[i][0] for i in chunk)})",
+                before_batch=row_groups.select,
+                row_keys=keys,
+            )
+        start = 0
+        for i in chunk:
+            replies[i] = out[start : start + len(groups[i][2])]
+            start += len(groups[i][2])
+    for i, (label, edit, texts) in enumerate(groups):
+        if replies[i] is None:
+            with edited_weights(model, edit):  # type: ignore[arg-type]
+                replies[i] = generate(model, tokenizer, list(texts), max_new_tokens, batch_size, f"replies ({label})")
+    return replies  # type: ignore[return-value]
 
 
 class Confirmer:
@@ -169,50 +218,8 @@ class Confirmer:
 
     def _replies(self, points: Sequence[tuple[str, WriterBases | None]]) -> list[list[Generated]]:
         """Greedy replies to the harmful prompts under every point: hookable points share batches."""
-        n = len(self.harmful_texts)
-        replies: list[list[Generated] | None] = [None] * len(points)
-        shared = [i for i, (_, e) in enumerate(points) if e is None or not e.preserve_norm]
-        per_batch = max(1, GROUP_ROWS // n)
-        for start in range(0, len(shared), per_batch):
-            chunk = shared[start : start + per_batch]
-            keys = [g for g in range(len(chunk)) for _ in range(n)]
-            groups = RowGroups(keys)
-            edits = [points[i][1] for i in chunk]
-            labels = ", ".join(points[i][0] for i in chunk)
-            with edit_hooks_by_row(self.model, edits, groups):
-                out = generate(
-                    self.model,
-                    self.tokenizer,
-                    self.harmful_texts * len(chunk),
-                    self.max_new_tokens,
-                    max(self.batch_size, n * len(chunk)),
-                    f"replies ({labels})",
-                    before_batch=groups.select,
-                    row_keys=keys,
-                )
-            for g, i in enumerate(chunk):
-                replies[i] = out[g * n : (g + 1) * n]
-        for i, (label, edit) in enumerate(points):
-            if replies[i] is None:
-                with edited_weights(self.model, edit):  # type: ignore[arg-type]
-                    replies[i] = generate(
-                        self.model,
-                        self.tokenizer,
-                        self.harmful_texts,
-                        self.max_new_tokens,
-                        self.batch_size,
-                        f"replies ({label})",
-                    )
-        return replies  # type: ignore[return-value]
-
-    def judge(self, points: Points, bank: DirectionBank) -> list[tuple[int, int, list[int]]]:
-        """Every point's (refused, degenerate, failed prompts' indices) on the harmful prompts, without the KL
-        (the edits draw on `bank`)."""
-        out = []
-        for rows in self._replies(self._resolved(points, bank)):
-            refused, degenerate = judge_replies(self.harmful_prompts, rows)
-            out.append((sum(refused), sum(r is not None for r in degenerate), failed_indices(refused, degenerate)))
-        return out
+        groups = [(label, edit, self.harmful_texts) for label, edit in points]
+        return replies_by_group(self.model, self.tokenizer, groups, self.max_new_tokens, self.batch_size)
 
     def measure(self, points: Points, bank: DirectionBank) -> list[Confirmed]:
         """Every point's numbers (None: the base model itself; the edits draw on `bank`)."""

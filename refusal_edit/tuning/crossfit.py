@@ -20,14 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from refusal_edit.anatomy import anatomy
 from refusal_edit.console import err
 from refusal_edit.directions.bank import bank_from_candidates
 from refusal_edit.directions.candidates import generate_candidates
-from refusal_edit.edits.spec import DirectionBank, EditSpec
+from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.stats import count, wilson
 from refusal_edit.prompts.template import ChatFormat
-from refusal_edit.tuning.confirm import Confirmer, prompt_set
+from refusal_edit.tuning.confirm import failed_indices, judge_replies, prompt_set, replies_by_group
 
 T = TypeVar("T")
 
@@ -110,7 +111,8 @@ def fold_banks(
 
 class CrossFit:
     """Refused and degenerate replies of edit specs on the folds' held-out harmful prompts (`judged` of them at
-    most, split evenly between the folds), pooled."""
+    most, split evenly between the folds), pooled. Both folds' replies are generated in the same batches, each
+    group of rows under its own fold's edit (`confirm.replies_by_group`)."""
 
     def __init__(
         self,
@@ -122,44 +124,43 @@ class CrossFit:
         batch_size: int = 32,
         judged: int | None = None,
     ) -> None:
+        self.model, self.tokenizer = model, tokenizer
         self.folds = list(folds)
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         per_fold = None if judged is None else max(1, judged // len(self.folds))
-        self.confirmers = [
-            Confirmer(
-                model,
-                tokenizer,
-                f.judged[:per_fold],
-                fmt.format_all(f.judged[:per_fold]),
-                [],
-                max_new_tokens,
-                batch_size,
-            )
-            for f in self.folds
-        ]
+        self.judged = [f.judged[:per_fold] for f in self.folds]
+        self.texts = [fmt.format_all(prompts) for prompts in self.judged]
 
     @property
     def prompts(self) -> int:
-        return sum(len(c.harmful_prompts) for c in self.confirmers)
+        return sum(len(p) for p in self.judged)
 
     def measure(self, points: Sequence[tuple[str, EditSpec]]) -> list[dict[str, Any]]:
         """Every point's pooled numbers (`pooled`), its edits made from each fold's bank."""
+        n_layers = anatomy(self.model).num_layers
+        groups = [
+            (f"{label}, half {k + 1}", resolve(spec, fold.bank, n_layers), texts)
+            for k, (fold, texts) in enumerate(zip(self.folds, self.texts, strict=True))
+            for label, spec in points
+        ]
+        start = time.perf_counter()
+        replies = replies_by_group(self.model, self.tokenizer, groups, self.max_new_tokens, self.batch_size)
+        seconds = (time.perf_counter() - start) / max(1, len(groups))
         per_point: list[list[dict[str, Any]]] = [[] for _ in points]
-        for k, (fold, confirmer) in enumerate(zip(self.folds, self.confirmers, strict=True)):
-            start = time.perf_counter()
-            counts = confirmer.judge([(f"{label}, half {k + 1}", spec) for label, spec in points], fold.bank)
-            seconds = (time.perf_counter() - start) / max(1, len(points))
-            n = len(confirmer.harmful_prompts)
-            judged = prompt_set(confirmer.harmful_prompts)
-            for record, (refused, degenerate, failed) in zip(per_point, counts, strict=True):
-                record.append(
-                    {
-                        "prompts": n,
-                        "refusal_rate": refused / n,
-                        "degenerate_rate": degenerate / n,
-                        "seconds": seconds,
-                        "failed": failed,
-                        "prompt_set": judged,
-                    }
-                )
+        for g, rows in enumerate(replies):
+            k, j = divmod(g, len(points))
+            prompts = self.judged[k]
+            refused, degenerate = judge_replies(prompts, rows)
+            n = len(prompts)
+            per_point[j].append(
+                {
+                    "prompts": n,
+                    "refusal_rate": sum(refused) / n,
+                    "degenerate_rate": sum(r is not None for r in degenerate) / n,
+                    "seconds": seconds,
+                    "failed": failed_indices(refused, degenerate),
+                    "prompt_set": prompt_set(prompts),
+                }
+            )
         err.print(f"cross-fitted: {len(points)} point(s) judged on {self.prompts} held-out harmful prompts")
         return [pooled(f) for f in per_point]
