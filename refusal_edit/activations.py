@@ -31,6 +31,9 @@ class MeanActivations:
     sum_kept: torch.Tensor
     count_kept: int
     scores: torch.Tensor  # per-prompt value of the keep predicate's input (refusal score)
+    # The same sums over the even-numbered and the odd-numbered prompts (`tuning.crossfit`'s two halves), so that
+    # cross-fitting needs no pass of its own.
+    halves: tuple[MeanActivations, MeanActivations] | None = None
 
     def mean(self, filtered: bool = True) -> torch.Tensor:
         if filtered and self.count_kept:
@@ -64,6 +67,8 @@ def mean_activations(
     sum_all = torch.zeros(shape, dtype=torch.float64)
     sum_kept = torch.zeros(shape, dtype=torch.float64)
     counts = {"all": 0, "kept": 0}
+    half_sums = torch.zeros((2, 2, *shape), dtype=torch.float64)  # [half, all / kept, ...]
+    half_counts = torch.zeros((2, 2), dtype=torch.long)
 
     def on_batch(view: BatchView, logits: torch.Tensor) -> None:
         acts = torch.stack(captured, dim=2)  # [B, pos, layer, H]
@@ -75,10 +80,21 @@ def mean_activations(
         sum_kept.add_(acts[mask].sum(0))
         counts["all"] += acts.shape[0]
         counts["kept"] += int(mask.sum())
+        odd = torch.tensor([i % 2 for i in view.rows], dtype=torch.bool)
+        for half, rows in enumerate((~odd, odd)):
+            half_sums[half, 0].add_(acts[rows].sum(0))
+            half_sums[half, 1].add_(acts[rows & mask].sum(0))
+            half_counts[half, 0] += int(rows.sum())
+            half_counts[half, 1] += int((rows & mask).sum())
 
     try:
         scores = batch.run(model, on_batch=on_batch, description=description, reduce=score)
     finally:
         for h in handles:
             h.remove()
-    return MeanActivations(sum_all, counts["all"], sum_kept, counts["kept"], scores.double())
+    scores = scores.double()
+    halves = tuple(
+        MeanActivations(half_sums[h, 0], int(half_counts[h, 0]), half_sums[h, 1], int(half_counts[h, 1]), scores[h::2])
+        for h in (0, 1)
+    )
+    return MeanActivations(sum_all, counts["all"], sum_kept, counts["kept"], scores, halves)  # type: ignore[arg-type]

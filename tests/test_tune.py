@@ -414,3 +414,28 @@ def test_confirm_cross_fits_every_front_point_on_the_train_prompts(tuned, tmp_pa
         assert failed <= 240 and numbers["first_token_kl"] >= 0 and numbers["multi_token_kl"] is not None
         assert tuple(numbers["failure_ci95"]) == pytest.approx(wilson(failed, 240), abs=1e-4)
     assert run("confirm", src, *given) == 1  # the result exists: replaced only with --force
+
+
+def test_cross_fitting_reads_the_halves_extract_kept_instead_of_a_pass_of_its_own(tuned, tmp_path, monkeypatch):
+    """extract keeps each half's candidates; tune's held-out judging reads them (no candidates pass) and judges
+    what one pass over the train prompts would have made."""
+    import shutil
+
+    from refusal_edit.tuning import crossfit
+    from refusal_edit.workflows import tune as tune_workflow
+
+    src, root, run = tuned
+    resolved = {}
+    for name in ("kept", "made"):
+        out = tmp_path / name
+        shutil.copytree(root / "tune", out)
+        if name == "kept":
+            monkeypatch.setattr(crossfit, "generate_candidates", lambda *a, **k: pytest.fail("a candidates pass"))
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(tune_workflow, "halves_beside", lambda *a: None)
+        assert run("tune", src, "--direction", root / "direction", "--out", out, "--resume", *TUNE) == 0
+        data = json.loads((out / "front.json").read_text())
+        resolved[name] = {p["id"]: p["resolved"] and p["resolved"]["failed"] for p in data["confirmed"]}
+    assert any(v is not None for v in resolved["kept"].values())  # cross-fitting ran
+    assert resolved["kept"] == resolved["made"]

@@ -277,30 +277,33 @@ def test_wilson_interval_of_the_failures_is_what_the_table_prints():
     assert c["failure_ci95"] == [round(x, 4) for x in wilson(3, 32)]
 
 
-def test_each_half_judges_the_other_half_s_prompts_the_base_model_refuses_most(monkeypatch):
+def test_each_half_judges_the_other_half_s_prompts_the_base_model_refuses_most():
     """Cross-fitting: the candidates of one half make the edits judged on the other half's harmful prompts,
-    most-refused first by the base model's refusal scores (which the other half's candidate pass computed)."""
+    most-refused first by the base model's refusal scores (kept with the other half's candidates)."""
     import torch
 
+    from refusal_edit.directions.halves import Half
     from refusal_edit.tuning import crossfit
 
-    fitted = []
-
-    def candidates(model, tokenizer, fmt, harmful, harmless, ids, batch_size, filter_train):
-        fitted.append(list(harmful))
-        scores = torch.tensor([float(p[1:]) * (-1) ** int(p[1:]) for p in harmful])  # p<i>: i, or -i if i is odd
-        side = SimpleNamespace(scores=scores, count_kept=len(harmful))
-        return SimpleNamespace(harmful=side, harmless=side, filtered=True, fold=len(fitted))
-
-    monkeypatch.setattr(crossfit, "generate_candidates", candidates)
-    monkeypatch.setattr(crossfit, "bank_from_candidates", lambda cands, position, layer: cands.fold)
     prompts = [f"p{i}" for i in range(8)]
-    folds = crossfit.fold_banks(None, None, None, prompts, prompts, [1], -1, 3)
-    assert fitted == [["p0", "p2", "p4", "p6"], ["p1", "p3", "p5", "p7"]]
-    assert [f.bank for f in folds] == [1, 2]
+
+    def score(p: str) -> float:  # p<i>: i, or -i if i is odd
+        return float(p[1:]) * (-1) ** int(p[1:])
+
+    kept = [
+        Half(
+            torch.full((2, 4, 3), float(h)),
+            torch.zeros(2, 4, 3),
+            (4, 3),
+            torch.tensor([score(p) for p in prompts[h::2]]),
+        )
+        for h in (0, 1)
+    ]
+    folds = crossfit.fold_banks(None, None, None, prompts, prompts, [1], -1, 3, kept=kept)
+    assert [float(f.bank.chosen[0]) for f in folds] == [0.0, 1.0]  # fold k's edits draw on half k's candidates
+    assert [(f.bank.position, f.bank.layer, f.fitted) for f in folds] == [(-1, 3, (4, 3))] * 2
     assert folds[0].judged == ["p1", "p3", "p5", "p7"]  # scores -1, -3, -5, -7
     assert folds[1].judged == ["p6", "p4", "p2", "p0"]  # scores 6, 4, 2, 0: the most refused first
-    assert all(not set(f.judged) & set(fit) for f, fit in zip(folds, fitted, strict=True))
     with pytest.raises(RefusalEditError, match="position and layer"):
         crossfit.fold_banks(None, None, None, prompts, prompts, [1], None, 3)
 

@@ -9,9 +9,12 @@ import torch
 
 from refusal_edit.activations import MeanActivations, mean_activations
 from refusal_edit.console import console
+from refusal_edit.errors import RefusalEditError
 from refusal_edit.forward import PromptBatch
 from refusal_edit.judging.scores import refusal_scores
 from refusal_edit.prompts.template import ChatFormat
+
+MIN_KEPT = 8  # prompts per side the train filter must keep, else the unfiltered means are used
 
 
 @dataclass
@@ -26,6 +29,8 @@ class CandidateSet:
     harmful: MeanActivations
     harmless: MeanActivations
     filtered: bool
+    filter_train: bool = True  # what was asked: `filtered` is whether enough prompts survived to honour it
+    min_kept: int = MIN_KEPT  # prompts per side the filter had to keep
 
     @property
     def n_positions(self) -> int:
@@ -39,6 +44,15 @@ class CandidateSet:
         """Raw mean-difference vector (float32) at negative position `pos` and `layer`."""
         return self.mean_diff[self.n_positions + pos, layer].float()
 
+    def half(self, h: int) -> CandidateSet:
+        """The candidates of the even-numbered (`h` 0) or odd-numbered (1) prompts of both sides, filtered as
+        these were asked to be: what `generate_candidates` makes of those prompts alone, with no pass of its
+        own (cross-fitting, `tuning.crossfit`)."""
+        if self.harmful.halves is None or self.harmless.halves is None:
+            raise RefusalEditError("these candidates were made without their halves' sums")
+        harm, safe = self.harmful.halves[h], self.harmless.halves[h]
+        return candidate_set(harm, safe, self.filter_train, self.min_kept, quiet=True)
+
 
 def generate_candidates(
     model,
@@ -49,7 +63,7 @@ def generate_candidates(
     refusal_ids: Sequence[int],
     batch_size: int = 16,
     filter_train: bool = True,
-    min_kept: int = 8,
+    min_kept: int = MIN_KEPT,
 ) -> CandidateSet:
     """Mean activations of harmful and harmless training prompts and their difference.
 
@@ -78,11 +92,18 @@ def generate_candidates(
         lambda s: s < 0,
         "harmless activations",
     )
+    return candidate_set(harm, safe, filter_train, min_kept)
+
+
+def candidate_set(
+    harm: MeanActivations, safe: MeanActivations, filter_train: bool, min_kept: int = MIN_KEPT, quiet: bool = False
+) -> CandidateSet:
+    """The difference in means, filtered when asked and when at least `min_kept` prompts survive on each side."""
     use_filter = filter_train and harm.count_kept >= min_kept and safe.count_kept >= min_kept
-    if filter_train and not use_filter:
+    if filter_train and not use_filter and not quiet:
         console.print(
             f"[yellow]train filter kept {harm.count_kept} harmful / {safe.count_kept} harmless prompts "
             f"(< {min_kept}); using unfiltered means[/yellow]"
         )
     diff = harm.mean(use_filter) - safe.mean(use_filter)
-    return CandidateSet(diff, harm, safe, use_filter)
+    return CandidateSet(diff, harm, safe, use_filter, filter_train, min_kept)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -208,3 +209,9 @@ def load_prompts(spec: str) -> PromptSet:
     if at and split in SPLITS and not Path(path_part).exists():  # FILE@test: the part extract held out
         return _read_file(regular_file(stem, "prompt file"), column or None).split(split)
     return _read_file(regular_file(path_part, "prompt file"), column or None)
+
+
+def prompt_set(prompts: Sequence[str]) -> str:
+    """A short hash naming a list of prompts (in order): two points' per-prompt outcomes pair up only on the
+    same list, and kept means are reused only for the prompts they came from."""
+    return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]

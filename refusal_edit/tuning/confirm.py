@@ -13,7 +13,6 @@ log-probabilities are computed once.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from refusal_edit.forward import BatchView, tail_logits, teacher_forced
 from refusal_edit.generation import Generated, generate
 from refusal_edit.interventions import RowGroups, applied, edit_hooks_by_row
 from refusal_edit.judging import degenerate_reason, is_refusal
+from refusal_edit.prompts.sets import prompt_set
 
 GROUP_ROWS = 320  # rows generated in one batch at most (memory: KV cache and logits of every row)
 Points = Sequence[tuple[str, EditSpec | None]]  # (label, the edit; None: the base model itself)
@@ -75,11 +75,6 @@ class Confirmed:
             "refusal_ci95": [round(x, 4) for x in self.refusal_ci95],
             "failure_ci95": [round(x, 4) for x in self.failure_ci95],
         }
-
-
-def prompt_set(prompts: Sequence[str]) -> str:
-    """A short hash naming a list of prompts: two points' per-prompt outcomes pair up only on the same list."""
-    return hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
 
 
 def failed_indices(refused: Sequence[bool], degenerate: Sequence[str | None]) -> list[int]:

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 from refusal_edit.anatomy import anatomy
 from refusal_edit.console import err
-from refusal_edit.directions.bank import bank_from_candidates
 from refusal_edit.directions.candidates import generate_candidates
+from refusal_edit.directions.halves import Half, train_halves
 from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.evaluation.stats import count, wilson
@@ -88,24 +88,23 @@ def fold_banks(
     layer: int | None,
     batch_size: int = 16,
     filter_train: bool = True,
+    kept: Sequence[Half] | None = None,
 ) -> list[Fold]:
-    """The two folds of `harmful` / `harmless` (the train prompts the direction came from)."""
+    """The two folds of `harmful` / `harmless` (the train prompts the direction came from). `kept`: the halves'
+    candidates `extract` kept for these prompts (`directions.halves.load_halves`); else one pass over the
+    prompts makes them."""
     if position is None or layer is None:
         raise RefusalEditError("cross-fitting needs the direction's position and layer (an extract run's direction)")
-    made = []
-    for fit_h, fit_s in zip(halves(harmful), halves(harmless), strict=True):
+    if kept is None:
         cands = generate_candidates(
-            model, tokenizer, fmt, fit_h[0], fit_s[0], refusal_ids, batch_size=batch_size, filter_train=filter_train
+            model, tokenizer, fmt, harmful, harmless, refusal_ids, batch_size=batch_size, filter_train=filter_train
         )
-        kept = (
-            (cands.harmful.count_kept, cands.harmless.count_kept) if cands.filtered else (len(fit_h[0]), len(fit_s[0]))
-        )
-        made.append((cands, fit_h, kept))
+        kept = train_halves(cands, len(harmful), len(harmless))
     folds = []
-    for k, (cands, (_, held), kept) in enumerate(made):
-        scores = made[1 - k][0].harmful.scores.tolist()  # the other half fitted on the prompts this one judges
+    for k, (_, held) in enumerate(halves(harmful)):
+        scores = kept[1 - k].scores.tolist()  # the base model's, on the prompts this fold judges
         order = sorted(range(len(held)), key=lambda i: -scores[i])
-        folds.append(Fold(bank_from_candidates(cands, position, layer), [held[i] for i in order], kept))
+        folds.append(Fold(kept[k].bank(position, layer), [held[i] for i in order], kept[k].kept))
     return folds
 
 

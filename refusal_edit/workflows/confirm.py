@@ -25,6 +25,7 @@ from refusal_edit.checkpoint.atomic import check_writable
 from refusal_edit.console import err
 from refusal_edit.directions.artifacts import load_direction
 from refusal_edit.directions.bank import load_bank
+from refusal_edit.directions.halves import halves_beside
 from refusal_edit.directions.refusal_tokens import user_refusal_tokens
 from refusal_edit.edits.spec import DirectionBank, EditSpec
 from refusal_edit.errors import RefusalEditError
@@ -146,17 +147,19 @@ def confirm_points(
         rows = measure(harmful.instructions, bank)
     else:
         ids = user_refusal_tokens(lm.tokenizer, json.loads(d.metadata.get("refusal_tokens", "[]"))).ids
+        harmless_train = sets["harmless"].split("train").instructions
         folds = fold_banks(
             lm.model,
             lm.tokenizer,
             fmt,
             harmful.instructions,
-            sets["harmless"].split("train").instructions,
+            harmless_train,
             ids,
             bank.position,
             bank.layer,
             batch_size=batch_size,
             filter_train=bool(extract_settings(d).get("filter_train", True)),
+            kept=halves_beside(d.path, harmful.instructions, harmless_train),
         )
         per_point: dict[str, list[dict[str, Any]]] = {label: [] for label in specs}
         for k, fold in enumerate(folds):

@@ -4,7 +4,8 @@ Artifacts, all written atomically into one folder (default `runs/<model>/directi
 - `direction.safetensors`: the unit `direction` and the raw `mean_diff` with string metadata;
 - `candidates.safetensors`: every candidate - float32 `mean_diff`, `harmful_mean` and `harmless_mean`
   [n_positions, n_layers + 1, hidden] (the means actually used: filtered unless the filter was off or
-  kept too few) with JSON metadata (position labels, layer count, model);
+  kept too few) with JSON metadata (position labels, layer count, model); and each half's candidates
+  (`directions.halves`: what `tune` cross-fits with);
 - `candidates.json`: every candidate's scores; `run.json`: provenance; `scores.png`: the score plot.
 """
 
@@ -23,7 +24,9 @@ from refusal_edit import __version__
 from refusal_edit.checkpoint.atomic import atomic_dir, check_output
 from refusal_edit.directions import identity
 from refusal_edit.directions.artifacts import save_direction
+from refusal_edit.directions.bank import CANDIDATES
 from refusal_edit.directions.extract import ExtractResult, ExtractSettings, find_direction, split_prompts
+from refusal_edit.directions.halves import halves_tensors, train_halves
 from refusal_edit.directions.select import describe_relaxation
 from refusal_edit.forward import auto_batch_size, parse_batch_size
 from refusal_edit.loading.model import LoadedModel, ModelSource, context_length, load_model
@@ -33,7 +36,6 @@ from refusal_edit.prompts.template import parse_template_kwargs
 from refusal_edit.provenance import versions
 
 DIRECTION = "direction.safetensors"
-CANDIDATES = "candidates.safetensors"
 
 
 @dataclass
@@ -138,14 +140,18 @@ def save_extraction(
     }
     with atomic_dir(Path(out), force=force, inputs=_inputs(lm.source), replace_any=replace_any) as tmp:
         save_direction(tmp / DIRECTION, result.mean_diff, metadata)
+        h_train, s_train = result.prompts["harmful_train"].instructions, result.prompts["harmless_train"].instructions
+        halves, halves_meta = halves_tensors(train_halves(cands, len(h_train), len(s_train)), h_train, s_train)
         save_file(
             {
                 "mean_diff": cands.mean_diff.float().contiguous(),
                 "harmful_mean": cands.harmful.mean(cands.filtered).float().contiguous(),
                 "harmless_mean": cands.harmless.mean(cands.filtered).float().contiguous(),
+                **halves,
             },
             str(tmp / CANDIDATES),
             metadata={
+                **halves_meta,
                 "position_tokens": json.dumps(labels),
                 "n_layers": str(cands.n_layers),
                 "model": lm.source.name,

@@ -21,6 +21,7 @@ from refusal_edit.checkpoint.atomic import check_writable
 from refusal_edit.console import console
 from refusal_edit.directions.artifacts import DirectionFile, load_direction
 from refusal_edit.directions.bank import load_bank
+from refusal_edit.directions.halves import halves_beside
 from refusal_edit.directions.refusal_tokens import derive_refusal_tokens, user_refusal_tokens
 from refusal_edit.errors import RefusalEditError
 from refusal_edit.forward import parse_batch_size, resolve_batch_size
@@ -170,6 +171,8 @@ def tune(
     n_train = made.get("n_train") if isinstance(made.get("n_train"), int) else None
     h_train, s_train = sets["harmful"].split("train").sample(n_train), sets["harmless"].split("train").sample(n_train)
 
+    kept_halves = halves_beside(d.path, h_train.instructions, s_train.instructions)
+
     def crossfit() -> CrossFit:
         folds = fold_banks(
             lm.model,
@@ -182,6 +185,7 @@ def tune(
             bank.layer,
             settings.batch_size,
             filter_train=bool(made.get("filter_train", True)),
+            kept=kept_halves,
         )
         return CrossFit(
             lm.model,
