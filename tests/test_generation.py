@@ -159,3 +159,25 @@ def test_cross_fit_pools_each_points_replies_from_both_folds(monkeypatch):
     assert [f["failed"] for f in t1["folds"]] == [[0], [1, 2]] and t1["refused"] == 3
     assert [f["failed"] for f in t2["folds"]] == [[], []] and t2["refused"] == 0  # q8 (index 3) is not judged
     assert t1["failed"] == [0, 4, 5] and t1["prompts"] == 6
+
+
+def test_confirmation_generates_the_base_continuations_with_the_first_replies(monkeypatch):
+    """The base model's harmless continuations (what the KL is teacher-forced on) ride in the first batch of
+    replies, and are what the base model generates for them alone; later measurements reuse them."""
+    from refusal_edit.tuning import confirm
+
+    model = build("llama")
+    model.generation_config.eos_token_id = 2
+    texts = _texts()
+    calls: list[int] = []
+    real = confirm.generate
+    monkeypatch.setattr(confirm, "generate", lambda m, t, x, *a, **k: calls.append(len(x)) or real(m, t, x, *a, **k))
+    c = confirm.Confirmer(model, tokenizer(), INSTRUCTIONS[:3], texts[:3], texts[3:], max_new_tokens=6, batch_size=4)
+    bank = DirectionBank(torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1)))
+    first = c.measure([("base", None), ("paper", EditSpec())], bank)
+    assert calls == [3 + 3 + 3]  # both points' replies and the 3 harmless continuations, one batch
+    alone = _whole(model, texts[3:], max_new_tokens=6, batch_size=4)
+    assert c.continuations == [g.token_ids for g in alone]
+    assert first[0].first_token_kl == 0 and first[1].first_token_kl > 0
+    again = c.measure([("paper", EditSpec())], bank)
+    assert calls == [9, 3] and again[0].first_token_kl == pytest.approx(first[1].first_token_kl)

@@ -161,22 +161,20 @@ class Confirmer:
         self.max_new_tokens, self.batch_size, self.samples = max_new_tokens, batch_size, samples
         self.continuations: list[list[int]] = []
         self.base_logprobs: list[torch.Tensor] = []
-        if not self.harmless_texts:  # replies only (`judge`): no KL, so no base continuations
-            return
-        self.continuations = [
-            g.token_ids
-            for g in generate(
-                model, tokenizer, self.harmless_texts, max_new_tokens, batch_size, "base continuations (harmless)"
-            )
-        ]
-        # Base log-probabilities at the positions that predict each continuation, kept in float16.
+
+    def _base_continuations(self, replies: Sequence[Generated]) -> None:
+        """Keep the base model's greedy continuations of the harmless prompts (generated in the first batch of
+        replies: a batch of 16 rows alone runs at a third of the rate) and its log-probabilities at the
+        positions that predict them, in float16."""
+        self.continuations = [g.token_ids for g in replies]
+        model = self.model
         self.base_logprobs = teacher_forced(
-            tokenizer,
+            self.tokenizer,
             self.harmless_texts,
             self.continuations,
             [lambda view, keep: tail_logits(model, view, keep)],
             lambda logits, _targets: torch.log_softmax(logits[0], -1).half(),
-            batch_size=max(1, batch_size // 2),
+            batch_size=max(1, self.batch_size // 2),
         )
 
     def _cached_base(self, view: BatchView, keep: int) -> torch.Tensor:
@@ -212,9 +210,16 @@ class Confirmer:
         return [(label, None if spec is None else resolve(spec, bank, n_layers)) for label, spec in points]
 
     def _replies(self, points: Sequence[tuple[str, WriterBases | None]]) -> list[list[Generated]]:
-        """Greedy replies to the harmful prompts under every point: hookable points share batches."""
+        """Greedy replies to the harmful prompts under every point: hookable points share batches (with the
+        base model's harmless continuations, the first time)."""
         groups = [(label, edit, self.harmful_texts) for label, edit in points]
-        return replies_by_group(self.model, self.tokenizer, groups, self.max_new_tokens, self.batch_size)
+        first = bool(self.harmless_texts) and not self.continuations
+        if first:
+            groups.append(("base continuations (harmless)", None, self.harmless_texts))
+        replies = replies_by_group(self.model, self.tokenizer, groups, self.max_new_tokens, self.batch_size)
+        if first:
+            self._base_continuations(replies.pop())
+        return replies
 
     def measure(self, points: Points, bank: DirectionBank) -> list[Confirmed]:
         """Every point's numbers (None: the base model itself; the edits draw on `bank`)."""
