@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import HIDDEN, build, tokenizer
+from tiny import HIDDEN, build, mixed_edits, tokenizer
 
-from refusal_edit.edits.spec import DirectionBank, EditSpec, Strength, resolve
+from refusal_edit.edits.spec import DirectionBank, EditSpec, resolve
 from refusal_edit.generation import generate
 from refusal_edit.interventions import RowGroups, edit_hooks, edit_hooks_by_row
 from refusal_edit.prompts import chat_format
@@ -52,13 +52,7 @@ def test_row_groups_share_the_prefix_per_edit():
     """Confirmation generates several edits in one batch: each group's prefix is computed under its own edit."""
     model = build("gemma2")  # sandwich norms: the per-writer basis differs from r
     model.generation_config.eos_token_id = 2
-    g = torch.Generator().manual_seed(3)
-    bank = DirectionBank(torch.randn(HIDDEN, generator=g))
-    edits = [
-        resolve(EditSpec(), bank, 3),
-        None,
-        resolve(EditSpec(attn=Strength(weight=0.5), mlp=Strength.window(1, 2), embedding=0.0), bank, 3),
-    ]
+    edits = mixed_edits()
     texts = _texts()
     keys = [k for k in range(len(edits)) for _ in texts]
     groups = RowGroups(keys)

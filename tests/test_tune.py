@@ -208,19 +208,12 @@ def test_front_helpers():
 
 def test_row_grouped_hooks_equal_one_edit_per_pass():
     """Confirmation generates several points in one batch: each group of rows must see exactly its own edit."""
-    from tiny import HIDDEN, build
+    from tiny import build, mixed_edits
 
-    from refusal_edit.edits.spec import DirectionBank, EditSpec, Strength, resolve
     from refusal_edit.interventions import RowGroups, edit_hooks, edit_hooks_by_row
 
     model = build("gemma2")  # sandwich norms: the per-writer basis differs from r
-    g = torch.Generator().manual_seed(3)
-    bank = DirectionBank(torch.randn(HIDDEN, generator=g))
-    edits = [
-        resolve(EditSpec(), bank, 3),
-        None,
-        resolve(EditSpec(attn=Strength(weight=0.5), mlp=Strength.window(1, 2), embedding=0.0), bank, 3),
-    ]
+    edits = mixed_edits()
     x = token_batch(batch=2)
     groups = RowGroups([0, 0, 1, 1, 2, 2])
     batch = torch.cat([x, x, x])

@@ -251,3 +251,13 @@ def load(path: Path):
 def token_batch(seed: int = 1, batch: int = 3, length: int = 12) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def mixed_edits(seed: int = 3, n_layers: int = 3) -> list:
+    """Three edits for row-grouped hooks (several points in one batch): the paper's, none (the base model) and
+    a partial one, along one random direction."""
+    from refusal_edit.edits.spec import DirectionBank, EditSpec, Strength, resolve
+
+    bank = DirectionBank(torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed)))
+    partial = EditSpec(attn=Strength(weight=0.5), mlp=Strength.window(1, 2), embedding=0.0)
+    return [resolve(EditSpec(), bank, n_layers), None, resolve(partial, bank, n_layers)]
