@@ -31,9 +31,22 @@ def _whole(model, texts, **kw):
     return generate(model, tokenizer(), texts, description=None, before_batch=lambda _rows: None, **kw)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "llama", "falcon_h1"])
-def test_a_shared_prefix_generates_the_replies_of_whole_prompts(model_type):
-    model = build(model_type)
+SHARED_PREFIX_CASES = [
+    ("qwen2", {}, True),
+    ("gemma2", {}, True),
+    ("llama", {}, True),
+    ("gemma3_text", {"sliding_window": 512}, True),  # sliding-window layers beside full ones
+    ("gpt_oss", {"sliding_window": 512}, True),
+    ("gemma3_text", {}, False),  # a window (16) shorter than the prompts: the prefix would slide out
+    ("falcon_h1", {}, False),  # a recurrent state cannot be copied per row
+    ("qwen3_next", {}, False),
+    ("lfm2", {}, False),
+]
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "shares"), SHARED_PREFIX_CASES)
+def test_a_shared_prefix_generates_the_replies_of_whole_prompts(model_type, overrides, shares):
+    model = build(model_type, **overrides)
     model.generation_config.eos_token_id = 2
     texts = _texts()
     seen = _counting(model)
@@ -42,10 +55,10 @@ def test_a_shared_prefix_generates_the_replies_of_whole_prompts(model_type):
     whole = _whole(model, texts, max_new_tokens=10, batch_size=4)
     assert [g.token_ids for g in shared] == [g.token_ids for g in whole]
     assert all(g.token_ids for g in whole)
-    if model_type == "falcon_h1":  # a recurrent state cannot be shared: whole prompts, as before
-        assert shared_tokens == sum(seen)
-    else:  # the template's start (system prompt and role tokens) is embedded once per batch, not per row
+    if shares:  # the template's start (system prompt and role tokens) is embedded once per batch, not per row
         assert shared_tokens < sum(seen) - 40
+    else:  # whole prompts, as before
+        assert shared_tokens == sum(seen)
 
 
 def test_row_groups_share_the_prefix_per_edit():
