@@ -565,9 +565,12 @@ def test_candidates_file_holds_every_layer_and_both_means(cli, tiny_dir, tmp_pat
     with safe_open(str(tmp_path / "run" / "candidates.safetensors"), "pt") as fh:
         meta = fh.metadata()
         t = {k: fh.get_tensor(k) for k in fh.keys()}
-    assert set(t) == {"mean_diff", "harmful_mean", "harmless_mean"}
+    halves = {f"half{h}_{k}" for h in (0, 1) for k in ("mean_diff", "harmless_mean", "harmful_scores")}
+    assert set(t) == {"mean_diff", "harmful_mean", "harmless_mean"} | halves
     n_pos = len(json.loads(meta["position_tokens"]))
-    assert all(v.dtype == torch.float32 and v.shape == (n_pos, 4, HIDDEN) for v in t.values())
+    means = {k: v for k, v in t.items() if not k.endswith("_scores")}
+    assert all(v.dtype == torch.float32 and v.shape == (n_pos, 4, HIDDEN) for v in means.values())
+    assert [t[f"half{h}_harmful_scores"].numel() for h in (0, 1)] == [3, 3]  # FAST_EXTRACT's 6 train prompts
     assert meta["n_layers"] == "3" and meta["model"] == "model"
     assert torch.allclose(t["harmful_mean"] - t["harmless_mean"], t["mean_diff"], atol=1e-5)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
