@@ -51,14 +51,16 @@ def bank_from_candidates(cands: CandidateSet, position: int, layer: int) -> Dire
 
     Why: comparing edits on the prompts their candidates came from favours the edits with more fitted
     directions (each layer's own candidate over one selected direction); a bank from part of the train
-    prompts lets the rest judge every edit fairly (`bench/confirm.py --cross-fit`).
+    prompts lets the rest judge every edit fairly (`tuning.crossfit`).
     """
-    if not -cands.n_positions <= position < 0 or not 0 <= layer <= cands.n_layers:
+    return bank_from_means(cands.mean_diff.float(), cands.harmless.mean(cands.filtered).float(), position, layer)
+
+
+def bank_from_means(mean_diff: torch.Tensor, harmless_mean: torch.Tensor, position: int, layer: int) -> DirectionBank:
+    """A bank from candidates [positions, layers + 1, hidden] and their harmless means, its chosen direction the
+    candidate at (`position`, `layer`)."""
+    n_pos, n_layers = mean_diff.shape[0], mean_diff.shape[1] - 1
+    if not -n_pos <= position < 0 or not 0 <= layer <= n_layers:
         raise RefusalEditError(f"no candidate at position {position}, layer {layer}")
-    return DirectionBank(
-        cands.vector(position, layer),
-        position=position,
-        layer=layer,
-        mean_diff=cands.mean_diff.float(),
-        harmless_mean=cands.harmless.mean(cands.filtered).float(),
-    )
+    chosen = mean_diff[n_pos + position, layer].float()
+    return DirectionBank(chosen, position=position, layer=layer, mean_diff=mean_diff, harmless_mean=harmless_mean)

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from refusal_edit.directions.bank import CANDIDATES
+from refusal_edit.directions.bank import CANDIDATES, bank_from_means
 from refusal_edit.directions.candidates import CandidateSet
 from refusal_edit.edits.spec import DirectionBank
-from refusal_edit.errors import RefusalEditError
 from refusal_edit.prompts.sets import prompt_set
 
 KEY = "train_halves"  # candidates.safetensors metadata: the halves' counts and their prompts' hashes
@@ -38,11 +37,7 @@ class Half:
 
     def bank(self, position: int, layer: int) -> DirectionBank:
         """The bank `extract` would save for this half, its chosen direction the candidate at (position, layer)."""
-        n_pos, n_layers = self.mean_diff.shape[0], self.mean_diff.shape[1] - 1
-        if not -n_pos <= position < 0 or not 0 <= layer <= n_layers:
-            raise RefusalEditError(f"no candidate at position {position}, layer {layer}")
-        chosen = self.mean_diff[n_pos + position, layer].float()
-        return DirectionBank(chosen, position, layer, self.mean_diff, self.harmless_mean)
+        return bank_from_means(self.mean_diff, self.harmless_mean, position, layer)
 
 
 def train_halves(cands: CandidateSet, n_harmful: int, n_harmless: int) -> list[Half]:
