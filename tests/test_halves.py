@@ -53,7 +53,7 @@ def test_halves_of_one_pass_are_the_candidates_of_each_half_alone(setup, filter_
     ]
     split = [float(b.median()) for b in base]
     whole = candidate_set(*_means(model, tok, fmt, ids, HARMFUL, HARMLESS, split), filter_train, min_kept=3)
-    got = train_halves(whole, len(HARMFUL), len(HARMLESS))
+    got = train_halves(whole)
     filtered = []
     for h, half in enumerate(got):
         alone = candidate_set(*_means(model, tok, fmt, ids, HARMFUL[h::2], HARMLESS[h::2], split), filter_train, 3)
@@ -78,7 +78,7 @@ def test_extract_keeps_both_halves_and_generate_candidates_makes_them(setup):
 def test_kept_halves_are_read_back_only_for_the_prompts_they_came_from(setup, tmp_path):
     model, tok, fmt, ids = setup
     whole = generate_candidates(model, tok, fmt, HARMFUL, HARMLESS, ids, batch_size=4)
-    halves = train_halves(whole, len(HARMFUL), len(HARMLESS))
+    halves = train_halves(whole)
     tensors, meta = halves_tensors(halves, HARMFUL, HARMLESS)
     path = tmp_path / "candidates.safetensors"
     save_file({"mean_diff": whole.mean_diff.float(), **tensors}, str(path), metadata=meta)

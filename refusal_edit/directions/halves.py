@@ -40,13 +40,14 @@ class Half:
         return bank_from_means(self.mean_diff, self.harmless_mean, position, layer)
 
 
-def train_halves(cands: CandidateSet, n_harmful: int, n_harmless: int) -> list[Half]:
+def train_halves(cands: CandidateSet) -> list[Half]:
     """Both halves of `cands` (made with their halves' sums), as `generate_candidates` would make each alone."""
     out = []
     for h in (0, 1):
         c = cands.half(h)
-        whole = (len(range(h, n_harmful, 2)), len(range(h, n_harmless, 2)))
-        kept = (c.harmful.count_kept, c.harmless.count_kept) if c.filtered else whole
+        kept = (
+            (c.harmful.count_kept, c.harmless.count_kept) if c.filtered else (c.harmful.count_all, c.harmless.count_all)
+        )
         scores = c.harmful.scores
         out.append(Half(c.mean_diff.float(), c.harmless.mean(c.filtered).float(), kept, scores.float()))
     return out

@@ -99,7 +99,7 @@ def fold_banks(
         cands = generate_candidates(
             model, tokenizer, fmt, harmful, harmless, refusal_ids, batch_size=batch_size, filter_train=filter_train
         )
-        kept = train_halves(cands, len(harmful), len(harmless))
+        kept = train_halves(cands)
     folds = []
     for k, (_, held) in enumerate(halves(harmful)):
         scores = kept[1 - k].scores.tolist()  # the base model's, on the prompts this fold judges

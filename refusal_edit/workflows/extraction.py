@@ -141,7 +141,7 @@ def save_extraction(
     with atomic_dir(Path(out), force=force, inputs=_inputs(lm.source), replace_any=replace_any) as tmp:
         save_direction(tmp / DIRECTION, result.mean_diff, metadata)
         h_train, s_train = result.prompts["harmful_train"].instructions, result.prompts["harmless_train"].instructions
-        halves, halves_meta = halves_tensors(train_halves(cands, len(h_train), len(s_train)), h_train, s_train)
+        halves, halves_meta = halves_tensors(train_halves(cands), h_train, s_train)
         save_file(
             {
                 "mean_diff": cands.mean_diff.float().contiguous(),
