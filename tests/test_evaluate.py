@@ -26,6 +26,7 @@ from refusal_edit.evaluation.metrics import (
     mean_kl,
     perplexity,
 )
+from refusal_edit.generation import Generated
 from refusal_edit.interventions import Intervention
 from refusal_edit.judging.markers import REFUSAL_MARKERS, is_refusal, load_markers
 from refusal_edit.loading import load_model
@@ -263,19 +264,39 @@ def test_base_replies_are_generated_once_and_give_the_same_report(env, monkeypat
         harmful=str(env["harmful"]),
         harmless=str(env["harmless"]),
     )
-    assert calls == ["edited, harmful", "edited, harmless"] and len(cache) == 2
-    assert again.timings["generate_base_harmful_s"] == 0.0
+    assert calls == ["edited, harmful, harmless"] and len(cache) == 2
+    assert again.timings["generate_base_s"] < 0.01
     for kind in ("harmful", "harmless"):
         assert first.rate("base", kind) == fresh.rate("base", kind) == again.rate("base", kind)
     assert again.divergence.first_token_kl == pytest.approx(fresh.divergence.first_token_kl, rel=1e-3, abs=1e-6)
-    longer = evaluate(
+    evaluate(
         base,
         intervention=hook,
         settings=replace(settings, max_new_tokens=5),
         harmful=str(env["harmful"]),
         harmless=str(env["harmless"]),
     )
-    assert len(cache) == 4 and longer.timings["generate_base_harmful_s"] > 0.0
+    assert len(cache) == 4 and calls[-2:] == ["base, harmful, harmless", "edited, harmful, harmless"]
+
+
+def test_each_side_generates_every_set_in_one_call_and_each_set_gets_its_own_replies(env, monkeypatch):
+    """The sets of a side share generation batches (fuller batches run faster on a CPU); the replies are split
+    back to the set and the prompt they answer."""
+    import refusal_edit.evaluation.comparison as run
+
+    calls: list[int] = []
+
+    def echo(model, tokenizer, texts, *a, **k):
+        calls.append(len(texts))
+        return [Generated(t, f"reply to {t}", [1]) for t in texts]
+
+    monkeypatch.setattr(run, "generate", echo)
+    report = run_eval(env, str(env["same"]), settings=replace(FAST, borderline=True))
+    assert calls == [12, 12]  # base and edited: 4 harmful, 4 harmless, 4 borderline prompts each
+    for side in ("base", "edited"):
+        for kind in ("harmful", "harmless", "borderline"):
+            rows = report.judging[side][kind].samples
+            assert len(rows) == 4 and all(r.prompt in r.reply for r in rows)
 
 
 def test_kl_numbers_teacher_force_at_most_kl_tokens_whatever_the_reply_length(env):
