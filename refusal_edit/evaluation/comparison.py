@@ -477,10 +477,10 @@ def compare(
     # Reasoning delimiters that are special tokens would vanish from the decoded text.
     keep_special = bool(delimiters and special_delimiters(base.tokenizer, delimiters))
     texts = {kind: fmt.format_all(sets[kind].instructions) for kind in kinds}
+    keys = {kind: _replies_key(texts[kind], settings.max_new_tokens, keep_special) for kind in kinds}
     gens: dict[str, dict[str, list[Generated]]] = {"base": {}, "edited": {}}
     for side, model in (("base", base.model), ("edited", edited_model)):
         t1 = time.perf_counter()
-        keys = {kind: _replies_key(texts[kind], settings.max_new_tokens, keep_special) for kind in kinds}
         if side == "base":
             gens[side] = {kind: base.replies[keys[kind]] for kind in kinds if keys[kind] in base.replies}
         todo = [kind for kind in kinds if kind not in gens[side]]
